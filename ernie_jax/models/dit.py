@@ -1,0 +1,340 @@
+"""The ERNIE-Image single-stream DiT in Flax NNX.
+
+Mirrors diffusers `ErnieImageTransformer2DModel` (transformer_ernie_image.py): image tokens then
+text tokens in one sequence, 3-axis RoPE, one AdaLN modulation shared by all blocks, fp32
+modulation and gating islands. The blocks are stacked on a leading `layers` axis and run with
+`jax.lax.scan` under `jax.checkpoint`; `scan_layers=False` runs the same parameters unrolled.
+
+Shapes: B batch, C latent channels, H/W latent height/width, T padded text length, D hidden size,
+N image tokens ((H/p)*(W/p)), S = N + T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class ErnieImageConfig:
+    """The transformer's `config.json`; field names and defaults are those of the released 8B model."""
+
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    num_layers: int = 36
+    ffn_hidden_size: int = 12288
+    in_channels: int = 128
+    out_channels: int = 128
+    patch_size: int = 1
+    text_in_dim: int = 3072
+    rope_theta: float = 256
+    rope_axes_dim: tuple[int, int, int] = (32, 48, 48)
+    eps: float = 1e-6
+    qk_layernorm: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "rope_axes_dim", tuple(int(a) for a in self.rope_axes_dim))
+        checks = {
+            "hidden_size must be divisible by num_attention_heads": self.hidden_size % self.num_attention_heads == 0,
+            "rope_axes_dim must have 3 even entries": len(self.rope_axes_dim) == 3
+            and all(a % 2 == 0 for a in self.rope_axes_dim),
+            "sum(rope_axes_dim) must equal the head dim (hidden_size / num_attention_heads)":
+                sum(self.rope_axes_dim) == self.head_dim,
+            "patch_size must be positive": self.patch_size > 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ValueError(f"bad transformer config: {message} (got {self})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_text_proj(self) -> bool:
+        return self.text_in_dim != self.hidden_size
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ErnieImageConfig":
+        """Builds from a diffusers `config.json` dict; `_`-prefixed bookkeeping keys are ignored."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if not k.startswith("_") and k not in fields)
+        if unknown:
+            raise ValueError(f"transformer config has unknown keys {unknown}")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+    @classmethod
+    def from_json_file(cls, path) -> "ErnieImageConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["rope_axes_dim"] = list(self.rope_axes_dim)
+        return values
+
+
+TINY_CONFIG = ErnieImageConfig(hidden_size=256, num_attention_heads=2, num_layers=2, ffn_hidden_size=512,
+                               text_in_dim=64)
+
+
+class PatchEmbed(nnx.Module):
+    """Conv2d(kernel=stride=p) as a matmul over patches: `[B, C, H, W] -> [B, N, D]`, tokens row-major.
+
+    The kernel is kept in HWIO layout `[p, p, C, D]`.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.dtype = dtype
+        fan_in = in_channels * patch_size * patch_size
+        bound = 1.0 / fan_in ** 0.5
+        uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
+        self.kernel = nnx.Param(layers.logical(uniform, ("patch", "patch", "conv_in", "embed"))(
+            rngs.params(), (patch_size, patch_size, in_channels, hidden_size), param_dtype))
+        self.bias = nnx.Param(layers.logical(uniform, ("embed",))(rngs.params(), (hidden_size,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
+        tokens = jnp.einsum("bcyixj,ijcd->byxd", patches, self.kernel[...].astype(self.dtype))
+        tokens = tokens + self.bias[...].astype(self.dtype)
+        return tokens.reshape(b, (h // p) * (w // p), -1)
+
+
+class TimestepEmbedding(nnx.Module):
+    """diffusers `TimestepEmbedding`: linear_2(SiLU(linear_1(x))), `[B, D] -> [B, D]`."""
+
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = layers.linear(dim, dim, axes=("embed", "mlp"), **kw)
+        self.linear_2 = layers.linear(dim, dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with per-head RMS q/k norms and ERNIE RoPE, `[B, S, D] -> [B, S, D]`."""
+
+    def __init__(self, config: ErnieImageConfig, *, attention_impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.attention_impl = attention_impl
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_q = layers.linear(d, d, axes=("embed", "heads"), **kw)
+        self.to_k = layers.linear(d, d, axes=("embed", "heads"), **kw)
+        self.to_v = layers.linear(d, d, axes=("embed", "heads"), **kw)
+        self.to_out = layers.linear(d, d, axes=("heads", "embed"), **kw)
+        if config.qk_layernorm:
+            # torch.nn.RMSNorm: the weight multiply is fp32, rounded once.
+            norm = lambda: layers.RMSNorm(hd, eps=config.eps, round_before_scale=False, axis_name="head_dim",
+                                          dtype=dtype, param_dtype=param_dtype)
+            self.norm_q, self.norm_k = norm(), norm()
+        else:
+            self.norm_q = self.norm_k = None
+
+    def __call__(self, x: jax.Array, rope_angles: jax.Array, key_lengths: jax.Array) -> jax.Array:
+        b, s, _ = x.shape
+        heads = lambda t: t.reshape(b, s, self.num_heads, -1)
+        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q = layers.apply_half_split_rope(q, rope_angles)
+        k = layers.apply_half_split_rope(k, rope_angles)
+        out = layers.attention(q, k, v, key_lengths, self.attention_impl)
+        return self.to_out(out.reshape(b, s, -1))
+
+
+class FeedForward(nnx.Module):
+    """linear_fc2(up_proj(x) * GELU_erf(gate_proj(x))), `[B, S, D] -> [B, S, D]`, no biases."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = layers.linear(hidden_size, ffn_hidden_size, axes=("embed", "mlp"), **kw)
+        self.up_proj = layers.linear(hidden_size, ffn_hidden_size, axes=("embed", "mlp"), **kw)
+        self.linear_fc2 = layers.linear(ffn_hidden_size, hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # torch's F.gelu default is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
+        return self.linear_fc2(self.up_proj(x) * jax.nn.gelu(self.gate_proj(x), approximate=False))
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """`x * (1 + scale) + shift` in fp32, rounded back to x's dtype (the reference's fp32 island)."""
+    out = x.astype(jnp.float32) * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def gated_residual(residual: jax.Array, gate: jax.Array, update: jax.Array) -> jax.Array:
+    """`residual + gate * update`: the product in fp32, the add in the residual's dtype."""
+    return residual + (gate.astype(jnp.float32) * update.astype(jnp.float32)).astype(residual.dtype)
+
+
+class Block(nnx.Module):
+    """`ErnieImageSharedAdaLNBlock`: modulated attention then modulated MLP, `[B, S, D] -> [B, S, D]`.
+
+    `modulation` holds the six shared `[B, 1, D]` vectors in the order
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    """
+
+    def __init__(self, config: ErnieImageConfig, *, attention_impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = lambda: layers.RMSNorm(config.hidden_size, eps=config.eps, round_before_scale=True,
+                                      axis_name="norm", dtype=dtype, param_dtype=param_dtype)
+        self.adaLN_sa_ln = norm()
+        self.self_attention = SelfAttention(config, attention_impl=attention_impl, dtype=dtype,
+                                            param_dtype=param_dtype, rngs=rngs)
+        self.adaLN_mlp_ln = norm()
+        self.mlp = FeedForward(config.hidden_size, config.ffn_hidden_size, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+
+    def __call__(self, x, modulation, rope_angles, key_lengths):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        h = modulate(self.adaLN_sa_ln(x), shift_msa, scale_msa)
+        x = gated_residual(x, gate_msa, self.self_attention(h, rope_angles, key_lengths))
+        h = modulate(self.adaLN_mlp_ln(x), shift_mlp, scale_mlp)
+        return gated_residual(x, gate_mlp, self.mlp(h))
+
+
+class FinalNorm(nnx.Module):
+    """`ErnieImageAdaLNContinuous`: LayerNorm(x) * (1 + scale) + shift with (scale, shift) = linear(c).
+
+    Takes c without SiLU, splits scale first, and stays in the compute dtype (no fp32 island).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.linear = layers.linear(hidden_size, 2 * hidden_size, axes=("embed", "mlp"), use_bias=True,
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, conditioning: jax.Array) -> jax.Array:
+        scale, shift = jnp.split(self.linear(conditioning)[:, None, :], 2, axis=-1)
+        return layers.layer_norm(x, self.eps) * (1 + scale) + shift
+
+
+def position_ids(text_lens: jax.Array, grid_h: int, grid_w: int, text_len_padded: int) -> jax.Array:
+    """`[B, N + T, 3]` fp32 ids: image token (y, x) -> [text_len_b, y, x], text token j -> [j, 0, 0]."""
+    batch = text_lens.shape[0]
+    y, x = jnp.meshgrid(jnp.arange(grid_h, dtype=jnp.float32), jnp.arange(grid_w, dtype=jnp.float32),
+                        indexing="ij")
+    grid = jnp.stack([y.reshape(-1), x.reshape(-1)], axis=-1)
+    image_ids = jnp.concatenate([
+        jnp.broadcast_to(text_lens.astype(jnp.float32)[:, None, None], (batch, grid_h * grid_w, 1)),
+        jnp.broadcast_to(grid[None], (batch, grid_h * grid_w, 2)),
+    ], axis=-1)
+    text_ids = jnp.zeros((batch, text_len_padded, 3), jnp.float32)
+    text_ids = text_ids.at[:, :, 0].set(jnp.arange(text_len_padded, dtype=jnp.float32)[None])
+    return jnp.concatenate([image_ids, text_ids], axis=1)
+
+
+class ErnieImageTransformer(nnx.Module):
+    """ERNIE-Image DiT: `(hidden_states [B, C, H, W], timestep [B], text_bth [B, T, text_in_dim], text_lens [B])
+    -> velocity [B, out_channels, H, W]`, with diffusers' layouts and meanings.
+
+    `timestep` is on the 0..1000 scale (sigma * 1000). `text_bth` is zero-padded to T; `text_lens` holds
+    the true lengths. `dtype` is the compute dtype and `param_dtype` the storage dtype.
+    """
+
+    def __init__(
+        self,
+        config: ErnieImageConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        remat: str = "none",
+        scan_layers: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        layers.remat_policy(remat)  # validates the name before anything is built
+        if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {attention_impl!r}")
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        self.scan_layers = scan_layers
+        d = config.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.x_embedder = PatchEmbed(config.in_channels, d, config.patch_size, **kw)
+        self.text_proj = (layers.linear(config.text_in_dim, d, axes=("embed_in", "embed"), use_bias=False, **kw)
+                          if config.has_text_proj else None)
+        self.time_embedding = TimestepEmbedding(d, **kw)
+        self.adaLN_modulation = layers.linear(d, 6 * d, axes=("embed", "mlp"), use_bias=True, **kw)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(block_rngs):
+            return Block(config, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
+                         rngs=block_rngs)
+
+        self.layers = make_blocks(rngs)
+        self.final_norm = FinalNorm(d, config.eps, **kw)
+        out_features = config.patch_size * config.patch_size * config.out_channels
+        self.final_linear = layers.linear(d, out_features, axes=("embed", "conv_out"), use_bias=True, **kw)
+
+    def __call__(self, hidden_states, timestep, text_bth, text_lens) -> jax.Array:
+        cfg = self.config
+        hidden_states = jnp.asarray(hidden_states)
+        b, c, h, w = hidden_states.shape
+        p = cfg.patch_size
+        if c != cfg.in_channels or h % p or w % p:
+            raise ValueError(f"hidden_states {hidden_states.shape} does not fit in_channels={cfg.in_channels}, "
+                             f"patch_size={p}")
+        text_bth = jnp.asarray(text_bth).astype(self.dtype)
+        text_lens = jnp.asarray(text_lens)
+        timestep = jnp.broadcast_to(jnp.asarray(timestep), (b,))
+        if text_bth.ndim != 3 or text_bth.shape[0] != b or text_bth.shape[2] != cfg.text_in_dim:
+            raise ValueError(f"text_bth {text_bth.shape} must be [{b}, T, {cfg.text_in_dim}]")
+        grid_h, grid_w = h // p, w // p
+        num_image = grid_h * grid_w
+        text_len_padded = text_bth.shape[1]
+
+        image_tokens = self.x_embedder(hidden_states)
+        text_tokens = self.text_proj(text_bth) if self.text_proj is not None else text_bth
+        x = jnp.concatenate([image_tokens, text_tokens], axis=1)
+        rope_angles = layers.axes_rope_angles(position_ids(text_lens, grid_h, grid_w, text_len_padded),
+                                              cfg.rope_axes_dim, cfg.rope_theta)
+        key_lengths = num_image + text_lens.astype(jnp.int32)
+
+        conditioning = self.time_embedding(layers.timestep_sinusoid(timestep, cfg.hidden_size).astype(self.dtype))
+        modulation = jnp.split(self.adaLN_modulation(jax.nn.silu(conditioning))[:, None, :], 6, axis=-1)
+        x = self._run_blocks(x, tuple(modulation), rope_angles, key_lengths)
+
+        x = self.final_norm(x, conditioning).astype(x.dtype)
+        patches = self.final_linear(x[:, :num_image])
+        out = patches.reshape(b, grid_h, grid_w, p, p, cfg.out_channels)
+        return out.transpose(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, h, w)
+
+    def _run_blocks(self, x, modulation, rope_angles, key_lengths):
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, block_state):
+            block = nnx.merge(graphdef, block_state)
+            return block(carry, modulation, rope_angles, key_lengths), None
+
+        body = jax.checkpoint(body, policy=layers.remat_policy(self.remat), prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            x, _ = jax.lax.scan(body, x, stacked)
+            return x
+        for i in range(self.config.num_layers):
+            x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+        return x
+
+
+def init_transformer(config: ErnieImageConfig, *, seed: int = 0, **kwargs) -> ErnieImageTransformer:
+    """A randomly initialised transformer (torch-like uniform init for every weight, norms at 1)."""
+    return ErnieImageTransformer(config, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def abstract_transformer(config: ErnieImageConfig, **kwargs) -> ErnieImageTransformer:
+    """The transformer with `jax.ShapeDtypeStruct` leaves: shapes and metadata, no memory."""
+    return nnx.eval_shape(lambda: ErnieImageTransformer(config, rngs=nnx.Rngs(0), **kwargs))

@@ -1,0 +1,167 @@
+"""Building blocks shared by the ERNIE-Image models: parameters with logical axes, norms, RoPE,
+timestep sinusoids, attention dispatch and remat policies.
+
+Every function here mirrors a specific PyTorch reference computation; the docstrings name it and
+the rounding points that matter in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    # Keep every intermediate: fastest, most memory. The right choice for sampling.
+    "none": jax.checkpoint_policies.everything_saveable,
+    # Recompute the whole block in the backward pass; only block inputs are kept.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs that carry no batch dimension (weights-stationary projections).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep every matmul output, recompute the cheap elementwise work.
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_policy(name: str):
+    """Returns the jax.checkpoint policy registered under `name`."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def logical(initializer, axes: Sequence[str | None]):
+    """Attaches logical axis names to an initializer's parameter.
+
+    Mesh placement is decided later (parallel.py), so the variable must not be sharded eagerly.
+    """
+    return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False)
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str, str],
+    use_bias: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """A dense layer `[..., in] -> [..., out]` whose kernel `[in, out]` carries logical `axes`.
+
+    Initialisation follows torch.nn.Linear's defaults (uniform in +-1/sqrt(in)), so freshly built
+    models have activations of the same scale as the reference's.
+    """
+    bound = 1.0 / math.sqrt(in_features)
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(uniform, axes),
+        bias_init=logical(uniform, axes[1:]),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, `[..., D] -> [..., D]`, with the reference's rounding.
+
+    The variance and normalisation are fp32. Two conventions exist in the reference:
+    `round_before_scale=True` is diffusers' `RMSNorm` and HF Mistral's (normalised value rounded to
+    the compute dtype, then multiplied by the weight in that dtype); `False` is `torch.nn.RMSNorm`
+    (weight multiplied in fp32, one rounding at the end). They agree exactly in fp32.
+    """
+
+    def __init__(self, dim: int, *, eps: float, round_before_scale: bool, axis_name: str,
+                 dtype, param_dtype):
+        self.eps = eps
+        self.round_before_scale = round_before_scale
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
+                               eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.round_before_scale:
+            return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Non-affine LayerNorm over the last axis, computed in fp32 and rounded once (F.layer_norm)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def timestep_sinusoid(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """diffusers `get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=0)`: `[B] -> [B, dim]` fp32.
+
+    Frequencies exp(-ln(max_period) * k / (dim/2)); output is [sin, cos] (sin first).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def axes_rope_angles(position_ids: jax.Array, axes_dim: Sequence[int], theta: float) -> jax.Array:
+    """ERNIE-Image's 3-axis RoPE angles `[B, S, 3] -> [B, S, head_dim]` in fp32.
+
+    Per axis a: omega_a[k] = theta^(-2k/d_a); the axes' angles are concatenated (`[B, S, head_dim/2]`)
+    and every angle is duplicated in place (`repeat_interleave(2)`), which is what the reference's
+    `stack([emb, emb], -1)` does.
+    """
+    angles = []
+    for axis, axis_dim in enumerate(axes_dim):
+        omega = 1.0 / np.power(np.float32(theta), np.arange(0, axis_dim, 2, dtype=np.float32) / np.float32(axis_dim))
+        angles.append(position_ids[..., axis, None].astype(jnp.float32) * jnp.asarray(omega, jnp.float32))
+    angles = jnp.concatenate(angles, axis=-1)
+    return jnp.repeat(angles, 2, axis=-1)
+
+
+def apply_half_split_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """`x * cos + rotate_half(x) * sin` with rotate_half = concat(-x2, x1) over halves of the head dim.
+
+    x: `[B, S, H, D]`; angles: `[B, S, D]` fp32. cos/sin are computed in fp32 and rounded to x's dtype,
+    as the reference does. Paired with ERNIE's interleaved-duplicated angles, x[i] and x[i + D/2]
+    rotate by different angles: this is intentionally not a rotation (reference doc 1.3).
+    """
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    key_lengths: jax.Array | None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Non-causal scaled dot-product attention `[B, S, H, D] -> [B, S, H, D]`, scale 1/sqrt(D).
+
+    Keys at positions >= key_lengths[b] are masked (ERNIE-Image keeps the padded text at the end of
+    the sequence, so a key-padding mask is a per-sample valid length). Queries are never masked.
+    `implementation` selects the kernel: "xla" (portable reference) or "cudnn" (fused, GPU only).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    lengths = None if key_lengths is None else key_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        query, key, value, key_value_seq_lengths=lengths, implementation=implementation)
