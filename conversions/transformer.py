@@ -36,6 +36,7 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 SINGLE_FILE_PREFIX = "model.diffusion_model."
 CONVERTED_FORMAT_KEY = "_ernie_jax_format"
 CONVERTED_PARAMS_DIR = "params"
+CONVERTED_DTYPE_KEY = "_ernie_jax_dtype"
 DIFFUSERS_CLASS_NAME = "ErnieImageTransformer2DModel"
 
 # name -> (torch layout -> ernie_jax layout, ernie_jax layout -> torch layout)
@@ -198,6 +199,19 @@ class TransformerCheckpoint:
     where: Path
     tensors: TensorSource | None = None
     orbax_dir: Path | None = None
+    converted_dtype: str | None = None
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype the parameters are stored in (for safetensors, the most common floating dtype)."""
+        if self.converted_dtype:
+            return self.converted_dtype
+        counts: dict[str, int] = {}
+        for key in self.tensors.keys():
+            dtype = self.tensors.info(key).dtype
+            if dtype.kind == "f" or dtype.name == "bfloat16":
+                counts[dtype.name] = counts.get(dtype.name, 0) + 1
+        return max(counts, key=counts.get) if counts else "float32"
 
 
 def open_checkpoint(path) -> TransformerCheckpoint:
@@ -226,7 +240,8 @@ def open_checkpoint(path) -> TransformerCheckpoint:
         orbax_dir = path / CONVERTED_PARAMS_DIR
         if not orbax_dir.is_dir():
             raise CheckpointError(f"{path}: converted checkpoint without its {CONVERTED_PARAMS_DIR}/ folder")
-        return TransformerCheckpoint(config, path, orbax_dir=orbax_dir.resolve())
+        return TransformerCheckpoint(config, path, orbax_dir=orbax_dir.resolve(),
+                                     converted_dtype=raw_config.get(CONVERTED_DTYPE_KEY, "float32"))
     if (path / INDEX_NAME).is_file():
         tensors = TensorSource.from_index(path / INDEX_NAME)
     elif (path / WEIGHTS_NAME).is_file():
@@ -268,9 +283,16 @@ def load_transformer(path, dtype="float32", *, param_dtype=None, attention_impl:
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`, as diffusers'
     `torch_dtype` does). `sharding` places every parameter (default: the first device).
     """
+    return load_checkpoint(open_checkpoint(path), dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                           remat=remat, scan_layers=scan_layers, sharding=sharding)
+
+
+def load_checkpoint(checkpoint: TransformerCheckpoint, dtype="float32", *, param_dtype=None,
+                    attention_impl: str = "xla", remat: str = "none", scan_layers: bool = True,
+                    sharding=None) -> ErnieImageTransformer:
+    """`load_transformer` for an already opened checkpoint."""
     dtype = resolve_dtype(dtype)
     param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
-    checkpoint = open_checkpoint(path)
     config = checkpoint.config
     abstract = abstract_transformer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                     remat=remat, scan_layers=scan_layers)

@@ -1,0 +1,62 @@
+"""Shared helpers: tiny randomised PyTorch reference models and error measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY = dict(hidden_size=256, num_attention_heads=2, num_layers=2, ffn_hidden_size=512, in_channels=128,
+            out_channels=128, patch_size=1, text_in_dim=64, rope_theta=256, rope_axes_dim=(32, 48, 48), eps=1e-6,
+            qk_layernorm=True)
+
+
+def reference_transformer(seed: int = 0, **overrides):
+    """A diffusers ErnieImageTransformer2DModel (fp32) with every tensor random.
+
+    The reference zero-initialises adaLN_modulation and final_linear, and its norms start at 1: left
+    that way the output is exactly 0 and the norms untested, so both are randomised here.
+    """
+    from diffusers import ErnieImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = ErnieImageTransformer2DModel(**{**TINY, **overrides}).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adaLN_modulation" in name or "final_linear" in name:
+                param.normal_(0.0, 0.05)
+            elif "norm" in name or "_ln" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the numerics contract's measure."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def pad_text(features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The pipeline's `_pad_text`: a list of `[T_i, D]` -> zero-padded `[B, T_max, D]` and lengths `[B]`."""
+    lengths = np.array([f.shape[0] for f in features], np.int64)
+    out = np.zeros((len(features), lengths.max(), features[0].shape[1]), np.float32)
+    for i, f in enumerate(features):
+        out[i, : f.shape[0]] = f
+    return out, lengths
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    return reference_transformer()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_reference, tmp_path_factory):
+    """The tiny reference saved by diffusers: config.json + diffusion_pytorch_model.safetensors."""
+    folder = tmp_path_factory.mktemp("tiny_transformer")
+    tiny_reference.save_pretrained(folder)
+    return folder

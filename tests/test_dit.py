@@ -1,0 +1,144 @@
+"""The DiT against diffusers' ErnieImageTransformer2DModel on tiny random models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ernie_jax
+from ernie_jax.models import layers
+from ernie_jax.models.dit import ErnieImageConfig
+from tests.conftest import TINY, reference_transformer, relative_error
+
+FP32_TOLERANCE = 1e-5
+# bf16 weights and activations on CPU, torch 2.13 vs XLA: measured 6.6e-3 to 8.8e-3 over three input seeds
+# for the tiny model, whose own bf16 vs fp32 gap is 5e-2 to 1e-1 (accumulation order and rounding points
+# inside fused ops differ; the tiny random model amplifies them).
+BF16_TOLERANCE = 1.5e-2
+
+
+def make_inputs(batch, height, width, text_lens, text_in_dim, in_channels=128, seed=0):
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((batch, in_channels, height, width)).astype(np.float32)
+    timesteps = rng.uniform(0, 1000, batch).astype(np.float32)
+    text = rng.standard_normal((batch, max(text_lens, default=0), text_in_dim)).astype(np.float32)
+    for i, n in enumerate(text_lens):
+        text[i, n:] = 0.0
+    return latents, timesteps, text, np.asarray(text_lens, np.int64)
+
+
+def reference_forward(model, latents, timesteps, text, text_lens, dtype=torch.float32):
+    with torch.no_grad():
+        out = model.to(dtype)(torch.from_numpy(latents).to(dtype), torch.from_numpy(timesteps).to(dtype),
+                              torch.from_numpy(text).to(dtype), torch.from_numpy(text_lens), return_dict=False)[0]
+    return out.float().numpy()
+
+
+VARIANTS = {
+    "base": (dict(), dict(batch=2, height=6, width=5, text_lens=[7, 3])),
+    "patch2_nonsquare": (dict(patch_size=2), dict(batch=2, height=8, width=6, text_lens=[4, 9])),
+    "no_text_proj": (dict(text_in_dim=256), dict(batch=2, height=4, width=4, text_lens=[5, 5])),
+    "out_channels_64": (dict(out_channels=64, in_channels=64), dict(batch=1, height=3, width=7, text_lens=[2],
+                                                                   in_channels=64)),
+    "three_layers_batch3": (dict(num_layers=3), dict(batch=3, height=4, width=6, text_lens=[1, 6, 3])),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forward_matches_diffusers_fp32(variant, tmp_path):
+    overrides, shape = VARIANTS[variant]
+    reference = reference_transformer(seed=1, **overrides)
+    reference.save_pretrained(tmp_path)
+    inputs = make_inputs(text_in_dim=reference.config.text_in_dim, **shape)
+    expected = reference_forward(reference, *inputs)
+    model = ernie_jax.load_transformer(tmp_path, "float32")
+    actual = np.asarray(model(*inputs))
+    assert relative_error(actual, expected) <= FP32_TOLERANCE
+
+
+def test_forward_matches_diffusers_bf16(tiny_folder, tiny_reference):
+    inputs = make_inputs(2, 6, 5, [7, 3], TINY["text_in_dim"])
+    bf16_inputs = [np.asarray(jnp.asarray(x, jnp.bfloat16)) if x.dtype == np.float32 else x for x in inputs]
+    expected = reference_forward(reference_transformer(), *inputs, dtype=torch.bfloat16)
+    model = ernie_jax.load_transformer(tiny_folder, "bfloat16")
+    actual = model(*bf16_inputs)
+    assert actual.dtype == jnp.bfloat16
+    error = relative_error(np.asarray(actual, np.float32), expected)
+    assert error <= BF16_TOLERANCE, error
+    # The bf16 run is a real bf16 run: it differs from fp32 by far more than fp32 rounding.
+    fp32 = reference_forward(tiny_reference, *inputs)
+    assert relative_error(expected, fp32) > 1e-4
+
+
+def test_padding_values_do_not_matter(tiny_folder):
+    model = ernie_jax.load_transformer(tiny_folder)
+    latents, timesteps, text, text_lens = make_inputs(2, 4, 4, [6, 2], TINY["text_in_dim"])
+    noisy = text.copy()
+    noisy[1, 2:] = 100.0
+    np.testing.assert_array_equal(np.asarray(model(latents, timesteps, text, text_lens)),
+                                  np.asarray(model(latents, timesteps, noisy, text_lens)))
+
+
+def test_sample_alone_equals_sample_in_padded_batch(tiny_folder):
+    model = ernie_jax.load_transformer(tiny_folder)
+    latents, timesteps, text, text_lens = make_inputs(2, 4, 4, [6, 2], TINY["text_in_dim"])
+    batched = np.asarray(model(latents, timesteps, text, text_lens))[1]
+    alone = np.asarray(model(latents[1:], timesteps[1:], text[1:, :2], text_lens[1:]))[0]
+    assert relative_error(alone, batched) <= 1e-6
+
+
+def test_no_text_tokens(tmp_path):
+    # The reference only handles T = 0 without a text projection (with one, its torch.cat fails).
+    reference = reference_transformer(seed=2, text_in_dim=TINY["hidden_size"])
+    reference.save_pretrained(tmp_path)
+    latents, timesteps, _, _ = make_inputs(1, 3, 3, [1], TINY["hidden_size"])
+    text, text_lens = np.zeros((1, 0, TINY["hidden_size"]), np.float32), np.zeros((1,), np.int64)
+    expected = reference_forward(reference, latents, timesteps, text, text_lens)
+    actual = np.asarray(ernie_jax.load_transformer(tmp_path)(latents, timesteps, text, text_lens))
+    assert relative_error(actual, expected) <= FP32_TOLERANCE
+
+
+def test_unrolled_and_remat_paths_equal_scan(tiny_folder):
+    inputs = make_inputs(2, 4, 5, [5, 2], TINY["text_in_dim"])
+    scanned = ernie_jax.load_transformer(tiny_folder)
+    unrolled = ernie_jax.load_transformer(tiny_folder, scan_layers=False)
+    expected = np.asarray(jax.jit(lambda m, *a: m(*a))(scanned, *inputs))
+    assert relative_error(np.asarray(jax.jit(lambda m, *a: m(*a))(unrolled, *inputs)), expected) <= 1e-6
+
+    def loss_and_grads(model):
+        graphdef, params = nnx.split(model)
+        loss = lambda p: jnp.mean(jnp.square(nnx.merge(graphdef, p)(*inputs)))
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    base_loss, base_grads = loss_and_grads(scanned)
+    for policy in sorted(layers.REMAT_POLICIES):
+        loss, grads = loss_and_grads(ernie_jax.load_transformer(tiny_folder, remat=policy))
+        assert abs(float(loss) - float(base_loss)) <= 1e-6 * abs(float(base_loss))
+        for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+            assert relative_error(g, g0) <= 1e-5, policy
+
+
+def test_parameters_carry_logical_axes():
+    model = ernie_jax.ErnieImageTransformer(ErnieImageConfig(**{**TINY, "rope_axes_dim": (32, 48, 48)}),
+                                            rngs=nnx.Rngs(0))
+    allowed = {"embed", "embed_in", "heads", "mlp", "layers", "norm", "head_dim", "conv_in", "conv_out", "patch"}
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = param.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == param.shape.__len__(), path
+        assert set(axes) <= allowed, (path, axes)
+        assert (axes[0] == "layers") == (path[0] == "layers"), path
+
+
+def test_bad_inputs_raise(tiny_folder):
+    model = ernie_jax.load_transformer(tiny_folder)
+    latents, timesteps, text, text_lens = make_inputs(1, 4, 4, [3], TINY["text_in_dim"])
+    with pytest.raises(ValueError, match="in_channels"):
+        model(latents[:, :64], timesteps, text, text_lens)
+    with pytest.raises(ValueError, match="text_bth"):
+        model(latents, timesteps, text[..., :32], text_lens)
+    with pytest.raises(ValueError, match="sum\\(rope_axes_dim\\)"):
+        ErnieImageConfig(hidden_size=256, num_attention_heads=4)
