@@ -23,8 +23,7 @@ def atomic_directory(destination):
     if destination.exists():
         raise CheckpointError(f"{destination}: already exists (refusing to overwrite)")
     parent = destination.parent
-    if not parent.is_dir():
-        raise CheckpointError(f"{parent}: parent folder of the output does not exist")
+    parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
