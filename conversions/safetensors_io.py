@@ -179,7 +179,7 @@ def write_sharded(folder: Path, stem: str, tensors: dict[str, np.ndarray], max_s
         return [f"{stem}.safetensors"]
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         write_safetensors(folder / name, shard)
         weight_map.update({key: name for key in shard})
     total = sum(t.nbytes for t in tensors.values())

@@ -19,7 +19,7 @@ import ernie_jax
 from conversions import convert, export, random_checkpoint, transformer as weights
 from conversions.common import run_command
 from conversions.safetensors_io import CheckpointError, TensorSource, write_safetensors
-from tests.conftest import TINY, reference_transformer, relative_error
+from tests.conftest import TINY, relative_error
 from tests.test_dit import make_inputs, reference_forward
 
 REPO = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def test_unrolled_and_remat_paths_equal_scan(tiny_folder):
     for policy in sorted(layers.REMAT_POLICIES):
         loss, grads = loss_and_grads(ernie_jax.load_transformer(tiny_folder, remat=policy))
         assert abs(float(loss) - float(base_loss)) <= 1e-6 * abs(float(base_loss))
-        for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+        for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads), strict=True):
             assert relative_error(g, g0) <= 1e-5, policy
 
 

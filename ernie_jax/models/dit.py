@@ -334,7 +334,7 @@ class ErnieImageTransformer(nnx.Module):
             x, _ = jax.lax.scan(body, x, stacked)
             return x
         for i in range(self.config.num_layers):
-            x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+            x, _ = body(x, jax.tree.map(lambda a, layer=i: a[layer], stacked))
         return x
 
 
