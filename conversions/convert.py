@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from conversions import checkpoint_files as files
 from conversions import transformer as weights
 from conversions.common import atomic_directory, run_command
+from conversions.safetensors_io import CheckpointError
 
 FORMAT_VERSION = 1
 
@@ -27,15 +28,14 @@ def convert(source, destination, dtype: str | None = None) -> None:
     """
     with atomic_directory(destination) as staging:
         checkpoint = weights.open_checkpoint(source)
-        if checkpoint.orbax_dir is not None:
-            raise weights.CheckpointError(f"{source}: already an ernie_jax checkpoint")
-        dtype = str(weights.resolve_dtype(dtype or checkpoint.stored_dtype))
+        if checkpoint.converted_dtype is not None:
+            raise CheckpointError(f"{source}: already an ernie_jax checkpoint")
+        dtype = str(files.resolve_dtype(dtype or checkpoint.stored_dtype))
         model = weights.load_checkpoint(checkpoint, dtype)
-        config = {**weights.diffusers_config(model.config), weights.CONVERTED_FORMAT_KEY: FORMAT_VERSION,
-                  weights.CONVERTED_DTYPE_KEY: dtype}
+        config = {**weights.diffusers_config(model.config), files.CONVERTED_FORMAT_KEY: FORMAT_VERSION,
+                  files.CONVERTED_DTYPE_KEY: dtype}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / weights.CONVERTED_PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        files.save_params(staging, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def main(argv=None) -> None:

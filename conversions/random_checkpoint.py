@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 
+from conversions import checkpoint_files as files
 from conversions import transformer as weights
 from conversions.common import atomic_directory, run_command
 from conversions.export import parse_size
@@ -24,7 +25,7 @@ def write_random_transformer(destination, config, *, dtype: str = "float32", see
                              max_shard_bytes: int = 5 * 10**9) -> None:
     """Writes a randomly initialised transformer with `config` as a diffusers folder at `destination`."""
     with atomic_directory(destination) as staging:
-        model = init_transformer(config, seed=seed, param_dtype=weights.resolve_dtype(dtype))
+        model = init_transformer(config, seed=seed, param_dtype=files.resolve_dtype(dtype))
         write_sharded(staging, "diffusion_pytorch_model", weights.transformer_state_dict(model), max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(weights.diffusers_config(config), indent=2) + "\n")
 

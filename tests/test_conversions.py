@@ -185,7 +185,7 @@ def test_failure_midway_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert.ocp.StandardCheckpointer, "save", explode)
+    monkeypatch.setattr(convert.files, "save_params", explode)
     with pytest.raises(OSError):
         convert.convert(tiny_folder, tmp_path / "dst")
     assert list(tmp_path.iterdir()) == []

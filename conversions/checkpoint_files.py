@@ -1,0 +1,83 @@
+"""File-level helpers shared by every component's converter: configs, weight files, dtypes, Orbax."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from conversions.safetensors_io import CheckpointError, TensorSource
+
+CONVERTED_FORMAT_KEY = "_ernie_jax_format"
+CONVERTED_DTYPE_KEY = "_ernie_jax_dtype"
+CONVERTED_PARAMS_DIR = "params"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or `CheckpointError` naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def open_weights(folder: Path, weights_name: str) -> TensorSource:
+    """`weights_name` (e.g. `model.safetensors`) in `folder`, or its sharded `*.index.json` form."""
+    folder = Path(folder)
+    if (folder / f"{weights_name}.index.json").is_file():
+        return TensorSource.from_index(folder / f"{weights_name}.index.json")
+    if (folder / weights_name).is_file():
+        return TensorSource([folder / weights_name])
+    raise CheckpointError(f"{folder}: neither {weights_name} nor {weights_name}.index.json found")
+
+
+def stored_dtype(tensors: TensorSource) -> str:
+    """The most common floating dtype among the tensors (what the checkpoint is 'stored in')."""
+    counts: dict[str, int] = {}
+    for key in tensors.keys():
+        dtype = tensors.info(key).dtype
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            counts[dtype.name] = counts.get(dtype.name, 0) + 1
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """'float32' / 'bfloat16' / 'float16' (or the dtype itself) -> a jnp dtype; anything else is an error."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}") from e
+    if resolved not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return resolved
+
+
+def is_converted(config: dict) -> bool:
+    return CONVERTED_FORMAT_KEY in config
+
+
+def save_params(folder: Path, params: dict) -> None:
+    """Writes a pure-dict parameter tree as an Orbax checkpoint at `folder/params`."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(folder) / CONVERTED_PARAMS_DIR, params)
+
+
+def restore_params(folder: Path, target: dict, sharding) -> dict:
+    """Restores `folder/params` into `target`'s shapes and dtypes (abstract leaves), placed by `sharding`."""
+    params_dir = (Path(folder) / CONVERTED_PARAMS_DIR).resolve()
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{folder}: converted checkpoint without its {CONVERTED_PARAMS_DIR}/ folder")
+    abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(params_dir, abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{params_dir}: cannot restore the converted parameters ({e})") from e
