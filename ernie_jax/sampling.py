@@ -109,12 +109,15 @@ def sample(
     num_inference_steps: int = 50,
     guidance_scale: float = 4.0,
     shift: float = 4.0,
+    text_length_multiple: int = 1,
 ) -> jax.Array:
     """Runs the reference pipeline's denoising loop and returns the final latents `[B, C, H, W]`.
 
     Same as `ErnieImagePipeline(..., output_type="latent", prompt_embeds=..., negative_prompt_embeds=...)`
     for the same initial `latents`. CFG runs when `guidance_scale > 1` and then needs the negative text
-    features. Compiled once per shape and step count; the guidance scale is a runtime value.
+    features. Compiled once per shape and step count; the guidance scale is a runtime value. Padding the
+    text to a multiple of `text_length_multiple` lets prompts of different lengths share one compiled
+    program (padded keys are masked, so the result does not depend on it beyond float rounding).
     """
     latents = jnp.asarray(latents)
     text_bth, text_lens = jnp.asarray(text_bth), jnp.asarray(text_lens)
@@ -135,6 +138,7 @@ def sample(
         length = max(text_bth.shape[1], negative_text_bth.shape[1])
         text_bth = jnp.concatenate([pad_text(negative_text_bth, length), pad_text(text_bth, length)], axis=0)
         text_lens = jnp.concatenate([negative_text_lens, text_lens], axis=0)
+    text_bth = pad_text(text_bth, -(-text_bth.shape[1] // text_length_multiple) * text_length_multiple)
     sigmas = flow_match_sigmas(num_inference_steps, shift)
     graphdef, params = nnx.split(model)
     return _denoise_loop_jit(graphdef, params, latents, text_bth.astype(model.dtype), text_lens, sigmas,
