@@ -151,14 +151,14 @@ class SelfAttention(nnx.Module):
         else:
             self.norm_q = self.norm_k = None
 
-    def __call__(self, x: jax.Array, rope_angles: jax.Array, key_lengths: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], key_lengths: jax.Array) -> jax.Array:
+        """x `[B, S, D]`; rope (cos, sin) `[B, S, head_dim]` in x's dtype; key_lengths `[B]`."""
         b, s, _ = x.shape
         heads = lambda t: t.reshape(b, s, self.num_heads, -1)
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        q = layers.apply_half_split_rope(q, rope_angles)
-        k = layers.apply_half_split_rope(k, rope_angles)
+        q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
         out = layers.attention(q, k, v, key_lengths, self.attention_impl)
         return self.to_out(out.reshape(b, s, -1))
 
@@ -205,10 +205,10 @@ class Block(nnx.Module):
         self.mlp = FeedForward(config.hidden_size, config.ffn_hidden_size, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
 
-    def __call__(self, x, modulation, rope_angles, key_lengths):
+    def __call__(self, x, modulation, rope, key_lengths):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h = modulate(self.adaLN_sa_ln(x), shift_msa, scale_msa)
-        x = gated_residual(x, gate_msa, self.self_attention(h, rope_angles, key_lengths))
+        x = gated_residual(x, gate_msa, self.self_attention(h, rope, key_lengths))
         h = modulate(self.adaLN_mlp_ln(x), shift_mlp, scale_mlp)
         return gated_residual(x, gate_mlp, self.mlp(h))
 
@@ -309,25 +309,27 @@ class ErnieImageTransformer(nnx.Module):
         image_tokens = self.x_embedder(hidden_states)
         text_tokens = self.text_proj(text_bth) if self.text_proj is not None else text_bth
         x = jnp.concatenate([image_tokens, text_tokens], axis=1)
-        rope_angles = layers.axes_rope_angles(position_ids(text_lens, grid_h, grid_w, text_len_padded),
-                                              cfg.rope_axes_dim, cfg.rope_theta)
+        angles = layers.axes_rope_angles(position_ids(text_lens, grid_h, grid_w, text_len_padded),
+                                         cfg.rope_axes_dim, cfg.rope_theta)
+        # cos/sin in fp32, rounded to the activation dtype once for all blocks.
+        rope = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
         key_lengths = num_image + text_lens.astype(jnp.int32)
 
         conditioning = self.time_embedding(layers.timestep_sinusoid(timestep, cfg.hidden_size).astype(self.dtype))
         modulation = jnp.split(self.adaLN_modulation(jax.nn.silu(conditioning))[:, None, :], 6, axis=-1)
-        x = self._run_blocks(x, tuple(modulation), rope_angles, key_lengths)
+        x = self._run_blocks(x, tuple(modulation), rope, key_lengths)
 
         x = self.final_norm(x, conditioning).astype(x.dtype)
         patches = self.final_linear(x[:, :num_image])
         out = patches.reshape(b, grid_h, grid_w, p, p, cfg.out_channels)
         return out.transpose(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, h, w)
 
-    def _run_blocks(self, x, modulation, rope_angles, key_lengths):
+    def _run_blocks(self, x, modulation, rope, key_lengths):
         graphdef, stacked = nnx.split(self.layers)
 
         def body(carry, block_state):
             block = nnx.merge(graphdef, block_state)
-            return block(carry, modulation, rope_angles, key_lengths), None
+            return block(carry, modulation, rope, key_lengths), None
 
         body = jax.checkpoint(body, policy=layers.remat_policy(self.remat), prevent_cse=not self.scan_layers)
         if self.scan_layers:

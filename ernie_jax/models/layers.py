@@ -132,18 +132,17 @@ def axes_rope_angles(position_ids: jax.Array, axes_dim: Sequence[int], theta: fl
     return jnp.repeat(angles, 2, axis=-1)
 
 
-def apply_half_split_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """`x * cos + rotate_half(x) * sin` with rotate_half = concat(-x2, x1) over halves of the head dim.
 
-    x: `[B, S, H, D]`; angles: `[B, S, D]` fp32. cos/sin are computed in fp32 and rounded to x's dtype,
-    as the reference does. Paired with ERNIE's interleaved-duplicated angles, x[i] and x[i + D/2]
-    rotate by different angles: this is intentionally not a rotation (reference doc 1.3).
+    x: `[B, T, H, D]`; cos, sin: `[B, T, D]` in x's dtype (the references compute them in fp32 and round).
+    With ERNIE's interleaved-duplicated angles, x[i] and x[i + D/2] turn by different angles: that is
+    intentionally not a rotation (reference doc 1.3); with Mistral's cat(freqs, freqs) it is the
+    standard half-split RoPE.
     """
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 def attention(
@@ -152,16 +151,19 @@ def attention(
     value: jax.Array,
     key_lengths: jax.Array | None,
     implementation: str = "xla",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Non-causal scaled dot-product attention `[B, S, H, D] -> [B, S, H, D]`, scale 1/sqrt(D).
+    """Scaled dot-product attention `q [B, T, H, D], k/v [B, S, K, D] -> [B, T, H, D]`, scale 1/sqrt(D).
 
     Keys at positions >= key_lengths[b] are masked (ERNIE-Image keeps the padded text at the end of
-    the sequence, so a key-padding mask is a per-sample valid length). Queries are never masked.
-    `implementation` selects the kernel: "xla" (portable reference) or "cudnn" (fused, GPU only).
+    the sequence, so a key-padding mask is a per-sample valid length). `mask` (boolean `[B, 1, T, S]`,
+    True = attend) adds any other pattern, e.g. causal. K may divide H (grouped-query attention: query
+    head h reads key head h // (H / K)). `implementation` selects the kernel: "xla" (portable
+    reference) or "cudnn" (fused, GPU only).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
     lengths = None if key_lengths is None else key_lengths.astype(jnp.int32)
     return jax.nn.dot_product_attention(
-        query, key, value, key_value_seq_lengths=lengths, implementation=implementation)
+        query, key, value, mask=mask, key_value_seq_lengths=lengths, implementation=implementation)
