@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +31,14 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def open_weights(folder: Path, weights_name: str) -> TensorSource:
-    """`weights_name` (e.g. `model.safetensors`) in `folder`, or its sharded `*.index.json` form."""
+def open_weights(folder: Path, weights_name: str, **naming) -> TensorSource:
+    """`weights_name` (e.g. `model.safetensors`) in `folder`, or its sharded `*.index.json` form.
+    `naming` (strip_prefix, rename) is passed to `TensorSource`."""
     folder = Path(folder)
     if (folder / f"{weights_name}.index.json").is_file():
-        return TensorSource.from_index(folder / f"{weights_name}.index.json")
+        return TensorSource.from_index(folder / f"{weights_name}.index.json", **naming)
     if (folder / weights_name).is_file():
-        return TensorSource([folder / weights_name])
+        return TensorSource([folder / weights_name], **naming)
     raise CheckpointError(f"{folder}: neither {weights_name} nor {weights_name}.index.json found")
 
 
@@ -47,6 +50,25 @@ def stored_dtype(tensors: TensorSource) -> str:
         if dtype.kind == "f" or dtype.name == "bfloat16":
             counts[dtype.name] = counts.get(dtype.name, 0) + 1
     return max(counts, key=counts.get) if counts else "float32"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A located, validated component checkpoint: its config and either safetensors tensors or a
+    converted Orbax folder (`converted_dtype` set)."""
+
+    config: Any
+    where: Path
+    tensors: TensorSource | None = None
+    converted_dtype: str | None = None
+
+    @property
+    def stored_dtype(self) -> str:
+        return self.converted_dtype or stored_dtype(self.tensors)
+
+    @classmethod
+    def converted(cls, config, where: Path, raw_config: dict, **extra) -> "Checkpoint":
+        return cls(config, where, converted_dtype=raw_config.get(CONVERTED_DTYPE_KEY, "float32"), **extra)
 
 
 def resolve_dtype(dtype) -> jnp.dtype:

@@ -73,19 +73,10 @@ def config_from_json(path: Path) -> MistralConfig:
 
 
 @dataclasses.dataclass
-class DecoderCheckpoint:
-    """A located, validated checkpoint: its config, its role, and either safetensors tensors (keys relative to
-    the language model) or an Orbax folder (`converted_dtype` set)."""
+class DecoderCheckpoint(files.Checkpoint):
+    """A located, validated decoder checkpoint (tensor keys relative to the language model) and its role."""
 
-    config: MistralConfig
-    encoder_only: bool
-    where: Path
-    tensors: TensorSource | None = None
-    converted_dtype: str | None = None
-
-    @property
-    def stored_dtype(self) -> str:
-        return self.converted_dtype or files.stored_dtype(self.tensors)
+    encoder_only: bool = False
 
 
 def _locate(path, subfolder: str) -> tuple[Path, dict]:
@@ -112,8 +103,7 @@ def _open(path, subfolder: str, encoder_only: bool, prefixes: tuple[str, ...], i
     folder, raw_config = _locate(path, subfolder)
     config = config_from_json(folder / "config.json")
     if files.is_converted(raw_config):
-        return DecoderCheckpoint(config, encoder_only, folder,
-                                 converted_dtype=raw_config.get(files.CONVERTED_DTYPE_KEY, "float32"))
+        return DecoderCheckpoint.converted(config, folder, raw_config, encoder_only=encoder_only)
     located = files.open_weights(folder, WEIGHTS_NAME)
     prefix = _prefix(located.keys(), prefixes, folder)
     tensors = TensorSource(located.files, strip_prefix=prefix)
@@ -121,7 +111,7 @@ def _open(path, subfolder: str, encoder_only: bool, prefixes: tuple[str, ...], i
     check_tensors(tensors, expected_torch_shapes(config, encoder_only), str(folder),
                   own_patterns=[rule.pattern() for rule in key_table(config, encoder_only)],
                   ignore=lambda key: ignore(config, key))
-    return DecoderCheckpoint(config, encoder_only, folder, tensors=tensors)
+    return DecoderCheckpoint(config, folder, tensors=tensors, encoder_only=encoder_only)
 
 
 def _text_encoder_ignores(config: MistralConfig, key: str) -> bool:

@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -83,24 +84,32 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 class TensorSource:
     """Read-only mapping `key -> np.ndarray` over one or more safetensors files, memory-mapped.
 
-    `strip_prefix` removes a key prefix (e.g. `model.diffusion_model.` of single-file checkpoints).
+    `strip_prefix` removes a key prefix (e.g. `model.diffusion_model.` of single-file checkpoints);
+    `rename` then maps each stored name to the name the caller asks for (e.g. legacy module names).
     """
 
-    def __init__(self, files: list[Path], strip_prefix: str = ""):
+    def __init__(self, files: list[Path], strip_prefix: str = "", rename: Callable[[str], str] | None = None):
         self.files = [Path(f) for f in files]
         self._infos: dict[str, TensorInfo] = {}
         self._maps: dict[Path, np.memmap] = {}
+        self._rename = rename or (lambda key: key)
+        self._strip_prefix = strip_prefix
         for path in self.files:
             tensors, _ = read_header(path)
-            for key, info in tensors.items():
-                if strip_prefix and key.startswith(strip_prefix):
-                    key = key[len(strip_prefix):]
+            for stored, info in tensors.items():
+                key = self.name(stored)
                 if key in self._infos:
                     raise CheckpointError(f"{path}: tensor {key!r} also appears in {self._infos[key].path}")
                 self._infos[key] = info
 
+    def name(self, stored: str) -> str:
+        """The key under which the tensor stored as `stored` is read."""
+        if self._strip_prefix and stored.startswith(self._strip_prefix):
+            stored = stored[len(self._strip_prefix):]
+        return self._rename(stored)
+
     @classmethod
-    def from_index(cls, index_path: Path) -> "TensorSource":
+    def from_index(cls, index_path: Path, **naming) -> "TensorSource":
         """Opens a sharded checkpoint through its `*.safetensors.index.json` weight map."""
         index_path = Path(index_path)
         try:
@@ -111,9 +120,9 @@ class TensorSource:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index_path}: shard files missing: {', '.join(missing)}")
-        source = cls(files)
+        source = cls(files, **naming)
         misplaced = sorted(k for k, name in weight_map.items()
-                           if k not in source._infos or source._infos[k].path.name != name)
+                           if source.name(k) not in source._infos or source._infos[source.name(k)].path.name != name)
         if misplaced:
             raise CheckpointError(f"{index_path}: {len(misplaced)} keys are not in the shard the index names, "
                                   f"first {misplaced[0]!r}")

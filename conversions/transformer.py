@@ -96,19 +96,7 @@ def config_from_json(path: Path) -> ErnieImageConfig:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-@dataclasses.dataclass
-class TransformerCheckpoint:
-    """A located, validated transformer checkpoint: its config and either safetensors tensors or an
-    Orbax folder (`converted_dtype` set)."""
-
-    config: ErnieImageConfig
-    where: Path
-    tensors: TensorSource | None = None
-    converted_dtype: str | None = None
-
-    @property
-    def stored_dtype(self) -> str:
-        return self.converted_dtype or files.stored_dtype(self.tensors)
+TransformerCheckpoint = files.Checkpoint
 
 
 def open_checkpoint(path) -> TransformerCheckpoint:
@@ -134,7 +122,7 @@ def open_checkpoint(path) -> TransformerCheckpoint:
     raw_config = files.read_json(config_path)
     config = config_from_json(config_path)
     if files.is_converted(raw_config):
-        return TransformerCheckpoint(config, path, converted_dtype=raw_config.get(files.CONVERTED_DTYPE_KEY, "float32"))
+        return TransformerCheckpoint.converted(config, path, raw_config)
     tensors = files.open_weights(path, WEIGHTS_NAME)
     check_transformer_tensors(tensors, config, str(path))
     return TransformerCheckpoint(config, path, tensors=tensors)

@@ -13,7 +13,6 @@ diffusers files name the mid-block attention `query/key/value/proj_attn`; those 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from flax import nnx
 
 from conversions import checkpoint_files as files
 from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, read_params, to_state_dict
-from conversions.safetensors_io import CheckpointError, TensorInfo, TensorSource
+from conversions.safetensors_io import CheckpointError, TensorSource
 from ernie_jax.models.vae import AutoencoderKLFlux2, VAEConfig, abstract_vae
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -111,36 +110,13 @@ def expected_torch_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
     return expected_shapes(key_table(config), nnx.to_pure_dict(nnx.state(abstract_vae(config))), 0)
 
 
-class LegacyAttentionNames:
-    """A read-only view of a `TensorSource` in which `...mid_block.attentions.N.{query,key,value,proj_attn}.*`
-    read as `to_q/to_k/to_v/to_out.0`, as diffusers renames them on load."""
-
-    def __init__(self, source: TensorSource):
-        self.source = source
-        self.names = {LEGACY_ATTENTION.sub(lambda m: f"{m.group(1)}.{LEGACY_NAMES[m.group(2)]}.", k): k
-                      for k in source.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self.names)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.names
-
-    def info(self, key: str) -> TensorInfo:
-        return self.source.info(self.names[key])
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.source.shape(self.names[key])
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.source[self.names[key]]
+def legacy_attention_name(key: str) -> str:
+    """Older diffusers VAEs name the mid attention `query/key/value/proj_attn`; diffusers renames on load."""
+    return LEGACY_ATTENTION.sub(lambda m: f"{m.group(1)}.{LEGACY_NAMES[m.group(2)]}.", key)
 
 
-def open_tensors(folder: Path) -> TensorSource | LegacyAttentionNames:
-    tensors = files.open_weights(folder, WEIGHTS_NAME)
-    if any(LEGACY_ATTENTION.match(k) for k in tensors.keys()):
-        return LegacyAttentionNames(tensors)
-    return tensors
+def open_tensors(folder: Path) -> TensorSource:
+    return files.open_weights(folder, WEIGHTS_NAME, rename=legacy_attention_name)
 
 
 def config_from_json(path: Path) -> VAEConfig:
@@ -150,19 +126,7 @@ def config_from_json(path: Path) -> VAEConfig:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-@dataclasses.dataclass
-class VAECheckpoint:
-    """A located, validated VAE checkpoint: its config and either safetensors tensors or an Orbax folder
-    (`converted_dtype` set)."""
-
-    config: VAEConfig
-    where: Path
-    tensors: TensorSource | LegacyAttentionNames | None = None
-    converted_dtype: str | None = None
-
-    @property
-    def stored_dtype(self) -> str:
-        return self.converted_dtype or files.stored_dtype(self.tensors)
+VAECheckpoint = files.Checkpoint
 
 
 def open_vae(path) -> VAECheckpoint:
@@ -178,7 +142,7 @@ def open_vae(path) -> VAECheckpoint:
     raw_config = files.read_json(config_path)
     config = config_from_json(config_path)
     if files.is_converted(raw_config):
-        return VAECheckpoint(config, path, converted_dtype=raw_config.get(files.CONVERTED_DTYPE_KEY, "float32"))
+        return VAECheckpoint.converted(config, path, raw_config)
     tensors = open_tensors(path)
     check_tensors(tensors, expected_torch_shapes(config), str(path), own_patterns=[OWN_PATTERN],
                   ignore=lambda key: key == UNUSED_KEY)

@@ -17,6 +17,7 @@ from conversions import checkpoint_files as files
 from conversions.safetensors_io import CheckpointError, TensorSource, write_safetensors
 from conversions.vae import (WEIGHTS_NAME, diffusers_config, expected_torch_shapes, load_vae, vae_state_dict,
                              vae_variables)
+from ernie_jax.models import layers
 from ernie_jax.models import vae as V
 from tests.conftest import relative_error
 
@@ -148,7 +149,7 @@ def bf16_stages(reference, model):
              ("decoder.mid_block", decoder.mid_block, model.decoder.mid_block)]
     pairs += [(f"decoder.up_blocks.{i}", decoder.up_blocks[i], model.decoder.up_blocks[i]) for i in range(4)]
     pairs += [("decoder.conv_out", lambda x: decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x))),
-               lambda x: model.decoder.conv_out(V.silu(model.decoder.conv_norm_out(x))))]
+               lambda x: model.decoder.conv_out(layers.silu_fp32(model.decoder.conv_norm_out(x))))]
     pairs += [("encoder.conv_in", encoder.conv_in, model.encoder.conv_in)]
     pairs += [(f"encoder.down_blocks.{i}", encoder.down_blocks[i], model.encoder.down_blocks[i]) for i in range(4)]
     pairs += [("encoder.mid_block", encoder.mid_block, model.encoder.mid_block)]

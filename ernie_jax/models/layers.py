@@ -73,6 +73,21 @@ def linear(
     )
 
 
+def conv(in_channels: int, out_channels: int, kernel_size: int, *, padding, stride: int = 1, dtype, param_dtype,
+         rngs: nnx.Rngs) -> nnx.Conv:
+    """torch.nn.Conv2d (with bias) on channels-last `[B, H, W, in] -> [B, H', W', out]`, HWIO kernel.
+
+    `padding` is nnx.Conv's explicit `((top, bottom), (left, right))`. Initialised like torch (uniform in
+    +-1/sqrt(fan_in)).
+    """
+    bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride, padding=padding,
+                    dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=logical(uniform, (None, None, "conv_in", "conv_out")),
+                    bias_init=logical(uniform, ("conv_out",)), rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis, `[..., D] -> [..., D]`, with the reference's rounding.
 
@@ -96,6 +111,38 @@ class RMSNorm(nnx.Module):
         if self.round_before_scale:
             return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
         return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm (affine) over channels-last `[B, ..., C] -> [B, ..., C]`.
+
+    Statistics, normalisation and affine are fp32 and the result is rounded once to the compute dtype, as
+    torch's kernels do for bf16 inputs. Groups are contiguous channel ranges, as in torch.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, eps: float, *, dtype, param_dtype):
+        self.num_groups = num_groups
+        self.eps = eps
+        self.dtype = dtype
+        param = lambda init: nnx.Param(init((num_channels,), param_dtype), out_sharding=("norm",),
+                                       eager_sharding=False)
+        self.scale = param(jnp.ones)
+        self.bias = param(jnp.zeros)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, -1)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+def silu_fp32(x: jax.Array) -> jax.Array:
+    """SiLU computed in fp32 and rounded once, as torch's kernel does for bf16 (jax.nn.silu on bf16 would
+    round the sigmoid before the product)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:

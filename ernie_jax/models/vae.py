@@ -138,54 +138,7 @@ VAE_PRESETS = {
 }
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, *, padding, stride: int = 1, dtype, param_dtype,
-         rngs: nnx.Rngs) -> nnx.Conv:
-    """torch.nn.Conv2d (with bias) on channels-last `[B, H, W, in] -> [B, H', W', out]`, HWIO kernel.
-
-    `padding` is nnx.Conv's explicit `((top, bottom), (left, right))`. Initialised like torch (uniform in
-    +-1/sqrt(fan_in)).
-    """
-    bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride, padding=padding,
-                    dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=layers.logical(uniform, (None, None, "conv_in", "conv_out")),
-                    bias_init=layers.logical(uniform, ("conv_out",)), rngs=rngs)
-
-
 SAME_3X3 = ((1, 1), (1, 1))
-
-
-class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm (affine) over channels-last `[B, ..., C] -> [B, ..., C]`.
-
-    Statistics, normalisation and affine are fp32 and the result is rounded once to the compute dtype, as
-    torch's kernels do for bf16 inputs. Groups are contiguous channel ranges, as in torch.
-    """
-
-    def __init__(self, num_channels: int, num_groups: int, eps: float, *, dtype, param_dtype):
-        self.num_groups = num_groups
-        self.eps = eps
-        self.dtype = dtype
-        param = lambda init: nnx.Param(init((num_channels,), param_dtype), out_sharding=("norm",),
-                                       eager_sharding=False)
-        self.scale = param(jnp.ones)
-        self.bias = param(jnp.zeros)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, -1)
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = jnp.mean(grouped, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return out.astype(self.dtype)
-
-
-def silu(x: jax.Array) -> jax.Array:
-    """SiLU computed in fp32 and rounded once, as torch's kernel does for bf16 (jax.nn.silu on bf16 would
-    round the sigmoid before the product)."""
-    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -194,16 +147,16 @@ class ResnetBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = GroupNorm(in_channels, groups, RESNET_EPS, **kw)
-        self.conv1 = conv(in_channels, out_channels, 3, padding=SAME_3X3, rngs=rngs, **kw)
-        self.norm2 = GroupNorm(out_channels, groups, RESNET_EPS, **kw)
-        self.conv2 = conv(out_channels, out_channels, 3, padding=SAME_3X3, rngs=rngs, **kw)
-        self.conv_shortcut = (conv(in_channels, out_channels, 1, padding=((0, 0), (0, 0)), rngs=rngs, **kw)
+        self.norm1 = layers.GroupNorm(in_channels, groups, RESNET_EPS, **kw)
+        self.conv1 = layers.conv(in_channels, out_channels, 3, padding=SAME_3X3, rngs=rngs, **kw)
+        self.norm2 = layers.GroupNorm(out_channels, groups, RESNET_EPS, **kw)
+        self.conv2 = layers.conv(out_channels, out_channels, 3, padding=SAME_3X3, rngs=rngs, **kw)
+        self.conv_shortcut = (layers.conv(in_channels, out_channels, 1, padding=((0, 0), (0, 0)), rngs=rngs, **kw)
                               if in_channels != out_channels else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))  # dropout is 0 in every released config
+        h = self.conv1(layers.silu_fp32(self.norm1(x)))
+        h = self.conv2(layers.silu_fp32(self.norm2(h)))  # dropout is 0 in every released config
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -216,7 +169,7 @@ class Downsample(nnx.Module):
     """
 
     def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.conv = conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype,
+        self.conv = layers.conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -228,7 +181,8 @@ class Upsample(nnx.Module):
     `[B, H, W, C] -> [B, 2H, 2W, C]`."""
 
     def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.conv = conv(channels, channels, 3, padding=SAME_3X3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv = layers.conv(channels, channels, 3, padding=SAME_3X3, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
@@ -242,7 +196,7 @@ class MidAttention(nnx.Module):
 
     def __init__(self, channels: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.group_norm = GroupNorm(channels, groups, RESNET_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.group_norm = layers.GroupNorm(channels, groups, RESNET_EPS, dtype=dtype, param_dtype=param_dtype)
         self.to_q = layers.linear(channels, channels, axes=("embed", "heads"), **kw)
         self.to_k = layers.linear(channels, channels, axes=("embed", "heads"), **kw)
         self.to_v = layers.linear(channels, channels, axes=("embed", "heads"), **kw)
@@ -295,21 +249,21 @@ class Encoder(nnx.Module):
     def __init__(self, config: VAEConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         channels, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = conv(config.in_channels, channels[0], 3, padding=SAME_3X3, **kw)
+        self.conv_in = layers.conv(config.in_channels, channels[0], 3, padding=SAME_3X3, **kw)
         self.down_blocks = nnx.List([
             ResnetStage(channels[max(i - 1, 0)], c, config.layers_per_block, groups,
                         Downsample if i < len(channels) - 1 else None, **kw)
             for i, c in enumerate(channels)])
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention, **kw)
-        self.conv_norm_out = GroupNorm(channels[-1], groups, RESNET_EPS, dtype=dtype, param_dtype=param_dtype)
-        self.conv_out = conv(channels[-1], 2 * config.latent_channels, 3, padding=SAME_3X3, **kw)
+        self.conv_norm_out = layers.GroupNorm(channels[-1], groups, RESNET_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.conv_out = layers.conv(channels[-1], 2 * config.latent_channels, 3, padding=SAME_3X3, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(layers.silu_fp32(self.conv_norm_out(x)))
 
 
 class Decoder(nnx.Module):
@@ -319,20 +273,20 @@ class Decoder(nnx.Module):
     def __init__(self, config: VAEConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         channels, groups = tuple(reversed(config.decoder_channels)), config.norm_num_groups
-        self.conv_in = conv(config.latent_channels, channels[0], 3, padding=SAME_3X3, **kw)
+        self.conv_in = layers.conv(config.latent_channels, channels[0], 3, padding=SAME_3X3, **kw)
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention, **kw)
         self.up_blocks = nnx.List([
             ResnetStage(channels[max(i - 1, 0)], c, config.layers_per_block + 1, groups,
                         Upsample if i < len(channels) - 1 else None, **kw)
             for i, c in enumerate(channels)])
-        self.conv_norm_out = GroupNorm(channels[-1], groups, RESNET_EPS, dtype=dtype, param_dtype=param_dtype)
-        self.conv_out = conv(channels[-1], config.out_channels, 3, padding=SAME_3X3, **kw)
+        self.conv_norm_out = layers.GroupNorm(channels[-1], groups, RESNET_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.conv_out = layers.conv(channels[-1], config.out_channels, 3, padding=SAME_3X3, **kw)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(layers.silu_fp32(self.conv_norm_out(x)))
 
 
 class LatentStats(nnx.Module):
@@ -371,8 +325,9 @@ class AutoencoderKLFlux2(nnx.Module):
         no_pad = ((0, 0), (0, 0))
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)
-        self.quant_conv = conv(moments, moments, 1, padding=no_pad, **kw) if config.use_quant_conv else None
-        self.post_quant_conv = conv(latents, latents, 1, padding=no_pad, **kw) if config.use_post_quant_conv else None
+        self.quant_conv = layers.conv(moments, moments, 1, padding=no_pad, **kw) if config.use_quant_conv else None
+        self.post_quant_conv = (layers.conv(latents, latents, 1, padding=no_pad, **kw)
+                                if config.use_post_quant_conv else None)
         self.bn = LatentStats(config.packed_channels, param_dtype=param_dtype)
 
     def _check_channels(self, x, channels: int, name: str) -> jax.Array:
