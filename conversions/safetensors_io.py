@@ -154,7 +154,8 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
     offset = 0
     arrays = {}
     for key in sorted(tensors):
-        array = np.ascontiguousarray(tensors[key])
+        # np.ascontiguousarray would turn a 0-d tensor into shape [1].
+        array = np.asarray(tensors[key], order="C")
         if array.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"cannot write tensor {key!r} of dtype {array.dtype} to safetensors")
         header[key] = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),

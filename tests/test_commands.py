@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,22 @@ def test_main_job(tmp_path):
     assert "8 steps, guidance 1.0" in result.stdout
     latents = np.load(tmp_path / "latents.npy")
     assert latents.shape == (1, 128, 4, 3) and np.isfinite(latents).all()
+
+
+def test_generate_writes_images_and_settings(tmp_path):
+    from PIL import Image
+
+    run("conversions.random_checkpoint", str(tmp_path / "pipe"), "--pipeline", "--with-pe")
+    run("conversions.convert", str(tmp_path / "pipe"), str(tmp_path / "pipe-jax"))
+    run("ernie_jax.generate", "--model", str(tmp_path / "pipe-jax"), "--prompt", "a red circle", "--prompt", "一只猫",
+        "--height", "32", "--width", "48", "--steps", "3", "--num-images", "2", "--seed", "5", "--dtype", "float32",
+        "--out", str(tmp_path / "images"))
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert names == [f"{p:03d}_{i:02d}.{ext}" for p in range(2) for i in range(2) for ext in ("json", "png")]
+    record = json.loads((tmp_path / "images" / "001_01.json").read_text())
+    assert record["prompt"] == "一只猫" and record["seed"] == 6 and record["num_inference_steps"] == 3
+    assert record["use_pe"] is True and isinstance(record["revised_prompt"], str)
+    assert Image.open(tmp_path / "images" / "000_00.png").size == (48, 32)
 
 
 def test_denoise_rejects_bad_sizes(tmp_path):

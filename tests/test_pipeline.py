@@ -121,3 +121,54 @@ def test_bad_arguments_raise_before_compute(pipelines, kwargs, message, monkeypa
     monkeypatch.setattr(ours, "encode_prompt", lambda *a: pytest.fail("computed before validating"))
     with pytest.raises(ValueError, match=message):
         ours(height=kwargs.pop("height", 32), width=kwargs.pop("width", 32), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def random_pipeline_folder(tmp_path_factory):
+    from conversions.random_checkpoint import write_random_pipeline
+
+    folder = tmp_path_factory.mktemp("random") / "pipeline"
+    write_random_pipeline(folder, "tiny", with_pe=True)
+    return folder
+
+
+def test_random_pipeline_folder_loads_in_diffusers_and_ernie_jax(random_pipeline_folder):
+    from diffusers import ErnieImagePipeline as ReferencePipeline
+
+    reference = ReferencePipeline.from_pretrained(random_pipeline_folder, torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    ours = ErnieImagePipeline.from_pretrained(random_pipeline_folder, dtype="float32")
+    latents = latents_for(1, 48, 64, seed=8)
+    kwargs = dict(prompt="a cat", height=48, width=64, num_inference_steps=4, output_type="np", use_pe=False)
+    expected = reference(latents=latents, **kwargs).images
+    assert np.abs(ours(latents=latents.numpy(), **kwargs).images - expected).max() <= IMAGE_TOLERANCE
+    assert ours.enhance_prompt("a cat", temperature=0) == reference._enhance_prompt_with_pe(
+        "a cat", torch.device("cpu"), temperature=1.0, top_p=1.0)
+
+
+def test_converted_pipeline_gives_the_same_images(random_pipeline_folder, tmp_path):
+    from conversions import convert
+
+    converted = convert.convert(random_pipeline_folder, tmp_path / "converted")
+    assert sorted(converted) == ["pe", "pe_tokenizer", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"]
+    original = ErnieImagePipeline.from_pretrained(random_pipeline_folder, dtype="float32")
+    restored = ErnieImagePipeline.from_pretrained(tmp_path / "converted", dtype="float32")
+    kwargs = dict(prompt=["a cat", "a dog"], height=32, width=48, num_inference_steps=3, output_type="np", seed=3)
+    np.testing.assert_array_equal(restored(**kwargs).images, original(**kwargs).images)
+
+
+def test_pipeline_lora_load_and_unload(random_pipeline_folder, tmp_path):
+    from conversions.safetensors_io import write_safetensors
+
+    pipe = ErnieImagePipeline.from_pretrained(random_pipeline_folder, dtype="float32")
+    kwargs = dict(prompt="a cat", height=32, width=32, num_inference_steps=2, output_type="latent", use_pe=False,
+                  seed=1)
+    before = np.asarray(pipe(**kwargs).images)
+    rng = np.random.default_rng(0)
+    write_safetensors(tmp_path / "lora.safetensors", {
+        "transformer.layers.0.mlp.up_proj.lora_A.weight": rng.standard_normal((4, 256), np.float32) * 0.1,
+        "transformer.layers.0.mlp.up_proj.lora_B.weight": rng.standard_normal((512, 4), np.float32) * 0.1})
+    assert pipe.load_lora_weights(tmp_path / "lora.safetensors", scale=0.8) == ["layers.0.mlp.up_proj"]
+    assert np.abs(np.asarray(pipe(**kwargs).images) - before).max() > 1e-3
+    pipe.unload_lora_weights()
+    np.testing.assert_array_equal(np.asarray(pipe(**kwargs).images), before)
