@@ -89,7 +89,8 @@ def is_converted(config: dict) -> bool:
 def save_params(folder: Path, params: dict) -> None:
     """Writes a pure-dict parameter tree as an Orbax checkpoint at `folder/params`."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(folder) / CONVERTED_PARAMS_DIR, params)
+        # Orbax refuses relative paths.
+        checkpointer.save((Path(folder) / CONVERTED_PARAMS_DIR).resolve(), params)
 
 
 def restore_params(folder: Path, target: dict, sharding) -> dict:

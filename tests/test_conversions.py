@@ -208,3 +208,10 @@ def test_tensor_source_reads_bf16_and_rejects_bad_index(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"weight_map": {"x": "b.safetensors"}}))
     with pytest.raises(CheckpointError, match="shard files missing"):
         TensorSource.from_index(tmp_path / "index.json")
+
+
+def test_convert_with_relative_paths(tiny_folder, tmp_path, monkeypatch, inputs):
+    monkeypatch.chdir(tmp_path)
+    assert run_command(convert.main, [str(tiny_folder), "relative/converted"]) == 0
+    np.testing.assert_array_equal(forward(ernie_jax.load_transformer("relative/converted"), inputs),
+                                  forward(ernie_jax.load_transformer(tiny_folder), inputs))
