@@ -15,6 +15,8 @@ For repeated calls from a notebook, hold the pure loop directly:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +112,8 @@ def sample(
     guidance_scale: float = 4.0,
     shift: float = 4.0,
     text_length_multiple: int = 1,
+    mesh=None,
+    rules=None,
 ) -> jax.Array:
     """Runs the reference pipeline's denoising loop and returns the final latents `[B, C, H, W]`.
 
@@ -118,6 +122,9 @@ def sample(
     features. Compiled once per shape and step count; the guidance scale is a runtime value. Padding the
     text to a multiple of `text_length_multiple` lets prompts of different lengths share one compiled
     program (padded keys are masked, so the result does not depend on it beyond float rounding).
+
+    With a `mesh` (and logical-axis `rules`, see ernie_jax.parallel), the loop runs sharded: parameters
+    placed by the rules, the batch split over the batch axes, activations pinned at block boundaries.
     """
     latents = jnp.asarray(latents)
     text_bth, text_lens = jnp.asarray(text_bth), jnp.asarray(text_lens)
@@ -141,5 +148,24 @@ def sample(
     text_bth = pad_text(text_bth, -(-text_bth.shape[1] // text_length_multiple) * text_length_multiple)
     sigmas = flow_match_sigmas(num_inference_steps, shift)
     graphdef, params = nnx.split(model)
-    return _denoise_loop_jit(graphdef, params, latents, text_bth.astype(model.dtype), text_lens, sigmas,
-                             jnp.float32(guidance_scale), use_cfg=use_cfg)
+    args = (params, latents, text_bth.astype(model.dtype), text_lens, sigmas, jnp.float32(guidance_scale))
+    if mesh is None:
+        return _denoise_loop_jit(graphdef, *args, use_cfg=use_cfg)
+    return _sharded_denoise_loop(graphdef, params, use_cfg, mesh, rules, tuple(a.shape for a in args[1:4]))(*args)
+
+
+_SHARDED_LOOPS: dict = {}
+
+
+def _sharded_denoise_loop(graphdef, params, use_cfg: bool, mesh, rules, shapes):
+    """The loop compiled for one model structure, mesh, rule table and input shapes (latents, text, lengths)."""
+    from ernie_jax import parallel
+
+    key = (graphdef, use_cfg, mesh, rules, shapes)
+    if key not in _SHARDED_LOOPS:
+        batch = [parallel.batch_sharding(mesh, rules, shape) for shape in shapes]
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        in_shardings = (parallel.state_shardings(params, mesh, rules), *batch, replicated, replicated)
+        loop = functools.partial(denoise_loop, graphdef, use_cfg=use_cfg)
+        _SHARDED_LOOPS[key] = parallel.jit_sharded(loop, mesh, rules, in_shardings, batch[0])
+    return _SHARDED_LOOPS[key]

@@ -81,6 +81,9 @@ class ErnieImageConfig:
         return values
 
 
+# Logical axes of the residual stream [B, S, D] at block boundaries.
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+
 PRESETS = {
     # The released ERNIE-Image / ERNIE-Image-Turbo transformer (8,033,490,048 parameters).
     "full": ErnieImageConfig(),
@@ -326,10 +329,11 @@ class ErnieImageTransformer(nnx.Module):
 
     def _run_blocks(self, x, modulation, rope, key_lengths):
         graphdef, stacked = nnx.split(self.layers)
+        x = layers.constrain(x, ACTIVATION_AXES)
 
         def body(carry, block_state):
             block = nnx.merge(graphdef, block_state)
-            return block(carry, modulation, rope, key_lengths), None
+            return layers.constrain(block(carry, modulation, rope, key_lengths), ACTIVATION_AXES), None
 
         body = jax.checkpoint(body, policy=layers.remat_policy(self.remat), prevent_cse=not self.scan_layers)
         if self.scan_layers:

@@ -7,6 +7,7 @@ the rounding points that matter in bf16.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Callable, Sequence
 
@@ -27,6 +28,19 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     # Keep every matmul output, recompute the cheap elementwise work.
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
+
+
+# Set by ernie_jax.parallel.activation_sharding while a sharded program is traced: maps (array, logical
+# axis names) to the array pinned to its mesh sharding. Unset, `constrain` is the identity, so models
+# stay free of mesh details.
+ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "activation_constraint", default=None)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pins activation `x` to the sharding of its logical axis `names` when a rule table is active."""
+    constraint = ACTIVATION_CONSTRAINT.get()
+    return x if constraint is None else constraint(x, names)
 
 
 def remat_policy(name: str):

@@ -1,0 +1,201 @@
+"""Device meshes, logical-axis rule tables and sharding helpers.
+
+One mesh with axes ("data", "fsdp", "context", "tensor"). Models name their parameter and activation
+axes logically (`embed`, `heads`, `mlp`, `layers`, ... / `batch`, `length`, `act_embed`); a rule table
+maps each logical name to mesh axes (or None = replicated). A parameter whose logical name has no rule
+is an error, not silently replicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ernie_jax.models import layers
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Logical names that are never split (small vectors, spatial kernel dims, the stacked-layer axis).
+_REPLICATED = (("layers", None), ("norm", None), ("head_dim", None), ("patch", None), ("conv_in", None),
+               ("conv_out", None))
+# Training default: weights split over fsdp (embed) and tensor (heads/mlp), batch over data and fsdp,
+# sequence over context.
+TRAINING_RULES: Rules = (
+    ("batch", ("data", "fsdp")), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
+    ("embed", "fsdp"), ("embed_in", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+    ("vocab", "tensor"),
+) + _REPLICATED
+# Inference default: data parallel (weights replicated, batch split over every data-like axis).
+INFERENCE_RULES: Rules = (
+    ("batch", ("data", "fsdp")), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
+    ("embed", None), ("embed_in", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+    ("vocab", "tensor"),
+) + _REPLICATED
+# Inference for models that do not fit one device: weights split over fsdp as in training.
+INFERENCE_FSDP_RULES: Rules = TRAINING_RULES
+
+
+def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A mesh over all devices (of every process) from per-slice (`ici`) and across-slice (`dcn`) sizes.
+
+    Axes missing from `ici` have size 1; one axis may be -1 (the rest of the devices).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = sorted(set(ici) - set(MESH_AXES)) + sorted(set(dcn or {}) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}")
+    dcn_shape = [int((dcn or {}).get(axis, 1)) for axis in MESH_AXES]
+    per_slice = len(devices) // math.prod(dcn_shape)
+    shape = [int(ici.get(axis, 1)) for axis in MESH_AXES]
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(ici)}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if per_slice % known:
+            raise ValueError(f"mesh {dict(ici)} does not divide {per_slice} devices per slice")
+        shape[shape.index(-1)] = per_slice // known
+    if math.prod(shape) * math.prod(dcn_shape) != len(devices):
+        raise ValueError(f"mesh ici {dict(ici)} x dcn {dict(dcn or {})} needs "
+                         f"{math.prod(shape) * math.prod(dcn_shape)} devices, have {len(devices)}")
+    if math.prod(dcn_shape) > 1:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices)
+    else:
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2} (command-line form)."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if not value:
+            raise ValueError(f"bad mesh entry {part!r}; expected axis=size")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """The PartitionSpec for logical axis `names` under `rules`.
+
+    Unknown names are an error. A mesh axis is used at most once per array (the first dimension asking
+    for it gets it), and a dimension not divisible by its mesh axes stays unsplit (given shape and mesh).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"no sharding rule for logical axis {name!r}")
+        axes = table[name]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        if shape is not None and mesh is not None and shape[i] % math.prod(mesh.shape[a] for a in axes):
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _variable_names(variable) -> tuple:
+    names = variable.get_metadata().get("out_sharding")
+    if names is None:
+        raise ValueError(f"variable of shape {variable.shape} carries no logical axis names")
+    return tuple(names)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
+    """NamedShardings for every variable of an (abstract or concrete) nnx state, from its logical names."""
+    return jax.tree.map(
+        lambda v: NamedSharding(mesh, logical_to_spec(_variable_names(v), rules, v.shape, mesh)),
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
+    """Places every variable of `model` by its logical names (in place) and returns the model."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(model, jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model
+
+
+def replicated_parameters(model_or_state, mesh: Mesh, rules: Rules, threshold_bytes: int = 1 << 20
+                          ) -> list[tuple[str, int]]:
+    """(path, bytes) of every variable left fully replicated by `rules` and larger than `threshold_bytes`."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    report = []
+    for path, variable in nnx.to_flat_state(state):
+        spec = logical_to_spec(_variable_names(variable), rules, variable.shape, mesh)
+        size = int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
+        if all(axis is None for axis in spec) and size > threshold_bytes:
+            report.append(("/".join(map(str, path)), size))
+    return sorted(report, key=lambda item: -item[1])
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules):
+    """Within the block (while tracing), `layers.constrain` pins activations to `rules` on `mesh`."""
+
+    def constrain(x, names):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, x.shape, mesh)))
+
+    token = layers.ACTIVATION_CONSTRAINT.set(constrain)
+    try:
+        yield
+    finally:
+        layers.ACTIVATION_CONSTRAINT.reset(token)
+
+
+def data_sharding(mesh: Mesh, rules: Rules, names: Iterable[str | None], shape: Sequence[int]) -> NamedSharding:
+    """The sharding of an input/output array with logical axis `names`."""
+    return NamedSharding(mesh, logical_to_spec(tuple(names), rules, shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
+    """An array whose leading axis is the batch and whose other axes are whole."""
+    return data_sharding(mesh, rules, ("batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, static_argnums=()):
+    """`jax.jit(fn)` with explicit shardings, traced under `activation_sharding(mesh, rules)` so that the
+    models' `layers.constrain` calls pin activations to the same rules."""
+
+    def traced(*args):
+        with activation_sharding(mesh, rules):
+            return fn(*args)
+
+    return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, static_argnums=static_argnums)
+
+
+def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):
+    """The DiT forward `(hidden_states, timestep, text_bth, text_lens) -> velocity`, compiled with the
+    parameters placed by `rules` and the batch split over the batch axes (compiled once per shape)."""
+    graphdef, state = nnx.split(model)
+    state_spec = state_shardings(state, mesh, rules)
+    compiled = {}
+
+    def forward(*inputs):
+        inputs = tuple(jax.numpy.asarray(x) for x in inputs)
+        shapes = tuple(x.shape for x in inputs)
+        if shapes not in compiled:
+            batch = [batch_sharding(mesh, rules, s) for s in shapes]
+            compiled[shapes] = jit_sharded(lambda st, *a: nnx.merge(graphdef, st)(*a), mesh, rules,
+                                           (state_spec, *batch), batch[0])
+        return compiled[shapes](state, *inputs)
+
+    return forward

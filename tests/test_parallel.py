@@ -1,0 +1,84 @@
+"""Sharding: meshes, rule tables, and sharded DiT forward / sampling against the single-device result.
+
+The sharded runs need 8 devices, emulated on CPU with XLA_FLAGS, which must be set before JAX starts:
+they run in a subprocess (tests/workers/sharded_equivalence.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+from ernie_jax import parallel
+from ernie_jax.models.dit import PRESETS, abstract_transformer
+
+REPO = Path(__file__).resolve().parents[1]
+# data=2 x fsdp=2 x tensor=2 with the training rules: with the residual stream pinned to
+# P(("data", "fsdp"), None, None) at block boundaries, XLA (jax 0.10.2 CPU, Shardy and GSPMD alike) returns
+# wrong values for the batch shards (data 0, fsdp 1) and (data 1, fsdp 0): up to 5e-2 relative. Without the
+# constraint, or with batch -> ("fsdp", "data"), it is exact. Not understood yet; kept visible here.
+KNOWN_BAD = {"data=2,fsdp=2,tensor=2"}
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tiny_folder):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_equivalence.py"),
+                             str(tiny_folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", [
+    "data=8", "fsdp=8", "fsdp=4,tensor=2", "context=2,fsdp=4",
+    pytest.param("data=2,fsdp=2,tensor=2", marks=pytest.mark.xfail(strict=True, reason="see KNOWN_BAD")),
+])
+def test_sharded_forward_and_loop_equal_single_device(sharded_results, mesh):
+    result = sharded_results[mesh]
+    assert result["forward"] <= 1e-5 and result["loop"] <= 1e-5, result
+
+
+def test_parameters_are_split_not_replicated(sharded_results):
+    full = [2, 256, 512]  # gate_proj: [layers, embed, mlp]; embed -> fsdp, mlp -> tensor
+    expected = {"data=8": [2, 256, 512], "fsdp=8": [2, 32, 512], "fsdp=4,tensor=2": [2, 64, 256],
+                "data=2,fsdp=2,tensor=2": [2, 128, 256], "context=2,fsdp=4": [2, 64, 512]}
+    for mesh, shard in expected.items():
+        assert sharded_results[mesh]["gate_proj"] == full
+        assert sharded_results[mesh]["gate_proj_shard"] == shard, mesh
+
+
+def test_mesh_construction_and_errors():
+    import jax
+
+    mesh = parallel.make_mesh({"fsdp": -1})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": len(jax.devices()), "context": 1, "tensor": 1}
+    assert parallel.parse_mesh("fsdp=4, tensor=2") == {"fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        parallel.make_mesh({"model": 2})
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        parallel.make_mesh({"fsdp": -1, "data": -1})
+    with pytest.raises(ValueError, match="needs 3 devices"):
+        parallel.make_mesh({"data": 3})
+
+
+def test_every_parameter_of_the_real_model_has_a_rule():
+    state = nnx.state(abstract_transformer(PRESETS["full"]))
+    mesh = parallel.make_mesh({"fsdp": -1})
+    for rules in (parallel.TRAINING_RULES, parallel.INFERENCE_RULES):
+        parallel.state_shardings(state, mesh, rules)  # raises on a logical name without a rule
+    with pytest.raises(ValueError, match="no sharding rule for logical axis 'mlp'"):
+        parallel.logical_to_spec(("embed", "mlp"), (("embed", "fsdp"),))
+
+
+def test_replicated_parameter_report():
+    state = nnx.state(abstract_transformer(PRESETS["full"]))
+    mesh = parallel.make_mesh({"fsdp": -1})
+    # On a one-device mesh every parameter is replicated; the report lists the large ones, largest first.
+    report = parallel.replicated_parameters(state, mesh, parallel.TRAINING_RULES, threshold_bytes=10**9)
+    assert report[0][0].startswith("layers/mlp/") and report[0][1] == 36 * 4096 * 12288 * 4
