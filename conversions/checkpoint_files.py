@@ -10,7 +10,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from conversions.key_table import read_params
 from conversions.safetensors_io import CheckpointError, TensorSource
 
 CONVERTED_FORMAT_KEY = "_ernie_jax_format"
@@ -80,6 +82,28 @@ def resolve_dtype(dtype) -> jnp.dtype:
     if resolved not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return resolved
+
+
+def resolve_dtypes(dtype, param_dtype=None) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, parameter dtype); the parameters default to the compute dtype, as diffusers'
+    `torch_dtype` does."""
+    dtype = resolve_dtype(dtype)
+    return dtype, dtype if param_dtype is None else resolve_dtype(param_dtype)
+
+
+def load_module(abstract, checkpoint: Checkpoint, rules, num_layers: int, sharding=None):
+    """Fills `abstract` (a module from `nnx.eval_shape`) from `checkpoint`: a converted folder is restored
+    with Orbax, safetensors are streamed through the key table `rules`. Every variable is placed by
+    `sharding` (default: the first device)."""
+    graphdef, state = nnx.split(abstract)
+    target = nnx.to_pure_dict(state)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if checkpoint.converted_dtype is not None:
+        values = restore_params(checkpoint.where, target, sharding)
+    else:
+        values = read_params(checkpoint.tensors, rules, target, num_layers, sharding)
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
 
 
 def is_converted(config: dict) -> bool:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
 from conversions import checkpoint_files as files
-from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, read_params, to_state_dict
+from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, to_state_dict
 from conversions.safetensors_io import CheckpointError, TensorSource
 from ernie_jax.models.mistral import MistralConfig, MistralModel, abstract_model
 
@@ -139,21 +138,12 @@ def load_checkpoint(checkpoint: DecoderCheckpoint, dtype="float32", *, param_dty
                     remat: str = "none", scan_layers: bool = True, sharding=None) -> MistralModel:
     """The model of an opened checkpoint; `dtype` is the compute dtype, parameters are stored in
     `param_dtype` (default `dtype`), placed by `sharding` (default: the first device)."""
-    dtype = files.resolve_dtype(dtype)
-    param_dtype = dtype if param_dtype is None else files.resolve_dtype(param_dtype)
+    dtype, param_dtype = files.resolve_dtypes(dtype, param_dtype)
     config = checkpoint.config
     abstract = abstract_model(config, encoder_only=checkpoint.encoder_only, dtype=dtype, param_dtype=param_dtype,
                               attention_impl=attention_impl, remat=remat, scan_layers=scan_layers)
-    graphdef, state = nnx.split(abstract)
-    target = nnx.to_pure_dict(state)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if checkpoint.converted_dtype is not None:
-        values = files.restore_params(checkpoint.where, target, sharding)
-    else:
-        values = read_params(checkpoint.tensors, key_table(config, checkpoint.encoder_only), target,
+    return files.load_module(abstract, checkpoint, key_table(config, checkpoint.encoder_only),
                              num_layers(config, checkpoint.encoder_only), sharding)
-    nnx.replace_by_pure_dict(state, values)
-    return nnx.merge(graphdef, state)
 
 
 def load_text_encoder(path, dtype="float32", *, sharding=None, **kwargs) -> MistralModel:

@@ -16,12 +16,11 @@ import dataclasses
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
 from conversions import checkpoint_files as files
-from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, read_params, to_state_dict
+from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, to_state_dict
 from conversions.safetensors_io import CheckpointError, TensorSource
 from ernie_jax.models.dit import ErnieImageConfig, ErnieImageTransformer, abstract_transformer
 
@@ -143,20 +142,11 @@ def load_checkpoint(checkpoint: TransformerCheckpoint, dtype="float32", *, param
                     attention_impl: str = "xla", remat: str = "none", scan_layers: bool = True,
                     sharding=None) -> ErnieImageTransformer:
     """`load_transformer` for an already opened checkpoint."""
-    dtype = files.resolve_dtype(dtype)
-    param_dtype = dtype if param_dtype is None else files.resolve_dtype(param_dtype)
+    dtype, param_dtype = files.resolve_dtypes(dtype, param_dtype)
     config = checkpoint.config
     abstract = abstract_transformer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                     remat=remat, scan_layers=scan_layers)
-    graphdef, state = nnx.split(abstract)
-    target = nnx.to_pure_dict(state)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if checkpoint.converted_dtype is not None:
-        values = files.restore_params(checkpoint.where, target, sharding)
-    else:
-        values = read_params(checkpoint.tensors, key_table(config), target, config.num_layers, sharding)
-    nnx.replace_by_pure_dict(state, values)
-    return nnx.merge(graphdef, state)
+    return files.load_module(abstract, checkpoint, key_table(config), config.num_layers, sharding)
 
 
 def transformer_state_dict(model: ErnieImageTransformer) -> dict[str, np.ndarray]:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
 from conversions import checkpoint_files as files
-from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, read_params, to_state_dict
+from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, to_state_dict
 from conversions.safetensors_io import CheckpointError, TensorSource
 from ernie_jax.models.vae import AutoencoderKLFlux2, VAEConfig, abstract_vae
 
@@ -161,17 +160,9 @@ def load_vae(path, dtype="float32", *, param_dtype=None, sharding=None) -> Autoe
 def load_checkpoint(checkpoint: VAECheckpoint, dtype="float32", *, param_dtype=None,
                     sharding=None) -> AutoencoderKLFlux2:
     """`load_vae` for an already opened checkpoint."""
-    dtype = files.resolve_dtype(dtype)
-    param_dtype = dtype if param_dtype is None else files.resolve_dtype(param_dtype)
-    graphdef, state = nnx.split(abstract_vae(checkpoint.config, dtype=dtype, param_dtype=param_dtype))
-    target = nnx.to_pure_dict(state)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if checkpoint.converted_dtype is not None:
-        values = files.restore_params(checkpoint.where, target, sharding)
-    else:
-        values = read_params(checkpoint.tensors, key_table(checkpoint.config), target, 0, sharding)
-    nnx.replace_by_pure_dict(state, values)
-    return nnx.merge(graphdef, state)
+    dtype, param_dtype = files.resolve_dtypes(dtype, param_dtype)
+    abstract = abstract_vae(checkpoint.config, dtype=dtype, param_dtype=param_dtype)
+    return files.load_module(abstract, checkpoint, key_table(checkpoint.config), 0, sharding)
 
 
 def vae_variables(model: AutoencoderKLFlux2) -> dict:

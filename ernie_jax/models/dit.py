@@ -12,19 +12,20 @@ N image tokens ((H/p)*(W/p)), S = N + T.
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.models import layers
+from ernie_jax.models.config import JsonConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ErnieImageConfig:
+class ErnieImageConfig(JsonConfig):
     """The transformer's `config.json`; field names and defaults are those of the released 8B model."""
+
+    KIND = "transformer"
 
     hidden_size: int = 4096
     num_attention_heads: int = 32
@@ -60,25 +61,6 @@ class ErnieImageConfig:
     @property
     def has_text_proj(self) -> bool:
         return self.text_in_dim != self.hidden_size
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ErnieImageConfig":
-        """Builds from a diffusers `config.json` dict; `_`-prefixed bookkeeping keys are ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise ValueError(f"transformer config has unknown keys {unknown}")
-        return cls(**{k: v for k, v in values.items() if k in fields})
-
-    @classmethod
-    def from_json_file(cls, path) -> "ErnieImageConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["rope_axes_dim"] = list(self.rope_axes_dim)
-        return values
 
 
 # Logical axes of the residual stream [B, S, D] at block boundaries.

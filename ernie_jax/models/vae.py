@@ -23,9 +23,7 @@ statistics, so the result differs slightly from the untiled decode, exactly as d
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.models import layers
+from ernie_jax.models.config import JsonConfig
 
 DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
 UP_BLOCK_TYPE = "UpDecoderBlock2D"
@@ -45,7 +44,7 @@ LATENT_NORM_EPS = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
     """The VAE's `config.json`; field names are diffusers' `AutoencoderKLFlux2` arguments, defaults the
     released FLUX.2 VAE's.
 
@@ -53,6 +52,8 @@ class VAEConfig:
     ERNIE pipeline ignore it (the VAE decodes in whatever dtype it was loaded in), and so does this port.
     `batch_norm_eps` and `batch_norm_momentum` describe the unused BatchNorm forward; see `LATENT_NORM_EPS`.
     """
+
+    KIND = "VAE"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -110,24 +111,6 @@ class VAEConfig:
     def scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for the released VAE): one x2 per block but the last."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "VAEConfig":
-        """Builds from a diffusers `config.json` dict; `_`-prefixed bookkeeping keys are ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise ValueError(f"VAE config has unknown keys {unknown}")
-        return cls(**{k: v for k, v in values.items() if k in fields})
-
-    @classmethod
-    def from_json_file(cls, path) -> "VAEConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (tuples as lists), as diffusers writes them."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 VAE_PRESETS = {
