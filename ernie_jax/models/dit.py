@@ -263,13 +263,9 @@ class ErnieImageTransformer(nnx.Module):
         self.time_embedding = TimestepEmbedding(d, **kw)
         self.adaLN_modulation = layers.linear(d, 6 * d, axes=("embed", "mlp"), use_bias=True, **kw)
 
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(block_rngs):
-            return Block(config, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
-                         rngs=block_rngs)
-
-        self.layers = make_blocks(rngs)
+        self.layers = layers.create_stacked(
+            lambda block_rngs: Block(config, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
+                                     rngs=block_rngs), config.num_layers, rngs)
         self.final_norm = FinalNorm(d, config.eps, **kw)
         out_features = config.patch_size * config.patch_size * config.out_channels
         self.final_linear = layers.linear(d, out_features, axes=("embed", "conv_out"), use_bias=True, **kw)
@@ -310,19 +306,11 @@ class ErnieImageTransformer(nnx.Module):
         return out.transpose(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, h, w)
 
     def _run_blocks(self, x, modulation, rope, key_lengths):
-        graphdef, stacked = nnx.split(self.layers)
-        x = layers.constrain(x, ACTIVATION_AXES)
-
-        def body(carry, block_state):
-            block = nnx.merge(graphdef, block_state)
+        def step(block, carry, _):
             return layers.constrain(block(carry, modulation, rope, key_lengths), ACTIVATION_AXES), None
 
-        body = jax.checkpoint(body, policy=layers.remat_policy(self.remat), prevent_cse=not self.scan_layers)
-        if self.scan_layers:
-            x, _ = jax.lax.scan(body, x, stacked)
-            return x
-        for i in range(self.config.num_layers):
-            x, _ = body(x, jax.tree.map(lambda a, layer=i: a[layer], stacked))
+        x, _ = layers.run_stacked(self.layers, step, layers.constrain(x, ACTIVATION_AXES), remat=self.remat,
+                                  scan=self.scan_layers)
         return x
 
 

@@ -50,6 +50,44 @@ def remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
+def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num_layers` copies of `make_layer(rngs)` as one module whose variables have a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+def run_stacked(stacked: nnx.Module, step, carry, per_layer=None, *, remat: str, scan: bool,
+                num_layers: int | None = None):
+    """Runs `step(layer, carry, per_layer_input) -> (carry, per_layer_output)` over the first `num_layers`
+    (default all) stacked layers, each under `jax.checkpoint` with the named remat policy.
+
+    `scan=True` is one `jax.lax.scan`; `scan=False` unrolls the same computation (for debugging and
+    parity). `per_layer` is a pytree with a leading layer axis (or None); outputs are stacked likewise.
+    """
+    graphdef, state = nnx.split(stacked)
+    if num_layers is not None:
+        state = jax.tree.map(lambda a: a[:num_layers], state)
+
+    def body(c, xs):
+        layer_state, layer_input = xs
+        return step(nnx.merge(graphdef, layer_state), c, layer_input)
+
+    body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(body, carry, (state, per_layer))
+    outputs = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        carry, out = body(carry, jax.tree.map(lambda a, layer=i: a[layer], (state, per_layer)))
+        outputs.append(out)
+    stacked_outputs = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return carry, stacked_outputs
+
+
 def logical(initializer, axes: Sequence[str | None]):
     """Attaches logical axis names to an initializer's parameter.
 

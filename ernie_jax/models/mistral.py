@@ -377,13 +377,9 @@ class MistralModel(nnx.Module):
                                       embedding_init=layers.logical(nnx.initializers.normal(1.0), ("vocab", "embed")),
                                       rngs=rngs)
 
-        @nnx.split_rngs(splits=self.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(layer_rngs):
-            return DecoderLayer(config, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
-                                rngs=layer_rngs)
-
-        self.layers = make_layers(rngs)
+        self.layers = layers.create_stacked(
+            lambda layer_rngs: DecoderLayer(config, attention_impl=attention_impl, dtype=dtype,
+                                            param_dtype=param_dtype, rngs=layer_rngs), self.num_layers, rngs)
         self.norm = None if encoder_only else _rms_norm(config, dtype, param_dtype)
         untied_head = not encoder_only and not config.tie_word_embeddings
         self.lm_head = layers.linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
@@ -414,24 +410,11 @@ class MistralModel(nnx.Module):
         return self._run_layers(x, num_layers, rope, query_scale, mask, cache, write_start)
 
     def _run_layers(self, x, num_layers, rope, query_scale, mask, cache, write_start):
-        graphdef, stacked = nnx.split(self.layers)
-        if num_layers < self.num_layers:
-            stacked = jax.tree.map(lambda a: a[:num_layers], stacked)
+        def step(layer, carry, layer_cache):
+            return layer(carry, rope, query_scale, mask, layer_cache, write_start)
 
-        def body(carry, xs):
-            layer_state, layer_cache = xs
-            out, layer_cache = nnx.merge(graphdef, layer_state)(carry, rope, query_scale, mask, layer_cache,
-                                                                write_start)
-            return out, layer_cache
-
-        body = jax.checkpoint(body, policy=layers.remat_policy(self.remat), prevent_cse=not self.scan_layers)
-        if self.scan_layers:
-            return jax.lax.scan(body, x, (stacked, cache))
-        caches = []
-        for i in range(num_layers):
-            x, layer_cache = body(x, jax.tree.map(lambda a, layer=i: a[layer], (stacked, cache)))
-            caches.append(layer_cache)
-        return x, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        return layers.run_stacked(self.layers, step, x, cache, remat=self.remat, scan=self.scan_layers,
+                                  num_layers=num_layers)
 
     def encode(self, input_ids, lengths) -> jax.Array:
         """Text-encoder features: `input_ids [B, T]` right-padded, `lengths [B]` -> `[B, T, D]` in the compute dtype.
