@@ -33,6 +33,21 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def locate_component(path, subfolder: str, kind: str) -> tuple[Path, dict]:
+    """The component folder at `path` (or a pipeline folder's `subfolder/`) and its raw config.json.
+    `kind` names the expected folder in errors (e.g. "diffusers VAE")."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (expected a {kind} folder or a converted checkpoint)")
+    if (path / "model_index.json").is_file() and (path / subfolder).is_dir():
+        path = path / subfolder
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (not a {kind} folder or converted checkpoint)")
+    return path, read_json(path / "config.json")
+
+
 def open_weights(folder: Path, weights_name: str, **naming) -> TensorSource:
     """`weights_name` (e.g. `model.safetensors`) in `folder`, or its sharded `*.index.json` form.
     `naming` (strip_prefix, rename) is passed to `TensorSource`."""

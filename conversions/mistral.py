@@ -78,18 +78,6 @@ class DecoderCheckpoint(files.Checkpoint):
     encoder_only: bool = False
 
 
-def _locate(path, subfolder: str) -> tuple[Path, dict]:
-    """The component folder at `path` (or in a pipeline folder's `subfolder/`) and its raw config.json."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such folder")
-    if (path / "model_index.json").is_file() and (path / subfolder).is_dir():
-        path = path / subfolder
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (not a transformers model folder or converted checkpoint)")
-    return path, files.read_json(path / "config.json")
-
-
 def _prefix(keys: list[str], candidates: tuple[str, ...], where: Path) -> str:
     for prefix in candidates:
         if f"{prefix}embed_tokens.weight" in keys:
@@ -99,7 +87,7 @@ def _prefix(keys: list[str], candidates: tuple[str, ...], where: Path) -> str:
 
 
 def _open(path, subfolder: str, encoder_only: bool, prefixes: tuple[str, ...], ignore) -> DecoderCheckpoint:
-    folder, raw_config = _locate(path, subfolder)
+    folder, raw_config = files.locate_component(path, subfolder, "transformers model")
     config = config_from_json(folder / "config.json")
     if files.is_converted(raw_config):
         return DecoderCheckpoint.converted(config, folder, raw_config, encoder_only=encoder_only)

@@ -113,13 +113,8 @@ def open_checkpoint(path) -> TransformerCheckpoint:
         config = config_from_json(config_path) if config_path.is_file() else infer_config(tensors, str(path))
         check_transformer_tensors(tensors, config, str(path))
         return TransformerCheckpoint(config, path, tensors=tensors)
-    if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
-        return open_checkpoint(path / "transformer")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path}: no config.json (not a diffusers transformer folder or converted checkpoint)")
-    raw_config = files.read_json(config_path)
-    config = config_from_json(config_path)
+    path, raw_config = files.locate_component(path, "transformer", "diffusers transformer")
+    config = config_from_json(path / "config.json")
     if files.is_converted(raw_config):
         return TransformerCheckpoint.converted(config, path, raw_config)
     tensors = files.open_weights(path, WEIGHTS_NAME)

@@ -130,16 +130,8 @@ VAECheckpoint = files.Checkpoint
 
 def open_vae(path) -> VAECheckpoint:
     """Finds the config and weights at `path` (any layout in the module docstring) and validates them."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder (expected a diffusers vae/ folder or a converted checkpoint)")
-    if (path / "model_index.json").is_file() and (path / "vae").is_dir():
-        return open_vae(path / "vae")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path}: no config.json (not a diffusers VAE folder or converted checkpoint)")
-    raw_config = files.read_json(config_path)
-    config = config_from_json(config_path)
+    path, raw_config = files.locate_component(path, "vae", "diffusers VAE")
+    config = config_from_json(path / "config.json")
     if files.is_converted(raw_config):
         return VAECheckpoint.converted(config, path, raw_config)
     tensors = open_tensors(path)
