@@ -106,17 +106,27 @@ def resolve_dtypes(dtype, param_dtype=None) -> tuple[jnp.dtype, jnp.dtype]:
     return dtype, dtype if param_dtype is None else resolve_dtype(param_dtype)
 
 
-def load_module(abstract, checkpoint: Checkpoint, rules, num_layers: int, sharding=None):
+def load_module(abstract, checkpoint: Checkpoint, rules, num_layers: int, *, sharding=None, mesh=None,
+                axis_rules=None):
     """Fills `abstract` (a module from `nnx.eval_shape`) from `checkpoint`: a converted folder is restored
-    with Orbax, safetensors are streamed through the key table `rules`. Every variable is placed by
-    `sharding` (default: the first device)."""
+    with Orbax, safetensors are streamed through the key table `rules`.
+
+    Placement: with a `mesh`, each variable goes straight into the sharding its logical axes get under
+    `axis_rules` (default: ernie_jax.parallel.INFERENCE_RULES), each device reading only its slice;
+    otherwise every variable goes to `sharding` (default: the first device)."""
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if checkpoint.converted_dtype is not None:
-        values = restore_params(checkpoint.where, target, sharding)
+    if mesh is not None:
+        from ernie_jax import parallel
+
+        shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, axis_rules or parallel.INFERENCE_RULES))
     else:
-        values = read_params(checkpoint.tensors, rules, target, num_layers, sharding)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: sharding, target)
+    if checkpoint.converted_dtype is not None:
+        values = restore_params(checkpoint.where, target, shardings)
+    else:
+        values = read_params(checkpoint.tensors, rules, target, num_layers, shardings)
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state)
 
@@ -132,12 +142,14 @@ def save_params(folder: Path, params: dict) -> None:
         checkpointer.save((Path(folder) / CONVERTED_PARAMS_DIR).resolve(), params)
 
 
-def restore_params(folder: Path, target: dict, sharding) -> dict:
-    """Restores `folder/params` into `target`'s shapes and dtypes (abstract leaves), placed by `sharding`."""
+def restore_params(folder: Path, target: dict, shardings: dict) -> dict:
+    """Restores `folder/params` into `target`'s shapes and dtypes (abstract leaves), each leaf placed by the
+    sharding at its path in `shardings` (any mesh, not necessarily the one it was saved from)."""
     params_dir = (Path(folder) / CONVERTED_PARAMS_DIR).resolve()
     if not params_dir.is_dir():
         raise CheckpointError(f"{folder}: converted checkpoint without its {CONVERTED_PARAMS_DIR}/ folder")
-    abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
+    abstract = jax.tree.map(lambda t, sharding: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target,
+                            shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(params_dir, abstract)

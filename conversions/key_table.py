@@ -128,11 +128,14 @@ def read_param(source: TensorSource, rule: KeyRule, target, num_layers: int, sha
     return jax.make_array_from_callback(target.shape, sharding, read)
 
 
-def read_params(source: TensorSource, rules: Iterable[KeyRule], target: dict, num_layers: int, sharding) -> dict:
-    """The pure-dict parameter tree for `target` (abstract leaves), read from `source`."""
+def read_params(source: TensorSource, rules: Iterable[KeyRule], target: dict, num_layers: int, shardings: dict
+                ) -> dict:
+    """The pure-dict parameter tree for `target` (abstract leaves), read from `source`, each parameter
+    placed by the sharding at its path in `shardings` (a tree shaped like `target`)."""
     values: dict = {}
     for rule in rules:
-        set_path(values, rule.path, read_param(source, rule, get_path(target, rule.path), num_layers, sharding))
+        set_path(values, rule.path, read_param(source, rule, get_path(target, rule.path), num_layers,
+                                               get_path(shardings, rule.path)))
     return values
 
 

@@ -123,7 +123,8 @@ def open_prompt_enhancer(path) -> DecoderCheckpoint:
 
 
 def load_checkpoint(checkpoint: DecoderCheckpoint, dtype="float32", *, param_dtype=None, attention_impl: str = "xla",
-                    remat: str = "none", scan_layers: bool = True, sharding=None) -> MistralModel:
+                    remat: str = "none", scan_layers: bool = True, sharding=None, mesh=None,
+                    axis_rules=None) -> MistralModel:
     """The model of an opened checkpoint; `dtype` is the compute dtype, parameters are stored in
     `param_dtype` (default `dtype`), placed by `sharding` (default: the first device)."""
     dtype, param_dtype = files.resolve_dtypes(dtype, param_dtype)
@@ -131,17 +132,18 @@ def load_checkpoint(checkpoint: DecoderCheckpoint, dtype="float32", *, param_dty
     abstract = abstract_model(config, encoder_only=checkpoint.encoder_only, dtype=dtype, param_dtype=param_dtype,
                               attention_impl=attention_impl, remat=remat, scan_layers=scan_layers)
     return files.load_module(abstract, checkpoint, key_table(config, checkpoint.encoder_only),
-                             num_layers(config, checkpoint.encoder_only), sharding)
+                             num_layers(config, checkpoint.encoder_only), sharding=sharding, mesh=mesh,
+                             axis_rules=axis_rules)
 
 
-def load_text_encoder(path, dtype="float32", *, sharding=None, **kwargs) -> MistralModel:
+def load_text_encoder(path, dtype="float32", **kwargs) -> MistralModel:
     """The text encoder (`encoder_only`: its `encode` gives ERNIE-Image's text features) from `path`."""
-    return load_checkpoint(open_text_encoder(path), dtype, sharding=sharding, **kwargs)
+    return load_checkpoint(open_text_encoder(path), dtype, **kwargs)
 
 
-def load_prompt_enhancer(path, dtype="float32", *, sharding=None, **kwargs) -> MistralModel:
+def load_prompt_enhancer(path, dtype="float32", **kwargs) -> MistralModel:
     """The prompt enhancer (full causal LM, for `ernie_jax.models.mistral.generate`) from `path`."""
-    return load_checkpoint(open_prompt_enhancer(path), dtype, sharding=sharding, **kwargs)
+    return load_checkpoint(open_prompt_enhancer(path), dtype, **kwargs)
 
 
 def state_dict(model: MistralModel, prefix: str | None = None) -> dict[str, np.ndarray]:

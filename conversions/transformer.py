@@ -123,25 +123,29 @@ def open_checkpoint(path) -> TransformerCheckpoint:
 
 
 def load_transformer(path, dtype="float32", *, param_dtype=None, attention_impl: str = "xla", remat: str = "none",
-                     scan_layers: bool = True, sharding=None) -> ErnieImageTransformer:
+                     scan_layers: bool = True, sharding=None, mesh=None, axis_rules=None) -> ErnieImageTransformer:
     """Loads the ERNIE-Image transformer from any layout `open_checkpoint` accepts.
 
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`, as diffusers'
-    `torch_dtype` does). `sharding` places every parameter (default: the first device).
+    `torch_dtype` does). With a `mesh`, every parameter is read straight into the sharding its logical axes
+    get under `axis_rules` (default: ernie_jax.parallel.INFERENCE_RULES), each device reading only its
+    slice of the memory-mapped file; otherwise `sharding` places every parameter (default: first device).
     """
     return load_checkpoint(open_checkpoint(path), dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                           remat=remat, scan_layers=scan_layers, sharding=sharding)
+                           remat=remat, scan_layers=scan_layers, sharding=sharding, mesh=mesh,
+                           axis_rules=axis_rules)
 
 
 def load_checkpoint(checkpoint: TransformerCheckpoint, dtype="float32", *, param_dtype=None,
                     attention_impl: str = "xla", remat: str = "none", scan_layers: bool = True,
-                    sharding=None) -> ErnieImageTransformer:
+                    sharding=None, mesh=None, axis_rules=None) -> ErnieImageTransformer:
     """`load_transformer` for an already opened checkpoint."""
     dtype, param_dtype = files.resolve_dtypes(dtype, param_dtype)
     config = checkpoint.config
     abstract = abstract_transformer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                     remat=remat, scan_layers=scan_layers)
-    return files.load_module(abstract, checkpoint, key_table(config), config.num_layers, sharding)
+    return files.load_module(abstract, checkpoint, key_table(config), config.num_layers, sharding=sharding,
+                             mesh=mesh, axis_rules=axis_rules)
 
 
 def transformer_state_dict(model: ErnieImageTransformer) -> dict[str, np.ndarray]:

@@ -140,21 +140,24 @@ def open_vae(path) -> VAECheckpoint:
     return VAECheckpoint(config, path, tensors=tensors)
 
 
-def load_vae(path, dtype="float32", *, param_dtype=None, sharding=None) -> AutoencoderKLFlux2:
+def load_vae(path, dtype="float32", *, param_dtype=None, sharding=None, mesh=None, axis_rules=None
+             ) -> AutoencoderKLFlux2:
     """Loads the FLUX.2 VAE from any layout `open_vae` accepts.
 
     `dtype` is the compute dtype; parameters and BatchNorm statistics are stored in `param_dtype` (default:
     `dtype`, as diffusers' `torch_dtype` does). `sharding` places every variable (default: the first device).
     """
-    return load_checkpoint(open_vae(path), dtype, param_dtype=param_dtype, sharding=sharding)
+    return load_checkpoint(open_vae(path), dtype, param_dtype=param_dtype, sharding=sharding, mesh=mesh,
+                           axis_rules=axis_rules)
 
 
 def load_checkpoint(checkpoint: VAECheckpoint, dtype="float32", *, param_dtype=None,
-                    sharding=None) -> AutoencoderKLFlux2:
+                    sharding=None, mesh=None, axis_rules=None) -> AutoencoderKLFlux2:
     """`load_vae` for an already opened checkpoint."""
     dtype, param_dtype = files.resolve_dtypes(dtype, param_dtype)
     abstract = abstract_vae(checkpoint.config, dtype=dtype, param_dtype=param_dtype)
-    return files.load_module(abstract, checkpoint, key_table(checkpoint.config), 0, sharding)
+    return files.load_module(abstract, checkpoint, key_table(checkpoint.config), 0, sharding=sharding, mesh=mesh,
+                             axis_rules=axis_rules)
 
 
 def vae_variables(model: AutoencoderKLFlux2) -> dict:

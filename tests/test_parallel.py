@@ -44,10 +44,17 @@ def test_sharded_forward_and_loop_equal_single_device(sharded_results, mesh):
     assert result["forward"] <= 1e-5 and result["loop"] <= 1e-5, result
 
 
+def test_orbax_checkpoint_restores_into_a_mesh(sharded_results):
+    result = sharded_results["orbax_into_fsdp=4,tensor=2"]
+    assert result["forward"] <= 1e-5
+    assert result["gate_proj_shard"] == [2, 64, 256] and result["gate_proj"] == [2, 256, 512]
+
+
 def test_parameters_are_split_not_replicated(sharded_results):
     full = [2, 256, 512]  # gate_proj: [layers, embed, mlp]; embed -> fsdp, mlp -> tensor
     expected = {"data=8": [2, 256, 512], "fsdp=8": [2, 32, 512], "fsdp=4,tensor=2": [2, 64, 256],
                 "data=2,fsdp=2,tensor=2": [2, 128, 256], "context=2,fsdp=4": [2, 64, 512]}
+    # Loaded straight into each mesh from safetensors (load_transformer(mesh=..., axis_rules=...)).
     for mesh, shard in expected.items():
         assert sharded_results[mesh]["gate_proj"] == full
         assert sharded_results[mesh]["gate_proj_shard"] == shard, mesh

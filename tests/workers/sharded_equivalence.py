@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
 import ernie_jax
+from conversions import convert
 from ernie_jax import parallel, sampling
 
 MESHES = {"data=8": {"data": 8}, "fsdp=8": {"fsdp": 8}, "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2},
@@ -42,7 +45,8 @@ def main(folder):
     for name, sizes in MESHES.items():
         mesh = parallel.make_mesh(sizes)
         rules = parallel.TRAINING_RULES
-        model = parallel.shard_model(ernie_jax.load_transformer(folder), mesh, rules)
+        # Read straight into the mesh: each device reads only its slice of the safetensors.
+        model = ernie_jax.load_transformer(folder, mesh=mesh, axis_rules=rules)
         forward = parallel.sharded_forward(model, mesh, rules)
         loop = np.asarray(sampling.sample(model, latents, text, text_lens, negative_text_bth=negative,
                                           negative_text_lens=negative_lens, num_inference_steps=4, mesh=mesh,
@@ -51,6 +55,17 @@ def main(folder):
         results[name] = dict(
             forward=relative_error(forward(latents, timesteps, text, text_lens), expected_forward),
             loop=relative_error(loop, expected_loop),
+            gate_proj_shard=list(kernel.addressable_shards[0].data.shape), gate_proj=list(kernel.shape))
+    # A converted (Orbax) checkpoint restores into a mesh other than the one it was written from.
+    with tempfile.TemporaryDirectory() as workdir:
+        convert.convert(folder, Path(workdir) / "converted")
+        mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+        restored = ernie_jax.load_transformer(Path(workdir) / "converted", mesh=mesh,
+                                              axis_rules=parallel.TRAINING_RULES)
+        kernel = nnx.state(restored, nnx.Param)["layers"]["mlp"]["gate_proj"]["kernel"][...]
+        forward = parallel.sharded_forward(restored, mesh, parallel.TRAINING_RULES)
+        results["orbax_into_fsdp=4,tensor=2"] = dict(
+            forward=relative_error(forward(latents, timesteps, text, text_lens), expected_forward),
             gate_proj_shard=list(kernel.addressable_shards[0].data.shape), gate_proj=list(kernel.shape))
     print(json.dumps(results))
 
