@@ -171,7 +171,7 @@ def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedShard
     return data_sharding(mesh, rules, ("batch",) + (None,) * (len(shape) - 1), shape)
 
 
-def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, static_argnums=()):
+def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, static_argnums=(), donate_argnums=()):
     """`jax.jit(fn)` with explicit shardings, traced under `activation_sharding(mesh, rules)` so that the
     models' `layers.constrain` calls pin activations to the same rules."""
 
@@ -179,7 +179,8 @@ def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, stati
         with activation_sharding(mesh, rules):
             return fn(*args)
 
-    return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, static_argnums=static_argnums)
+    return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, static_argnums=static_argnums,
+                   donate_argnums=donate_argnums)
 
 
 def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):

@@ -1,0 +1,191 @@
+"""`python -m ernie_jax.plan --component dit --mode sample --resolution 1024 --batch 8 --mesh fsdp=8
+--device-memory 95GiB`: will it fit? Per-device memory of the real-size model on a device mesh.
+
+Compiles ahead of time, on emulated CPU devices and with abstract inputs (nothing is allocated), one
+CFG denoising step (`--mode sample`: bf16 weights and activations) or one training step (`--mode
+train`: flow-matching loss, AdamW with fp32 master weights and bf16 compute, the chosen remat policy),
+then prints per-device bytes for parameters, optimizer state, inputs and XLA's temporaries (activations
+and workspace, from the compiled `memory_analysis`) and whether their sum fits `--device-memory`.
+The numbers come from XLA's CPU buffer assignment: accelerator compilers schedule and fuse
+differently, so read them as estimates (within tens of percent), not guarantees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+COMPONENTS = ("dit",)
+MODES = ("sample", "train")
+UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """'95GiB' / '16GB' / '1024' -> bytes."""
+    upper = text.strip().upper()
+    for unit, factor in sorted(UNITS.items(), key=lambda u: -len(u[0])):
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m ernie_jax.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--component", choices=COMPONENTS, default="dit")
+    parser.add_argument("--mode", choices=MODES, default="sample")
+    parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
+    parser.add_argument("--batch", type=int, default=1, help="global batch (images; CFG doubles it when sampling)")
+    parser.add_argument("--text-len", type=int, default=256, help="padded text tokens per sample")
+    parser.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
+    parser.add_argument("--rules", choices=["inference", "training"],
+                        help="logical-axis rules (default: inference for sample, training for train)")
+    parser.add_argument("--remat", default="full", help="remat policy for --mode train")
+    parser.add_argument("--num-layers", type=int, help="override the 36 blocks (quick what-ifs)")
+    parser.add_argument("--device-memory", default="80GiB")
+    args = parser.parse_args(argv)
+    if args.resolution <= 0 or args.resolution % 16:
+        parser.error(f"--resolution must be a positive multiple of 16, got {args.resolution}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from ernie_jax.parallel import parse_mesh
+
+    sizes = parse_mesh(args.mesh)
+    if any(size < 1 for size in sizes.values()):
+        raise ValueError(f"--mesh sizes must be positive, got {args.mesh}")
+    devices = math.prod(sizes.values())
+    # The emulated devices must exist before JAX starts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    report = plan(args, sizes)
+    budget = parse_bytes(args.device_memory)
+    print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}, "
+          f"rules {report['rules']}" + (f", remat {args.remat}" if args.mode == "train" else ""))
+    for name in ("parameters", "optimizer state", "inputs", "temporaries (activations, workspace)",
+                 "outputs (not aliased)"):
+        print(f"  {name:38s} {report[name] / 2**30:8.2f} GiB per device")
+    total = report["total"]
+    verdict = "fits" if total <= budget else "does NOT fit"
+    print(f"  {'total':38s} {total / 2**30:8.2f} GiB per device: {verdict} in {budget / 2**30:.1f} GiB "
+          f"(compiled in {report['compile_seconds']:.0f} s)")
+
+
+def plan(args, sizes: dict[str, int]) -> dict:
+    """AOT-compiles one step for the mesh and returns per-device byte counts."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ernie_jax import parallel
+    from ernie_jax.models.dit import PRESETS, abstract_transformer
+
+    mesh = parallel.make_mesh(sizes)
+    rules_name = args.rules or ("inference" if args.mode == "sample" else "training")
+    rules = parallel.INFERENCE_RULES if rules_name == "inference" else parallel.TRAINING_RULES
+    config = PRESETS["full"]
+    if args.num_layers:
+        import dataclasses
+
+        config = dataclasses.replace(config, num_layers=args.num_layers)
+    training = args.mode == "train"
+    abstract = abstract_transformer(config, dtype=jnp.bfloat16,
+                                    param_dtype=jnp.float32 if training else jnp.bfloat16,
+                                    remat=args.remat if training else "none")
+    graphdef, state = nnx.split(abstract)
+    state_sharding = parallel.state_shardings(state, mesh, rules)
+    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, state_sharding,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    latent = args.resolution // 16
+    batch = args.batch * (1 if training else 2)  # CFG runs negative and positive prompts together
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, rules, shape))
+
+    latents = spec((batch, config.in_channels, latent, latent), jnp.bfloat16)
+    timesteps = spec((batch,), jnp.float32)
+    text = spec((batch, args.text_len, config.text_in_dim), jnp.bfloat16)
+    text_lens = spec((batch,), jnp.int32)
+    optimizer_bytes = 0
+    if training:
+        optimizer = optax.adamw(1e-4)
+        opt_state = _shard_like_parameters(jax.eval_shape(optimizer.init, params), params,
+                                           NamedSharding(mesh, PartitionSpec()))
+        optimizer_bytes = _per_device_bytes(opt_state)
+
+        def step(params, opt_state, latents, timesteps, text, text_lens):
+            def loss_fn(p):
+                model = nnx.merge(graphdef, p)
+                noise = jnp.zeros_like(latents)
+                prediction = model(latents, timesteps, text, text_lens)
+                return jnp.mean(jnp.square(prediction.astype(jnp.float32) - (noise - latents).astype(jnp.float32)))
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        arguments = (params, opt_state, latents, timesteps, text, text_lens)
+        # A training loop donates the old state, so the new one reuses its buffers.
+        function = parallel.jit_sharded(step, mesh, rules, None, None, donate_argnums=(0, 1))
+    else:
+        def step(params, latents, timesteps, text, text_lens):
+            return nnx.merge(graphdef, params)(latents, timesteps, text, text_lens)
+
+        arguments = (params, latents, timesteps, text, text_lens)
+        function = parallel.jit_sharded(step, mesh, rules, None, None)
+    start = time.perf_counter()
+    compiled = function.lower(*arguments).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    parameter_bytes = _per_device_bytes(params)
+    argument_bytes = memory.argument_size_in_bytes
+    input_bytes = max(argument_bytes - parameter_bytes - optimizer_bytes, 0)
+    output_bytes = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
+    report = {"rules": rules_name, "parameters": parameter_bytes, "optimizer state": optimizer_bytes,
+              "inputs": input_bytes, "temporaries (activations, workspace)": memory.temp_size_in_bytes,
+              "outputs (not aliased)": output_bytes, "compile_seconds": seconds}
+    report["total"] = argument_bytes + memory.temp_size_in_bytes + output_bytes
+    return report
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes that the first device holds of an abstract tree with shardings."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _shard_like_parameters(opt_state, params, replicated):
+    """Adam's moments take the sharding of the parameter whose path they end with; scalars (the step
+    count) are replicated."""
+    import jax
+
+    by_path = {jax.tree_util.keystr(path): leaf.sharding
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def place(path, leaf):
+        key = jax.tree_util.keystr(path)
+        sharding = next((s for p, s in by_path.items() if key.endswith(p)), replicated)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
+if __name__ == "__main__":
+    from conversions.common import run_command
+
+    sys.exit(run_command(main))

@@ -1,0 +1,56 @@
+"""`python -m ernie_jax.plan`: AOT memory plans on emulated devices (a 2-block model keeps it quick)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ernie_jax.models.dit import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_plan(*args):
+    result = subprocess.run([sys.executable, "-m", "ernie_jax.plan", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    values = dict(re.findall(r"^\s+(\S[^\d]*?)\s+(\d+\.\d+) GiB per device", result.stdout, re.M))
+    return {k.strip(): float(v) for k, v in values.items()}, result.stdout
+
+
+def two_block_parameters() -> int:
+    import dataclasses
+
+    from ernie_jax.models.dit import abstract_transformer
+
+    config = dataclasses.replace(PRESETS["full"], num_layers=2)
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(config), nnx.Param)))
+
+
+def test_train_plan_splits_parameters_and_adam_state():
+    values, output = run_plan("--mode", "train", "--num-layers", "2", "--resolution", "256", "--batch", "8",
+                              "--mesh", "fsdp=8", "--device-memory", "95GiB")
+    expected = two_block_parameters() * 4 / 8 / 2**30  # fp32 master weights split 8 ways
+    assert abs(values["parameters"] - expected) <= 0.02 * expected
+    assert abs(values["optimizer state"] - 2 * values["parameters"]) <= 0.02 * values["optimizer state"]
+    assert values["temporaries (activations, workspace)"] > 0
+    assert "fits in 95.0 GiB" in output
+
+
+def test_sample_plan_reports_when_it_does_not_fit():
+    values, output = run_plan("--mode", "sample", "--num-layers", "2", "--resolution", "512", "--batch", "2",
+                              "--mesh", "data=2", "--device-memory", "1GiB")
+    assert abs(values["parameters"] - two_block_parameters() * 2 / 2**30) <= 0.02 * values["parameters"]
+    assert "does NOT fit in 1.0 GiB" in output
+
+
+def test_plan_rejects_bad_resolution():
+    result = subprocess.run([sys.executable, "-m", "ernie_jax.plan", "--resolution", "1000"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "multiple of 16" in result.stderr
