@@ -113,7 +113,7 @@ def load_module(abstract, checkpoint: Checkpoint, rules, num_layers: int, *, sha
 
     Placement: with a `mesh`, each variable goes straight into the sharding its logical axes get under
     `axis_rules` (default: ernie_jax.parallel.INFERENCE_RULES), each device reading only its slice;
-    otherwise every variable goes to `sharding` (default: the first device)."""
+    otherwise every variable goes to `sharding` (default: this process's first device)."""
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)
     if mesh is not None:
@@ -121,7 +121,7 @@ def load_module(abstract, checkpoint: Checkpoint, rules, num_layers: int, *, sha
 
         shardings = nnx.to_pure_dict(parallel.state_shardings(state, mesh, axis_rules or parallel.INFERENCE_RULES))
     else:
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: sharding, target)
     if checkpoint.converted_dtype is not None:
         values = restore_params(checkpoint.where, target, shardings)

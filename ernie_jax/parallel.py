@@ -129,9 +129,19 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     """Places every variable of `model` by its logical names (in place) and returns the model."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
-    nnx.update(model, jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings,
-                                   is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    nnx.update(model, jax.tree.map(_place, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     return model
+
+
+def _place(variable: nnx.Variable, sharding: NamedSharding) -> nnx.Variable:
+    """`jax.device_put`, except for a process-local value going to a sharding over other processes' devices
+    too (device_put refuses a committed one): then each process builds its own shards from the host value,
+    which must be the same in every process."""
+    value = variable[...]
+    if sharding.is_fully_addressable or not value.is_fully_addressable:
+        return jax.device_put(variable, sharding)
+    host = np.asarray(value)
+    return variable.replace(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
 
 
 def replicated_parameters(model_or_state, mesh: Mesh, rules: Rules, threshold_bytes: int = 1 << 20
