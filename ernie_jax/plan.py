@@ -43,7 +43,8 @@ def parse_args(argv):
     parser.add_argument("--rules", choices=["inference", "training"],
                         help="logical-axis rules (default: inference for sample, training for train)")
     parser.add_argument("--remat", default="full", help="remat policy for --mode train")
-    parser.add_argument("--num-layers", type=int, help="override the 36 blocks (quick what-ifs)")
+    parser.add_argument("--preset", default="full", help="transformer preset: full (the released 8B), small, tiny")
+    parser.add_argument("--num-layers", type=int, help="override the preset's number of blocks (quick what-ifs)")
     parser.add_argument("--device-memory", default="80GiB")
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 16:
@@ -92,7 +93,9 @@ def plan(args, sizes: dict[str, int]) -> dict:
     mesh = parallel.make_mesh(sizes)
     rules_name = args.rules or ("inference" if args.mode == "sample" else "training")
     rules = parallel.INFERENCE_RULES if rules_name == "inference" else parallel.TRAINING_RULES
-    config = PRESETS["full"]
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    config = PRESETS[args.preset]
     if args.num_layers:
         import dataclasses
 
