@@ -25,14 +25,6 @@ NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
 
 
-def relative_error(actual, expected):
-    import numpy as np
-
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
 def process_rows(x, sharding):
     """The global array with batch sharding `sharding` built from this process's rows of host array `x` only
     (the rows its devices hold), as a multi-host loader provides them."""
@@ -55,18 +47,14 @@ def main(folder, port, process_id, out=None):
 
     import ernie_jax
     from ernie_jax import parallel, sampling
+    from tests.workers.common import relative_error, tiny_inputs
 
     assert jax.process_count() == NUM_PROCESSES and jax.process_index() == process_id
     assert len(jax.local_devices()) == LOCAL_DEVICES and len(jax.devices()) == NUM_PROCESSES * LOCAL_DEVICES
 
-    rng = np.random.default_rng(0)  # the same inputs in every process
-    batch, text_len = 8, 8
-    latents = rng.standard_normal((batch, 128, 4, 4), np.float32)
-    timesteps = rng.uniform(0, 1000, batch).astype(np.float32)
-    text = rng.standard_normal((batch, text_len, 64), np.float32)
-    text_lens = rng.integers(1, text_len + 1, batch)
-    negative = rng.standard_normal((batch, 2, 64), np.float32)
-    negative_lens = np.ones(batch, np.int64)
+    inputs = tiny_inputs()  # the same arrays in every process
+    latents, timesteps, text, text_lens, negative, negative_lens = (inputs[k] for k in (
+        "latents", "timesteps", "text", "text_lens", "negative", "negative_lens"))
     loop_kwargs = dict(num_inference_steps=4, guidance_scale=4.0)
 
     results = {"process_count": jax.process_count(), "global_devices": len(jax.devices())}

@@ -17,26 +17,17 @@ from flax import nnx
 import ernie_jax
 from conversions import convert
 from ernie_jax import parallel, sampling
+from tests.workers.common import relative_error, tiny_inputs
 
 MESHES = {"data=8": {"data": 8}, "fsdp=8": {"fsdp": 8}, "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2},
           "data=2,fsdp=2,tensor=2": {"data": 2, "fsdp": 2, "tensor": 2},
           "context=2,fsdp=4": {"context": 2, "fsdp": 4}}
 
 
-def relative_error(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
 def main(folder):
-    rng = np.random.default_rng(0)
-    batch, text_len = 8, 8
-    latents = rng.standard_normal((batch, 128, 4, 4), np.float32)
-    timesteps = rng.uniform(0, 1000, batch).astype(np.float32)
-    text = rng.standard_normal((batch, text_len, 64), np.float32)
-    text_lens = rng.integers(1, text_len + 1, batch)
-    negative = rng.standard_normal((batch, 2, 64), np.float32)
-    negative_lens = np.ones(batch, np.int64)
+    inputs = tiny_inputs()  # the same arrays in every process
+    latents, timesteps, text, text_lens, negative, negative_lens = (inputs[k] for k in (
+        "latents", "timesteps", "text", "text_lens", "negative", "negative_lens"))
     reference = ernie_jax.load_transformer(folder)
     expected_forward = np.asarray(reference(latents, timesteps, text, text_lens))
     expected_loop = np.asarray(sampling.sample(reference, latents, text, text_lens, negative_text_bth=negative,
