@@ -33,6 +33,15 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def parse_config(build, values: dict, where):
+    """`build(values)` (a config class's constructor from a config.json dict), with a bad value reported
+    as a `CheckpointError` naming `where`."""
+    try:
+        return build(values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
 def locate_component(path, subfolder: str, kind: str) -> tuple[Path, dict]:
     """The component folder at `path` (or a pipeline folder's `subfolder/`) and its raw config.json.
     `kind` names the expected folder in errors (e.g. "diffusers VAE")."""

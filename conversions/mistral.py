@@ -64,13 +64,6 @@ def expected_torch_shapes(config: MistralConfig, encoder_only: bool) -> dict[str
     return expected_shapes(key_table(config, encoder_only), abstract, num_layers(config, encoder_only))
 
 
-def config_from_json(path: Path) -> MistralConfig:
-    try:
-        return MistralConfig.from_hf_config(files.read_json(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
-
-
 @dataclasses.dataclass
 class DecoderCheckpoint(files.Checkpoint):
     """A located, validated decoder checkpoint (tensor keys relative to the language model) and its role."""
@@ -88,7 +81,7 @@ def _prefix(keys: list[str], candidates: tuple[str, ...], where: Path) -> str:
 
 def _open(path, subfolder: str, encoder_only: bool, prefixes: tuple[str, ...], ignore) -> DecoderCheckpoint:
     folder, raw_config = files.locate_component(path, subfolder, "transformers model")
-    config = config_from_json(folder / "config.json")
+    config = files.parse_config(MistralConfig.from_hf_config, raw_config, folder / "config.json")
     if files.is_converted(raw_config):
         return DecoderCheckpoint.converted(config, folder, raw_config, encoder_only=encoder_only)
     located = files.open_weights(folder, WEIGHTS_NAME)

@@ -88,13 +88,6 @@ def infer_config(tensors: TensorSource, where: str) -> ErnieImageConfig:
                             out_channels=out_features // (patch * patch), patch_size=patch, text_in_dim=text_in_dim)
 
 
-def config_from_json(path: Path) -> ErnieImageConfig:
-    try:
-        return ErnieImageConfig.from_dict(files.read_json(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
-
-
 TransformerCheckpoint = files.Checkpoint
 
 
@@ -110,11 +103,12 @@ def open_checkpoint(path) -> TransformerCheckpoint:
         prefix = SINGLE_FILE_PREFIX if any(k.startswith(SINGLE_FILE_PREFIX) for k in keys) else ""
         tensors = TensorSource([path], strip_prefix=prefix)
         config_path = path.parent / "config.json"
-        config = config_from_json(config_path) if config_path.is_file() else infer_config(tensors, str(path))
+        config = (files.parse_config(ErnieImageConfig.from_dict, files.read_json(config_path), config_path)
+                  if config_path.is_file() else infer_config(tensors, str(path)))
         check_transformer_tensors(tensors, config, str(path))
         return TransformerCheckpoint(config, path, tensors=tensors)
     path, raw_config = files.locate_component(path, "transformer", "diffusers transformer")
-    config = config_from_json(path / "config.json")
+    config = files.parse_config(ErnieImageConfig.from_dict, raw_config, path / "config.json")
     if files.is_converted(raw_config):
         return TransformerCheckpoint.converted(config, path, raw_config)
     tensors = files.open_weights(path, WEIGHTS_NAME)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from conversions import checkpoint_files as files
 from conversions.key_table import KeyRule, check_tensors, expected_shapes, linear_rules, to_state_dict
-from conversions.safetensors_io import CheckpointError, TensorSource
+from conversions.safetensors_io import TensorSource
 from ernie_jax.models.vae import AutoencoderKLFlux2, VAEConfig, abstract_vae
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -118,20 +118,13 @@ def open_tensors(folder: Path) -> TensorSource:
     return files.open_weights(folder, WEIGHTS_NAME, rename=legacy_attention_name)
 
 
-def config_from_json(path: Path) -> VAEConfig:
-    try:
-        return VAEConfig.from_dict(files.read_json(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
-
-
 VAECheckpoint = files.Checkpoint
 
 
 def open_vae(path) -> VAECheckpoint:
     """Finds the config and weights at `path` (any layout in the module docstring) and validates them."""
     path, raw_config = files.locate_component(path, "vae", "diffusers VAE")
-    config = config_from_json(path / "config.json")
+    config = files.parse_config(VAEConfig.from_dict, raw_config, path / "config.json")
     if files.is_converted(raw_config):
         return VAECheckpoint.converted(config, path, raw_config)
     tensors = open_tensors(path)
