@@ -1,0 +1,1 @@
+"""Evaluation of generated images: prompt following on the synthetic shapes domain, sample grids."""
