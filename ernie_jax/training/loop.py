@@ -1,0 +1,156 @@
+"""The training loop: restore-or-create the sharded train state, run the compiled step on each batch,
+report metrics to callbacks, checkpoint every K steps, stop on a non-finite loss.
+
+A run killed at any moment and started again with the same arguments resumes from its newest complete
+checkpoint and computes exactly the losses the uninterrupted run computes from there: the state, the
+data iterator's position and the step (from which each update's random key is derived) are all in
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ernie_jax import parallel
+from ernie_jax.training import objectives
+from ernie_jax.training.checkpoints import Checkpoints
+from ernie_jax.training.optimizer import (
+    OptimizerConfig,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from ernie_jax.training.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    shardings_of,
+)
+from ernie_jax.training.step import (
+    BATCH_KEYS,
+    batch_shardings,
+    jit_train_step,
+    make_train_step,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One flow-matching run. `checkpoint_every` counts updates; the last step is always saved."""
+
+    num_steps: int
+    seed: int = 0
+    microbatches: int = 1
+    ema_decay: float = 0.999
+    objective: objectives.FlowMatchingConfig = dataclasses.field(default_factory=objectives.FlowMatchingConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint_every: int = 1000
+    max_to_keep: int = 3
+    async_checkpoints: bool = True
+
+    def __post_init__(self):
+        if self.num_steps < 0 or self.checkpoint_every < 1:
+            raise ValueError(f"need num_steps >= 0 and checkpoint_every >= 1, got {self.num_steps}, "
+                             f"{self.checkpoint_every}")
+
+
+class Callback(Protocol):
+    """Called after every update with the update's index (the state's step before it), its metrics as
+    Python floats, and the new state (e.g. for evaluation or sample grids every N steps)."""
+
+    def __call__(self, step: int, metrics: dict[str, float], state: TrainState) -> None: ...
+
+
+class JsonlMetrics:
+    """A callback appending `{"step": s, **metrics}` as one JSON line per update to `path` (flushed)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+
+    def __call__(self, step: int, metrics: dict[str, float], state: TrainState) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of an update was NaN or infinite; that update's state was not saved."""
+
+
+def _step_inputs(batch: dict) -> dict:
+    """The arrays the step reads (other keys, such as captions, stay on the host)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks {missing}; the train step needs {BATCH_KEYS}, got {sorted(batch)}")
+    return {k: batch[k] for k in BATCH_KEYS}
+
+
+def _to_device(batch: dict, shardings: dict) -> dict:
+    """Host arrays (this process's rows) -> global arrays in the batch shardings."""
+    return {k: jax.device_put(v, shardings[k]) if isinstance(v, jax.Array)
+            else jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+
+
+def train(config: TrainConfig, model_fn: Callable[[nnx.Rngs], nnx.Module], data_iterator: Iterator[dict],
+          checkpoint_dir: str | os.PathLike, *, mesh: Mesh, rules: parallel.Rules = parallel.TRAINING_RULES,
+          empty_prompt: objectives.EmptyPrompt | None = None, prepare_batch: Callable[[dict], dict] | None = None,
+          callbacks: Sequence[Callback] = ()) -> TrainState:
+    """Trains until `config.num_steps` updates are done and returns the final state.
+
+    `model_fn(rngs)` builds the model (float32 `param_dtype`, compute `dtype` of choice).
+    `data_iterator` yields dicts holding at least `step.BATCH_KEYS` as this process's rows (other keys are
+    left on the host) and is a grain iterator, so its position is checkpointed. `prepare_batch` runs on each element first: the place for the frozen VAE
+    and text encoder when the data holds images and captions rather than latents and features.
+    Raises NonFiniteLossError naming the step whose loss is NaN/inf, after pending saves finish (the
+    newest checkpoint is then the last good one).
+    """
+    if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
+        raise TypeError(f"data_iterator must be a grain iterator (with get_state/set_state, so that its position is "
+                        f"checkpointed), got {type(data_iterator).__name__}")
+    optimizer = make_optimizer(config.optimizer)
+    graphdef, abstract = abstract_train_state(model_fn, optimizer, seed=config.seed, mesh=mesh, rules=rules)
+    state_shardings = shardings_of(abstract)
+    step_fn = make_train_step(graphdef, optimizer, config.objective, ema_decay=config.ema_decay,
+                              microbatches=config.microbatches, empty_prompt=empty_prompt,
+                              learning_rate_fn=learning_rate_schedule(config.optimizer))
+    ckpt = Checkpoints(checkpoint_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpoints)
+    try:
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(abstract, data_iterator)
+        else:
+            _, state = create_train_state(model_fn, optimizer, seed=config.seed, mesh=mesh, rules=rules)
+        step = int(state.step)
+        compiled = None
+        while step < config.num_steps:
+            try:
+                batch = next(data_iterator)
+            except StopIteration:
+                raise RuntimeError(f"the data iterator ran out at step {step} of {config.num_steps}") from None
+            batch = _step_inputs(batch if prepare_batch is None else prepare_batch(batch))
+            if compiled is None:
+                shardings = batch_shardings(mesh, rules, batch)
+                compiled = jit_train_step(step_fn, mesh, rules, state_shardings, shardings)
+            state, metrics = compiled(state, _to_device(batch, shardings))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(metrics["loss"]):
+                ckpt.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"loss is {metrics['loss']} at step {step}; stopped without saving it (the newest "
+                    f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()})")
+            for callback in callbacks:
+                callback(step, metrics, state)
+            step += 1
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                ckpt.save(step, state, data_iterator)
+    finally:
+        ckpt.wait_until_finished()
+        ckpt.close()
+    return state
