@@ -91,21 +91,30 @@ def scan_catalog(source, indices, category_names=None) -> Catalog:
             unreadable[type(error).__name__] += 1
     if not rows:
         raise ValueError(f"no readable record among {len(indices)} of {source!r} (failures: {dict(unreadable)})")
-    found = sorted({row[3] for row in rows})
+    indices, heights, widths, categories, aesthetics = zip(*rows)
+    return catalog_from_rows(indices, heights, widths, categories, aesthetics, dict(unreadable), category_names,
+                             description=repr(source))
+
+
+def catalog_from_rows(indices, heights, widths, categories, aesthetics, unreadable: dict[str, int],
+                      category_names=None, *, description: str = "the source") -> Catalog:
+    """A Catalog from per-record metadata in source-index order: category names (str) and raw aesthetic
+    scores (NaN where missing); `category_names` and the filling of missing scores as in `scan_catalog`."""
+    found = sorted(set(categories))
     names = tuple(found if category_names is None else category_names)
     ids = {name: position for position, name in enumerate(names)}
     unknown = [name for name in found if name not in ids]
     if unknown:
-        raise ValueError(f"categories {unknown[:5]} of {source!r} are not in the given category_names")
-    aesthetics = np.array([row[4] for row in rows], np.float64)
+        raise ValueError(f"categories {unknown[:5]} of {description} are not in the given category_names")
+    aesthetics = np.asarray(aesthetics, np.float64)
     known = ~np.isnan(aesthetics)
     fill = aesthetics[known].mean() if known.any() else NEUTRAL_AESTHETIC
     aesthetics = np.where(known, aesthetics, fill)
     return Catalog(
-        indices=np.array([row[0] for row in rows], np.int64),
-        heights=np.array([row[1] for row in rows], np.int32),
-        widths=np.array([row[2] for row in rows], np.int32),
-        categories=np.array([ids[row[3]] for row in rows], np.int32),
+        indices=np.asarray(indices, np.int64),
+        heights=np.asarray(heights, np.int32),
+        widths=np.asarray(widths, np.int32),
+        categories=np.array([ids[name] for name in categories], np.int32),
         aesthetics=aesthetics.astype(np.float32),
         category_names=names,
         unreadable=dict(unreadable),

@@ -112,6 +112,8 @@ class LoadBatch(grain.transforms.Map):
     The batch: `images` uint8 [B, h, w, 3] (one bucket), `captions` object [B] of str, `category`
     int32 [B] (ids into `TrainingData.category_names`), `aesthetic` float32 [B], `bucket`
     (h, w), `step`, `stage`, `num_skipped` (records replaced in this batch).
+
+    Subclasses load other per-record data by overriding `_load` and `_collate` (precomputed.py).
     """
 
     def __init__(self, source, catalog: Catalog, sampler: BucketSampler, stats: DataStats, max_skips: int):
@@ -121,18 +123,23 @@ class LoadBatch(grain.transforms.Map):
         self.stats = stats
         self.max_skips = max_skips
 
-    def _load(self, row: int, bucket) -> tuple[np.ndarray, str]:
+    def _load(self, row: int, plan: dict) -> tuple[np.ndarray, str]:
+        """(the record's data for `_collate`, its caption); raises if the record cannot be loaded."""
         record = self.source[int(self.catalog.indices[row])]
-        return resize_and_crop(decode_image(record["image"]), bucket), record_caption(record)
+        return resize_and_crop(decode_image(record["image"]), plan["bucket"]), record_caption(record)
+
+    def _collate(self, loaded: list) -> dict:
+        """The batch arrays of the records' `_load` data."""
+        return {"images": np.stack(loaded)}
 
     def map(self, plan: dict) -> dict:
         bucket, wanted = plan["bucket"], len(plan["rows"])
-        images, captions, rows = [], [], []
+        loaded, captions, rows = [], [], []
         candidates, round_index, skipped = plan["rows"], 0, 0
         while True:
             for row in candidates:
                 try:
-                    image, caption = self._load(row, bucket)
+                    data, caption = self._load(row, plan)
                 except Exception as error:  # corrupt records are skipped, counted and replaced
                     skipped += 1
                     self.stats.record_skip(error)
@@ -140,20 +147,20 @@ class LoadBatch(grain.transforms.Map):
                         raise RuntimeError(f"step {plan['step']}: more than {self.max_skips} records failed to "
                                            f"load; last: source index {self.catalog.indices[row]}: {error!r}") from error
                     continue
-                images.append(image)
+                loaded.append(data)
                 captions.append(caption)
                 rows.append(row)
-            if len(images) == wanted:
+            if len(loaded) == wanted:
                 break
             round_index += 1
-            candidates = self.sampler.draw(plan["step"], plan["stage"], plan["bucket_index"], wanted - len(images),
+            candidates = self.sampler.draw(plan["step"], plan["stage"], plan["bucket_index"], wanted - len(loaded),
                                            round_index)
         rows = np.asarray(rows, np.int64)
         categories = self.catalog.categories[rows].astype(np.int32)
         self.stats.record_batch(categories)
         caption_array = np.empty(len(captions), object)
         caption_array[:] = captions
-        return {"images": np.stack(images), "captions": caption_array, "category": categories,
+        return {**self._collate(loaded), "captions": caption_array, "category": categories,
                 "aesthetic": self.catalog.aesthetics[rows].astype(np.float32),
                 "bucket": (bucket.height, bucket.width), "step": int(plan["step"]), "stage": plan["stage"],
                 "num_skipped": skipped}
@@ -201,19 +208,33 @@ def build_pipeline(source, config: PipelineConfig, *, shard_index: int | None = 
       category_names: fixed category ids (same list on every host); default: sorted names found.
       host_mean: averages a vector over hosts, so all hosts agree on the bucket probabilities.
     """
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    if catalog is None:
+        catalog = scan_catalog(source, shard_indices(len(source), shard_index, shard_count), category_names)
+    else:
+        catalog.check_shard(len(source), shard_index, shard_count)
+    return assemble_pipeline(catalog, config, shard_index, shard_count, host_mean,
+                             lambda sampler, stats: LoadBatch(source, catalog, sampler, stats,
+                                                              config.max_skips_per_batch))
+
+
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    """(shard_index, shard_count), both given or both None (then this JAX process's)."""
     if (shard_index is None) != (shard_count is None):
         raise ValueError(f"give both shard_index and shard_count or neither, got {shard_index}, {shard_count}")
     if shard_index is None:
         import jax
 
-        shard_index, shard_count = jax.process_index(), jax.process_count()
-    if catalog is None:
-        catalog = scan_catalog(source, shard_indices(len(source), shard_index, shard_count), category_names)
-    else:
-        catalog.check_shard(len(source), shard_index, shard_count)
+        return jax.process_index(), jax.process_count()
+    return shard_index, shard_count
+
+
+def assemble_pipeline(catalog: Catalog, config: PipelineConfig, shard_index: int, shard_count: int, host_mean,
+                      make_loader) -> TrainingData:
+    """The stage tables and sampler of `catalog`, and batch plans mapped by `make_loader(sampler, stats)`."""
     tables = tuple(build_stage_table(catalog, stage, config.sampling, config.max_crop_fraction, host_mean)
                    for stage in config.curriculum.stages)
     sampler = BucketSampler(config.curriculum, tables, config.seed, shard_index, shard_count)
     stats = DataStats(catalog, tables)
-    dataset = BatchPlans(sampler).map(LoadBatch(source, catalog, sampler, stats, config.max_skips_per_batch))
+    dataset = BatchPlans(sampler).map(make_loader(sampler, stats))
     return TrainingData(dataset, catalog, tables, stats)

@@ -1,0 +1,377 @@
+"""Offline: VAE latents and text-encoder features of a record source, for one stage's buckets, as
+ArrayRecord shards, so that training does not run the frozen encoders every step.
+
+    python -m ernie_jax.data.precompute --model PIPELINE_DIR --source SOURCE --stage-side 256 --out OUT_DIR \\
+        [--max-text-len 256] [--batch-size 16] [--shard-size 4096] [--dtype float32|bfloat16] \\
+        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N]
+
+SOURCE is an image folder (`sources.FolderSource`) or a tfds dataset folder (`sources.TfdsSource`). Each
+host precomputes its shard (`catalog.shard_indices`) into its own OUT_DIR; `precomputed.PrecomputedSource`
+reads the shards' folders together. The layout is described in `precomputed.py`.
+
+Per record: the image gets its stage bucket as the image pipeline assigns it (records whose crop would
+exceed the bound are skipped, as the pipeline leaves them out), is center-cropped and resized to it, and
+encoded by `vae.encode_to_packed_latents`: the posterior mean (no sampling, as diffusers' FLUX.2 training
+script's `latent_dist.mode()`), 2x2-patchified and normalised with the VAE's BatchNorm statistics, eps
+1e-5 (the ERNIE pipeline's decode direction) -> [128, h/16, w/16]. The caption's features are the
+pipeline's `encode_prompt` (hidden_states[-2]), cut to `max_text_len` tokens: the text encoder is causal,
+so this equals encoding the truncated tokens. Images are encoded in batches of one bucket and captions
+with them; every batch is padded to `batch_size`, so the VAE compiles once per bucket and the text
+encoder once per 64-token length bucket. Records that cannot be read or decoded are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ernie_jax.data.buckets import (
+    Bucket,
+    as_buckets,
+    assign_buckets,
+    crop_fraction,
+    resize_and_crop,
+    stage_buckets,
+)
+from ernie_jax.data.catalog import shard_indices
+from ernie_jax.data.precomputed import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    METADATA_FILE,
+    STORAGE_DTYPES,
+    encode_record,
+)
+from ernie_jax.data.sources import (
+    FolderSource,
+    TfdsSource,
+    decode_image,
+    record_aesthetic,
+    record_caption,
+    record_category,
+)
+from ernie_jax.models import vae as vae_lib
+
+# Components the fingerprint covers: what the stored features depend on.
+ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+# Files up to this size are hashed by content (configs, tokenizer); larger ones (weights) by name and size.
+FINGERPRINT_CONTENT_BYTES = 1 << 26
+ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: cheap random access
+CROP_SKIP = "beyond the crop bound"
+PREPARE_WINDOW_PER_WORKER = 8  # records decoded ahead per thread; bounds the memory of cropped images
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeConfig:
+    """What a precomputation stores.
+
+    buckets: the stage's bucket set (`buckets.stage_buckets(stage_side)` for a released-aspect stage).
+    stage_side: recorded in the metadata (None for a custom bucket set).
+    max_crop_fraction: records whose crop to their bucket removes more are skipped (the pipeline's bound).
+    max_text_len: text features are cut to this many tokens.
+    batch_size: images (and captions) per encoder call. shard_size: records per ArrayRecord file.
+    dtype: storage dtype of latents and features, "float32" or "bfloat16".
+    workers: threads reading and decoding records.
+    """
+
+    buckets: tuple
+    stage_side: int | None = None
+    max_crop_fraction: float = 0.25
+    max_text_len: int = 256
+    batch_size: int = 16
+    shard_size: int = 4096
+    dtype: str = "float32"
+    workers: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "buckets", as_buckets(self.buckets))
+        if not 0.0 <= self.max_crop_fraction < 1.0:
+            raise ValueError(f"max_crop_fraction {self.max_crop_fraction} must be in [0, 1)")
+        for name in ("max_text_len", "batch_size", "shard_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {list(STORAGE_DTYPES)}")
+
+
+def vae_input(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1], as diffusers' VaeImageProcessor (x / 255 * 2 - 1)."""
+    return (images.astype(np.float32) / 255.0 * 2.0 - 1.0).transpose(0, 3, 1, 2)
+
+
+def _encode_images(graphdef, state, images):
+    return vae_lib.encode_to_packed_latents(nnx.merge(graphdef, state), images)
+
+
+# Compiled once per VAE and batch shape (one per bucket, as batches are padded to a fixed size).
+_encode_images_jit = jax.jit(_encode_images, static_argnums=(0,))
+
+
+class BatchEncoder:
+    """Runs the frozen encoders of `encoders` (an ErnieImagePipeline; its transformer may be None) on
+    batches padded to `config.batch_size`; results are numpy arrays in the storage dtype."""
+
+    def __init__(self, encoders, config: PrecomputeConfig):
+        self.encoders = encoders
+        self.config = config
+        self.dtype = STORAGE_DTYPES[config.dtype]
+        self._vae_graphdef, self._vae_state = nnx.split(encoders.vae)
+
+    def latents(self, images: list[np.ndarray]) -> np.ndarray:
+        """uint8 images [h, w, 3] of one bucket -> packed latents [N, C, h/16, w/16]."""
+        batch = np.zeros((self.config.batch_size, *images[0].shape), np.uint8)
+        batch[: len(images)] = images
+        latents = _encode_images_jit(self._vae_graphdef, self._vae_state, vae_input(batch))
+        return np.asarray(latents[: len(images)]).astype(self.dtype)
+
+    def text(self, captions: list[str]) -> list[np.ndarray]:
+        """Captions -> their features [T_i, D], T_i <= max_text_len (empty captions pad the batch)."""
+        features = self.encoders.encode_prompt(captions + [""] * (self.config.batch_size - len(captions)))
+        return [np.asarray(f).astype(self.dtype) for f in features[: len(captions)]]
+
+
+@dataclasses.dataclass
+class _Pending:
+    source_index: int
+    image: np.ndarray
+    caption: str
+    category: str
+    aesthetic: float
+    image_size: tuple[int, int]
+    bucket_index: int = -1
+
+
+class _ShardWriter:
+    """Records into `records-NNNNN.array_record` files of at most `shard_size` records, plus index rows."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder = folder
+        self.shard_size = shard_size
+        self.files: list[dict] = []
+        self.rows: dict[str, list] = collections.defaultdict(list)
+        self._writer = None
+
+    def write(self, item: _Pending, bucket: Bucket, latents: np.ndarray, text: np.ndarray) -> None:
+        if self._writer is None or self.files[-1]["records"] == self.shard_size:
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            self._close_file()
+            self.files.append({"name": f"records-{len(self.files):05d}.array_record", "records": 0})
+            self._writer = ArrayRecordWriter(str(self.folder / self.files[-1]["name"]), ARRAY_RECORD_OPTIONS)
+        header = {"source_index": item.source_index, "caption": item.caption, "category": item.category,
+                  "aesthetic": None if math.isnan(item.aesthetic) else item.aesthetic,
+                  "image_size": list(item.image_size), "bucket": [bucket.height, bucket.width]}
+        self._writer.write(encode_record(header, latents, text))
+        self.files[-1]["records"] += 1
+        for name, value in (("source_index", item.source_index), ("image_height", item.image_size[0]),
+                            ("image_width", item.image_size[1]), ("bucket_height", bucket.height),
+                            ("bucket_width", bucket.width), ("text_length", text.shape[0]),
+                            ("aesthetic", item.aesthetic), ("category", item.category)):
+            self.rows[name].append(value)
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        """Closes the last file and writes the index."""
+        self._close_file()
+        dtypes = {"source_index": np.int64, "image_height": np.int32, "image_width": np.int32,
+                  "bucket_height": np.int32, "bucket_width": np.int32, "text_length": np.int32,
+                  "aesthetic": np.float32, "category": str}
+        with open(self.folder / INDEX_FILE, "wb") as file:
+            np.savez(file, **{name: np.array(self.rows[name], dtype) for name, dtype in dtypes.items()})
+
+
+def _prepare(source, buckets: tuple[Bucket, ...], max_crop_fraction: float, index: int) -> _Pending | str:
+    """The record's image cropped to its bucket, and its metadata; or why it is skipped: the exception type
+    of a record that cannot be read or decoded, `CROP_SKIP` for one beyond the crop bound."""
+    try:
+        record = source[index]
+        image = decode_image(record["image"])
+        item = _Pending(index, image, record_caption(record), record_category(record), record_aesthetic(record),
+                        image.shape[:2])
+    except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted
+        return type(error).__name__
+    height, width = item.image_size
+    item.bucket_index = int(assign_buckets([height], [width], buckets)[0])
+    bucket = buckets[item.bucket_index]
+    if crop_fraction([height], [width], [bucket.height], [bucket.width])[0] > max_crop_fraction:
+        return CROP_SKIP
+    item.image = resize_and_crop(image, bucket)
+    return item
+
+
+def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeConfig, *, shard_index: int = 0,
+               shard_count: int = 1, model_fingerprint: str = "", model: str = "", progress: bool = True) -> dict:
+    """Precomputes shard `shard_index` of `shard_count` of `source` into `out_dir` (written atomically: a
+    failure leaves nothing there); returns the metadata written to `metadata.json`."""
+    from conversions.common import atomic_directory
+
+    indices = shard_indices(len(source), shard_index, shard_count)
+    if not indices.size:
+        raise ValueError(f"{source!r} has no record in shard {shard_index} of {shard_count}")
+    encoder = BatchEncoder(encoders, config)
+    unreadable, dropped_for_crop, truncated = collections.Counter(), 0, 0
+    prepare = functools.partial(_prepare, source, config.buckets, config.max_crop_fraction)
+    with atomic_directory(out_dir) as staging, ThreadPoolExecutor(config.workers) as pool:
+        writer = _ShardWriter(staging, config.shard_size)
+
+        def flush(bucket_index: int, items: list[_Pending]) -> None:
+            nonlocal truncated
+            bucket = config.buckets[bucket_index]
+            latents = encoder.latents([item.image for item in items])
+            texts = encoder.text([item.caption for item in items])
+            for item, item_latents, text in zip(items, latents, texts):
+                truncated += text.shape[0] > config.max_text_len
+                writer.write(item, bucket, item_latents, text[: config.max_text_len])
+
+        pending = collections.defaultdict(list)
+        bar = tqdm(total=len(indices), desc=f"precompute shard {shard_index}/{shard_count}", unit="record",
+                   disable=not progress)
+        # Decoding runs ahead in threads (PIL releases the GIL) by at most one window, in source order.
+        window = PREPARE_WINDOW_PER_WORKER * config.workers
+        for start in range(0, len(indices), window):
+            for item in pool.map(prepare, indices[start:start + window].tolist()):
+                bar.update()
+                if isinstance(item, _Pending):
+                    pending[item.bucket_index].append(item)
+                    if len(pending[item.bucket_index]) == config.batch_size:
+                        flush(item.bucket_index, pending.pop(item.bucket_index))
+                elif item == CROP_SKIP:
+                    dropped_for_crop += 1
+                else:
+                    unreadable[item] += 1
+        bar.close()
+        for bucket_index, items in sorted(pending.items()):
+            flush(bucket_index, items)
+        writer.close()
+        records = sum(file["records"] for file in writer.files)
+        if not records:
+            raise ValueError(f"no record of {source!r} (shard {shard_index} of {shard_count}) could be precomputed: "
+                             f"{dict(unreadable)} unreadable, {dropped_for_crop} beyond the crop bound")
+        empty = encoder.text([""])[0]
+        metadata = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "model_fingerprint": model_fingerprint,
+            "stage_side": config.stage_side, "buckets": [[b.height, b.width] for b in config.buckets],
+            "max_crop_fraction": config.max_crop_fraction, "dtype": config.dtype,
+            "latent_channels": encoders.vae.config.packed_channels, "text_dim": int(empty.shape[1]),
+            "max_text_len": config.max_text_len, "source": repr(source), "source_records": len(source),
+            "shard_index": shard_index, "shard_count": shard_count, "records": records,
+            "skipped": {"unreadable": dict(unreadable), "crop": dropped_for_crop}, "truncated_texts": truncated,
+            "files": writer.files,
+            "empty_prompt": {"length": int(empty.shape[0]), "features": empty.astype(np.float32).tolist()},
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    return metadata
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over the encoder components' files: content for configs and tokenizer files, name and size
+    for weights (so a changed config, tokenizer or weight layout changes it without reading the weights)."""
+    root = Path(model_dir)
+    digest = hashlib.sha256()
+    for component in ENCODER_COMPONENTS:
+        for path in sorted(p for p in (root / component).rglob("*") if p.is_file()):
+            size = path.stat().st_size
+            digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+            if size <= FINGERPRINT_CONTENT_BYTES and path.suffix in (".json", ".txt", ".model", ".jinja"):
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def load_encoders(model_dir: str | os.PathLike, dtype: str = "float32"):
+    """An ErnieImagePipeline holding only the VAE, text encoder and tokenizer of a pipeline folder (the
+    transformer is not loaded)."""
+    from conversions import mistral, vae
+    from conversions.safetensors_io import CheckpointError
+    from ernie_jax.pipeline import ErnieImagePipeline
+    from ernie_jax.tokenizer import Tokenizer
+
+    root = Path(model_dir)
+    if not (root / "model_index.json").is_file():
+        raise CheckpointError(f"{root}: no model_index.json (not an ERNIE-Image pipeline folder)")
+    for component in ENCODER_COMPONENTS:
+        if not (root / component).is_dir():
+            raise CheckpointError(f"{root}: the pipeline has no {component}/ component")
+    return ErnieImagePipeline(None, vae.load_vae(root / "vae", dtype),
+                              mistral.load_text_encoder(root / "text_encoder", dtype),
+                              Tokenizer.from_folder(root / "tokenizer"))
+
+
+def open_source(path: str | os.PathLike):
+    """A tfds dataset folder (holding dataset_info.json) or an image folder, as a record source."""
+    folder = Path(path)
+    source = TfdsSource(folder) if (folder / "dataset_info.json").is_file() else FolderSource(folder)
+    if not len(source):
+        raise ValueError(f"{folder}: no records (no images with captions, or an empty dataset)")
+    return source
+
+
+def parse_buckets(text: str) -> tuple[Bucket, ...]:
+    """"256x256,192x336" (height x width) -> Buckets."""
+    try:
+        sizes = [tuple(int(side) for side in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = None
+    if not sizes or any(len(size) != 2 for size in sizes):
+        raise ValueError(f"--buckets {text!r}: expected HEIGHTxWIDTH pairs separated by commas")
+    return as_buckets(sizes)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.precompute", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="ERNIE-Image pipeline folder (VAE, text encoder, tokenizer)")
+    parser.add_argument("--source", required=True, help="image folder or tfds dataset folder")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--stage-side", type=int, help="the stage's buckets are buckets.stage_buckets(side)")
+    parser.add_argument("--buckets", help="explicit bucket set instead, HEIGHTxWIDTH,...")
+    parser.add_argument("--max-text-len", type=int, default=PrecomputeConfig.max_text_len)
+    parser.add_argument("--max-crop-fraction", type=float, default=PrecomputeConfig.max_crop_fraction)
+    parser.add_argument("--batch-size", type=int, default=PrecomputeConfig.batch_size)
+    parser.add_argument("--shard-size", type=int, default=PrecomputeConfig.shard_size,
+                        help="records per ArrayRecord file")
+    parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default=PrecomputeConfig.dtype,
+                        help="the encoders' compute dtype and the storage dtype")
+    parser.add_argument("--workers", type=int, default=PrecomputeConfig.workers, help="threads decoding images")
+    parser.add_argument("--shard-index", type=int, default=0, help="this host's shard of the source")
+    parser.add_argument("--shard-count", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    if (args.stage_side is None) == (args.buckets is None):
+        raise ValueError("give exactly one of --stage-side and --buckets")
+    buckets = stage_buckets(args.stage_side) if args.buckets is None else parse_buckets(args.buckets)
+    config = PrecomputeConfig(buckets, args.stage_side, args.max_crop_fraction, args.max_text_len, args.batch_size,
+                              args.shard_size, args.dtype, args.workers)
+    shard_indices(0, args.shard_index, args.shard_count)  # validates the shard before any work
+    if Path(args.out).exists():
+        raise ValueError(f"{args.out}: already exists (refusing to overwrite)")
+    source = open_source(args.source)
+    encoders = load_encoders(args.model, args.dtype)
+    metadata = precompute(encoders, source, args.out, config, shard_index=args.shard_index,
+                          shard_count=args.shard_count, model_fingerprint=model_fingerprint(args.model),
+                          model=str(Path(args.model).resolve()))
+    print(f"wrote {args.out}: {metadata['records']} records, skipped {metadata['skipped']}, "
+          f"{metadata['truncated_texts']} texts cut to {config.max_text_len} tokens")
+
+
+if __name__ == "__main__":
+    from conversions.common import run_command
+
+    sys.exit(run_command(main))
