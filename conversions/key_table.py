@@ -114,18 +114,30 @@ def check_tensors(source: TensorSource, expected: dict[str, tuple], where: str, 
 
 
 def read_param(source: TensorSource, rule: KeyRule, target, num_layers: int, sharding) -> jax.Array:
-    """One parameter as a jax.Array placed by `sharding`; each device's slice is read from the memory
-    map and converted to `target.dtype`, so host memory holds one slice at a time."""
+    """One parameter as a jax.Array placed by `sharding`; each local device's slice is read from the memory
+    map, converted to `target.dtype` and placed before the next is read, so host memory holds one slice at a
+    time (`jax.make_array_from_callback` would hold every local slice, i.e. the whole parameter on one host).
+    A slice replicated on several devices is read once and copied between devices."""
     to_jax = TRANSFORMS[rule.transform][0]
 
     def read(index):
         if not rule.stacked:
             return np.asarray(to_jax(source[rule.torch_key])[index], target.dtype)
-        layer_ids = range(num_layers)[index[0]]
-        return np.stack([np.asarray(to_jax(source[rule.torch_key.format(layer=i)])[index[1:]], target.dtype)
-                         for i in layer_ids])
+        stacked = np.empty(tuple(len(range(size)[part]) for size, part in zip(target.shape, index, strict=True)),
+                           target.dtype)
+        for position, layer in enumerate(range(num_layers)[index[0]]):
+            # One layer's memory map at a time, cast straight into its place in the slice.
+            stacked[position] = to_jax(source[rule.torch_key.format(layer=layer)])[index[1:]]
+        return stacked
 
-    return jax.make_array_from_callback(target.shape, sharding, read)
+    placed: dict[tuple, jax.Array] = {}  # slice bounds -> the first device array holding them
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(target.shape).items():
+        bounds = tuple((s.start, s.stop, s.step) for s in index)
+        shard = jax.device_put(placed[bounds] if bounds in placed else read(index), device)
+        placed.setdefault(bounds, shard)
+        shards.append(shard.block_until_ready())
+    return jax.make_array_from_single_device_arrays(target.shape, sharding, shards)
 
 
 def read_params(source: TensorSource, rules: Iterable[KeyRule], target: dict, num_layers: int, shardings: dict

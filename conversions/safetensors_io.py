@@ -91,7 +91,6 @@ class TensorSource:
     def __init__(self, files: list[Path], strip_prefix: str = "", rename: Callable[[str], str] | None = None):
         self.files = [Path(f) for f in files]
         self._infos: dict[str, TensorInfo] = {}
-        self._maps: dict[Path, np.memmap] = {}
         self._rename = rename or (lambda key: key)
         self._strip_prefix = strip_prefix
         for path in self.files:
@@ -142,9 +141,11 @@ class TensorSource:
 
     def __getitem__(self, key: str) -> np.ndarray:
         info = self._infos[key]
-        if info.path not in self._maps:
-            self._maps[info.path] = np.memmap(info.path, dtype=np.uint8, mode="r")
-        raw = self._maps[info.path][info.start:info.end]
+        if info.end == info.start:  # mmap refuses an empty range
+            return np.empty(info.shape, info.dtype)
+        # A map of this tensor alone, closed with its last view: the file pages a loader touches count towards
+        # its RSS while it reads the tensor, not until the whole checkpoint is read.
+        raw = np.memmap(info.path, dtype=np.uint8, mode="r", offset=info.start, shape=(info.end - info.start,))
         return raw.view(info.dtype).reshape(info.shape)
 
 
