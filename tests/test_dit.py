@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 import ernie_jax
 from ernie_jax.models import layers
@@ -120,6 +125,27 @@ def test_unrolled_and_remat_paths_equal_scan(tiny_folder):
         assert abs(float(loss) - float(base_loss)) <= 1e-6 * abs(float(base_loss))
         for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads), strict=True):
             assert relative_error(g, g0) <= 1e-5, policy
+
+
+def stacked_residuals(model, inputs) -> list[tuple[str, bool]]:
+    """(shape, in host memory) of every residual that the backward pass keeps with a leading layer axis."""
+    graphdef, params = nnx.split(model)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(lambda p: jnp.sum(nnx.merge(graphdef, p)(*inputs)), params)
+    found = re.findall(r"^\w+?(<host>)?\[([\d,]+)\] output of scan", printed.getvalue(), re.MULTILINE)
+    return [(shape, bool(host)) for host, shape in found]
+
+
+def test_block_output_policies_keep_block_tensors(tiny_folder):
+    inputs = make_inputs(2, 4, 5, [5, 2], TINY["text_in_dim"])
+    # [layers, B, image + text tokens, D]: the block input and the attention and MLP branch outputs.
+    block_tensor = f"{TINY['num_layers']},2,{4 * 5 + 5},{TINY['hidden_size']}"
+    kept = {policy: stacked_residuals(ernie_jax.load_transformer(tiny_folder, remat=policy), inputs)
+            for policy in ("full", "block_outputs", "offload_block_outputs")}
+    assert kept["full"] == [(block_tensor, False)]
+    assert kept["block_outputs"] == [(block_tensor, False)] * 3
+    assert kept["offload_block_outputs"] == [(block_tensor, True)] * 3
 
 
 def test_parameters_carry_logical_axes():

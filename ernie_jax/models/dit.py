@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.models import layers
 from ernie_jax.models.config import JsonConfig
@@ -192,10 +193,11 @@ class Block(nnx.Module):
 
     def __call__(self, x, modulation, rope, key_lengths):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        attention_name, mlp_name = layers.BLOCK_BRANCH_OUTPUTS  # what the "block_outputs" remat policies keep
         h = modulate(self.adaLN_sa_ln(x), shift_msa, scale_msa)
-        x = gated_residual(x, gate_msa, self.self_attention(h, rope, key_lengths))
+        x = gated_residual(x, gate_msa, checkpoint_name(self.self_attention(h, rope, key_lengths), attention_name))
         h = modulate(self.adaLN_mlp_ln(x), shift_mlp, scale_mlp)
-        return gated_residual(x, gate_mlp, self.mlp(h))
+        return gated_residual(x, gate_mlp, checkpoint_name(self.mlp(h), mlp_name))
 
 
 class FinalNorm(nnx.Module):
@@ -234,7 +236,9 @@ class ErnieImageTransformer(nnx.Module):
     -> velocity [B, out_channels, H, W]`, with diffusers' layouts and meanings.
 
     `timestep` is on the 0..1000 scale (sigma * 1000). `text_bth` is zero-padded to T; `text_lens` holds
-    the true lengths. `dtype` is the compute dtype and `param_dtype` the storage dtype.
+    the true lengths. `dtype` is the compute dtype and `param_dtype` the storage dtype. `attention_impl` is
+    one of `layers.ATTENTION_IMPLEMENTATIONS`: "xla", "cudnn" (GPU) or "splash" (TPU; on CPU it runs in
+    Pallas interpret mode automatically, for tests).
     """
 
     def __init__(

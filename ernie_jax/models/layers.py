@@ -8,6 +8,7 @@ the rounding points that matter in bf16.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -15,8 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+from ernie_jax.models import splash
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+# Names (`jax.ad_checkpoint.checkpoint_name`) of the per-layer tensors that the block-output policies keep:
+# the residual stream entering each stacked layer (named by `run_stacked`), and what each residual branch
+# adds to it (named by the blocks, e.g. the DiT's attention and MLP outputs before their gates).
+BLOCK_INPUT = "block_input"
+BLOCK_BRANCH_OUTPUTS = ("attention_output", "mlp_output")
+# Per policy, the names whose tensors it moves to host memory (each a `[B, S, D]` activation per layer).
+REMAT_OFFLOADED_NAMES: dict[str, tuple[str, ...]] = {"offload_block_outputs": (BLOCK_INPUT, *BLOCK_BRANCH_OUTPUTS)}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     # Keep every intermediate: fastest, most memory. The right choice for sampling.
@@ -27,6 +39,19 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Keep every matmul output, recompute the cheap elementwise work.
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # Keep the block input and the branch outputs (three `[B, S, D]` tensors per layer) and recompute the
+    # rest of the block. Under scan the block input is kept by every policy (it is the scanned carry), so
+    # this differs from "full" by the branch outputs: the backward pass needs them only for the gates'
+    # gradients, and keeping them spares recomputing the attention output projection and the MLP's down
+    # projection (two of the block's seven weight matmuls).
+    "block_outputs": jax.checkpoint_policies.save_only_these_names(BLOCK_INPUT, *BLOCK_BRANCH_OUTPUTS),
+    # The same three tensors, moved to pinned host memory in the forward pass and back for the backward
+    # pass, so no per-layer activation stays on the device. XLA's CPU backend drops the memory-kind
+    # annotations (host and device memory are one there): on CPU this compiles and computes the same
+    # numbers as "block_outputs", with the same memory.
+    "offload_block_outputs": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=REMAT_OFFLOADED_NAMES["offload_block_outputs"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -35,6 +60,17 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 # stay free of mesh details.
 ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "activation_constraint", default=None)
+
+
+# Logical axes of attention's query, key and value `[B, T, H, D]`.
+ATTENTION_AXES = ("batch", "length", "act_heads", None)
+
+# Set by ernie_jax.parallel.activation_sharding while a sharded program is traced: maps
+# (local_attention, ATTENTION_AXES, query, key, value, key_lengths, mask) to `local_attention(query, key,
+# value, key_lengths, mask)` run per shard inside `shard_map`, keys and values gathered whole over the
+# sequence axis. Unset, attention runs on whole arrays.
+ATTENTION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "attention_sharding", default=None)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
@@ -75,7 +111,8 @@ def run_stacked(stacked: nnx.Module, step, carry, per_layer=None, *, remat: str,
 
     def body(c, xs):
         layer_state, layer_input = xs
-        return step(nnx.merge(graphdef, layer_state), c, layer_input)
+        # Every use of the carry goes through the name, so a policy that offloads it leaves no device copy.
+        return step(nnx.merge(graphdef, layer_state), checkpoint_name(c, BLOCK_INPUT), layer_input)
 
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=not scan)
     if scan:
@@ -258,11 +295,30 @@ def attention(
     the sequence, so a key-padding mask is a per-sample valid length). `mask` (boolean `[B, 1, T, S]`,
     True = attend) adds any other pattern, e.g. causal. K may divide H (grouped-query attention: query
     head h reads key head h // (H / K)). `implementation` selects the kernel: "xla" (portable
-    reference) or "cudnn" (fused, GPU only).
+    reference), "cudnn" (fused, GPU only) or "splash" (Pallas, TPU; interpreted on CPU; key-padding mask
+    only, see models/splash.py).
+
+    Under `parallel.activation_sharding` the kernel runs per shard in `shard_map` (ATTENTION_SHARDING):
+    batch and heads split as ATTENTION_AXES say, and with the sequence split (context parallelism) each
+    shard keeps its queries and gathers all keys and values, so key positions and lengths stay global.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "splash" and mask is not None:
+        raise ValueError("splash attention takes only the key-padding mask (key_lengths), not a mask array; "
+                         "use 'xla' or 'cudnn' for masked (e.g. causal) attention")
+    local = functools.partial(_attention_kernel, implementation=implementation)
+    sharded = ATTENTION_SHARDING.get()
+    if sharded is None:
+        return local(query, key, value, key_lengths, mask)
+    return sharded(local, ATTENTION_AXES, query, key, value, key_lengths, mask)
+
+
+def _attention_kernel(query, key, value, key_lengths, mask, *, implementation: str) -> jax.Array:
+    """`attention` on the arrays at hand (whole, or one shard's)."""
     lengths = None if key_lengths is None else key_lengths.astype(jnp.int32)
+    if implementation == "splash":
+        return splash.splash_attention(query, key, value, lengths)
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, key_value_seq_lengths=lengths, implementation=implementation)
