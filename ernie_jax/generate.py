@@ -2,7 +2,9 @@
 
 Writes one PNG per image and, beside each, a JSON with the settings, the (revised) prompt and the seed.
 `--turbo` selects ERNIE-Image-Turbo's recommended 8 steps at guidance 1.0; the defaults are the base
-model's 50 steps at guidance 4.0. The released folders do not say which model they hold.
+model's 50 steps at guidance 4.0. The released folders do not say which model they hold. `--mesh fsdp=8`
+(axes data, fsdp, context, tensor; one may be -1) loads every component straight into a device mesh and
+runs every stage sharded, with each component's inference rule table (ernie_jax.parallel.COMPONENT_RULES).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ernie_jax import parallel
 from ernie_jax.pipeline import PRESETS, VAE_SCALE_FACTOR, ErnieImagePipeline
 
 
@@ -32,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--no-pe", action="store_true", help="skip the prompt enhancer")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,tensor=4 (default: one device)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     args = parser.parse_args(argv)
     preset = PRESETS["ernie-image-turbo" if args.turbo else "ernie-image"]
@@ -43,6 +47,11 @@ def parse_args(argv):
             parser.error(f"--{name} must be a positive multiple of {VAE_SCALE_FACTOR}, got {value}")
     if args.steps < 1 or args.num_images < 1:
         parser.error("--steps and --num-images must be at least 1")
+    if args.mesh is not None:
+        try:
+            args.mesh_sizes = parallel.parse_mesh(args.mesh)
+        except ValueError as e:
+            parser.error(f"--mesh: {e}")
     return args
 
 
@@ -62,12 +71,13 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     out = Path(args.out)
-    print(f"loading {args.model} ({args.dtype})", file=sys.stderr)
-    pipe = ErnieImagePipeline.from_pretrained(args.model, args.dtype)
+    mesh = None if args.mesh is None else parallel.make_mesh(args.mesh_sizes)
+    print(f"loading {args.model} ({args.dtype}{f', mesh {args.mesh}' if mesh is not None else ''})", file=sys.stderr)
+    pipe = ErnieImagePipeline.from_pretrained(args.model, args.dtype, mesh=mesh)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(model=str(args.model), negative_prompt=args.negative_prompt, height=args.height,
                     width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                    use_pe=not args.no_pe, dtype=args.dtype)
+                    use_pe=not args.no_pe, dtype=args.dtype, mesh=args.mesh)
     for prompt_index, prompt in enumerate(tqdm(args.prompt, desc="generating", unit="prompt")):
         seed = args.seed + prompt_index
         start = time.perf_counter()

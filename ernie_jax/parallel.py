@@ -26,21 +26,40 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # Logical names that are never split (small vectors, spatial kernel dims, the stacked-layer axis).
 _REPLICATED = (("layers", None), ("norm", None), ("head_dim", None), ("patch", None), ("conv_in", None),
                ("conv_out", None))
-# Training default: weights split over fsdp (embed) and tensor (heads/mlp), batch over data and fsdp,
+# The batch is split over fsdp and data, fsdp first. Not ("data", "fsdp"): XLA's SPMD partitioner (jax 0.10.2,
+# Shardy and GSPMD alike) returns wrong values for a dot whose batch is split over (p, q), contraction over r
+# and the weight's output dimension over q, e.g. to_out under data x fsdp x tensor (rows of the shards
+# (data 0, fsdp 1) and (data 1, fsdp 0) swapped; docs/upstream/xla_batch_two_axes_repro.py). So no weight axis
+# may come second here.
+_BATCH_AXES = ("fsdp", "data")
+# Training default: weights split over fsdp (embed) and tensor (heads/mlp), batch over fsdp and data,
 # sequence over context.
 TRAINING_RULES: Rules = (
-    ("batch", ("data", "fsdp")), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
+    ("batch", _BATCH_AXES), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
     ("embed", "fsdp"), ("embed_in", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
     ("vocab", "tensor"),
 ) + _REPLICATED
 # Inference default: data parallel (weights replicated, batch split over every data-like axis).
 INFERENCE_RULES: Rules = (
-    ("batch", ("data", "fsdp")), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
+    ("batch", _BATCH_AXES), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
     ("embed", None), ("embed_in", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
     ("vocab", "tensor"),
 ) + _REPLICATED
 # Inference for models that do not fit one device: weights split over fsdp as in training.
 INFERENCE_FSDP_RULES: Rules = TRAINING_RULES
+# The VAE (84M parameters) in every mode: weights replicated, the batch split over every mesh axis.
+VAE_RULES: Rules = (
+    ("batch", MESH_AXES), ("length", None), ("act_embed", None), ("act_heads", None), ("embed", None),
+    ("embed_in", None), ("heads", None), ("kv_heads", None), ("mlp", None), ("vocab", None),
+) + _REPLICATED
+# Each pipeline component's default rule table per mode. The text encoder (and PE) are frozen in training,
+# where their weights are split like the transformer's to leave it the memory.
+COMPONENT_RULES: dict[str, dict[str, Rules]] = {
+    "training": {"transformer": TRAINING_RULES, "text_encoder": TRAINING_RULES, "pe": TRAINING_RULES,
+                 "vae": VAE_RULES},
+    "inference": {"transformer": INFERENCE_RULES, "text_encoder": INFERENCE_RULES, "pe": INFERENCE_RULES,
+                  "vae": VAE_RULES},
+}
 
 
 def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None, devices=None) -> Mesh:
@@ -133,15 +152,25 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     return model
 
 
-def _place(variable: nnx.Variable, sharding: NamedSharding) -> nnx.Variable:
-    """`jax.device_put`, except for a process-local value going to a sharding over other processes' devices
-    too (device_put refuses a committed one): then each process builds its own shards from the host value,
-    which must be the same in every process."""
-    value = variable[...]
-    if sharding.is_fully_addressable or not value.is_fully_addressable:
-        return jax.device_put(variable, sharding)
+def put_array(value, sharding: NamedSharding) -> jax.Array:
+    """`jax.device_put`, except for a process-local value (host array, or one on this process's devices)
+    going to a sharding over other processes' devices too (device_put refuses a committed one): then each
+    process builds its own shards from the host value, which must be the same in every process."""
+    if sharding.is_fully_addressable or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+        return jax.device_put(value, sharding)
     host = np.asarray(value)
-    return variable.replace(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _place(variable: nnx.Variable, sharding: NamedSharding) -> nnx.Variable:
+    return variable.replace(put_array(variable[...], sharding))
+
+
+def put(tree, shardings):
+    """Every array (or nnx variable) of `tree` placed by `put_array` in its sharding; `shardings` is a prefix
+    of `tree`, as jit's in_shardings are (jit refuses an argument committed to another sharding)."""
+    return jax.tree.map(lambda sharding, x: _place(x, sharding) if isinstance(x, nnx.Variable)
+                        else put_array(x, sharding), shardings, tree)
 
 
 def replicated_parameters(model_or_state, mesh: Mesh, rules: Rules, threshold_bytes: int = 1 << 20
@@ -157,17 +186,57 @@ def replicated_parameters(model_or_state, mesh: Mesh, rules: Rules, threshold_by
     return sorted(report, key=lambda item: -item[1])
 
 
+def sharded_attention(mesh: Mesh, rules: Rules):
+    """The `layers.ATTENTION_SHARDING` hook: runs an attention kernel per shard in `shard_map` on `mesh`.
+
+    Query `[B, T, H, D]` and key/value `[B, S, K, D]` are split by their logical axes under `rules`; heads
+    only where both H and K divide (grouped heads stay together). When the key sequence is split (context
+    parallelism), each shard keeps its queries and all-gathers the keys and values over those mesh axes, so
+    every query sees every key at its global position and the result is exact. key_lengths `[B]` follows
+    the batch; a mask `[B, 1, T, S]` follows the batch and the query sequence. A length that the context
+    axis does not divide stays whole (as `logical_to_spec` leaves it), and attention is then repeated on
+    every context shard.
+    """
+
+    def run(local_attention, axes, query, key, value, key_lengths, mask):
+        q_spec = logical_to_spec(axes, rules, query.shape, mesh)
+        kv_spec = logical_to_spec(axes, rules, key.shape, mesh)
+        heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
+        q_spec = PartitionSpec(q_spec[0], q_spec[1], heads, None)
+        kv_spec = PartitionSpec(kv_spec[0], kv_spec[1], heads, None)
+        sequence_axes = kv_spec[1]
+
+        def per_shard(q, k, v, lengths, m):
+            if sequence_axes is not None:
+                k = jax.lax.all_gather(k, sequence_axes, axis=1, tiled=True)
+                v = jax.lax.all_gather(v, sequence_axes, axis=1, tiled=True)
+            return local_attention(q, k, v, lengths, m)
+
+        lengths_spec = None if key_lengths is None else PartitionSpec(q_spec[0])
+        mask_spec = None if mask is None else PartitionSpec(
+            q_spec[0] if mask.shape[0] == query.shape[0] else None, None,
+            q_spec[1] if mask.shape[2] == query.shape[1] else None, None)
+        # check_vma=False: Pallas kernels (splash) do not declare which mesh axes their outputs vary over.
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, lengths_spec, mask_spec),
+                             out_specs=q_spec, check_vma=False)(query, key, value, key_lengths, mask)
+
+    return run
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules):
-    """Within the block (while tracing), `layers.constrain` pins activations to `rules` on `mesh`."""
+    """Within the block (while tracing), `layers.constrain` pins activations to `rules` on `mesh` and
+    `layers.attention` runs in `shard_map` (`sharded_attention`)."""
 
     def constrain(x, names):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, x.shape, mesh)))
 
     token = layers.ACTIVATION_CONSTRAINT.set(constrain)
+    attention_token = layers.ATTENTION_SHARDING.set(sharded_attention(mesh, rules))
     try:
         yield
     finally:
+        layers.ATTENTION_SHARDING.reset(attention_token)
         layers.ACTIVATION_CONSTRAINT.reset(token)
 
 
@@ -179,6 +248,33 @@ def data_sharding(mesh: Mesh, rules: Rules, names: Iterable[str | None], shape: 
 def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
     """An array whose leading axis is the batch and whose other axes are whole."""
     return data_sharding(mesh, rules, ("batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def batch_shard_count(mesh: Mesh, rules: Rules) -> int:
+    """Into how many pieces `rules` split a batch axis on `mesh` (a batch they divide; others stay whole)."""
+    axes = logical_to_spec(("batch",), rules, mesh=mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def component_rules(mode: str, overrides: Mapping[str, Rules] | None = None) -> dict[str, Rules]:
+    """Each pipeline component's rule table: the `mode` ("training" | "inference") defaults of
+    COMPONENT_RULES, with the tables of `overrides` (component -> rules) in place of some."""
+    if mode not in COMPONENT_RULES:
+        raise ValueError(f"mode must be one of {sorted(COMPONENT_RULES)}, got {mode!r}")
+    unknown = sorted(set(overrides or {}) - set(COMPONENT_RULES[mode]))
+    if unknown:
+        raise ValueError(f"rules for unknown components {unknown}; the components are {sorted(COMPONENT_RULES[mode])}")
+    return {**COMPONENT_RULES[mode], **(overrides or {})}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of `x` as a host array, gathered from every process when it spans several."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, static_argnums=(), donate_argnums=()):

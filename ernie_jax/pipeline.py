@@ -12,15 +12,19 @@ padded the same way, its padded keys masked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from ernie_jax import sampling
+from ernie_jax import parallel, sampling
+from ernie_jax.models import mistral as mistral_lib
 from ernie_jax.models import vae as vae_lib
 from ernie_jax.tokenizer import Tokenizer
 
@@ -59,17 +63,13 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _jit_method(name: str):
-    """A jitted pure function calling `module.<name>(*args)` on (graphdef, state): compiled once per
-    graphdef and shapes, shared by every pipeline holding an equal module."""
-
-    def call(graphdef, state, *args):
-        return getattr(nnx.merge(graphdef, state), name)(*args)
-
-    return jax.jit(call, static_argnums=(0,))
+def _encode(graphdef, state, input_ids, lengths):
+    """The text encoder's features `[B, T, D]` of right-padded `input_ids [B, T]` (valid lengths `[B]`)."""
+    return nnx.merge(graphdef, state).encode(input_ids, lengths)
 
 
-_encode_text = _jit_method("encode")
+# Compiled once per graphdef and shapes, shared by every pipeline holding an equal module.
+_encode_text = jax.jit(_encode, static_argnums=(0,))
 
 
 def _decode_images(graphdef, state, latents, tile_size):
@@ -88,15 +88,30 @@ def _decode_images(graphdef, state, latents, tile_size):
 _decode_images_jit = jax.jit(_decode_images, static_argnums=(0, 3))
 
 
+def _component_rules(mesh, rules: Mapping[str, parallel.Rules] | None) -> dict[str, parallel.Rules] | None:
+    """Each component's rule table on `mesh` (the inference defaults, `rules` replacing some), None without one."""
+    if mesh is None:
+        if rules is not None:
+            raise ValueError("rules place the components on a mesh: pass mesh too")
+        return None
+    return parallel.component_rules("inference", rules)
+
+
 class ErnieImagePipeline:
     """Text-to-image with ERNIE-Image (or ERNIE-Image-Turbo) weights.
 
     Components are ernie_jax modules (transformer, vae, text_encoder, optional pe) and `Tokenizer`s.
+
+    With a device `mesh`, every component is placed by its logical-axis rule table (`rules`: component ->
+    table, over parallel.COMPONENT_RULES["inference"]) and every stage runs as a program compiled with
+    explicit input and output shardings: the text encoder and the VAE split their batch over the batch axes
+    (padded to a multiple of the number of batch shards), the PE's decode loop and the denoising loop split
+    theirs where it divides (otherwise it stays whole) and keep the KV cache's heads split as the weights'.
     """
 
     def __init__(self, transformer, vae, text_encoder, tokenizer: Tokenizer | None, *, shift: float = 4.0,
                  pe=None, pe_tokenizer: Tokenizer | None = None, pe_generation_config: dict | None = None,
-                 text_bucket: int = 64):
+                 text_bucket: int = 64, mesh=None, rules: Mapping[str, parallel.Rules] | None = None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -108,15 +123,31 @@ class ErnieImagePipeline:
         self.text_bucket = text_bucket
         self.vae_tile_size = None
         self._lora_base = None
+        self.mesh = mesh
+        self.rules = _component_rules(mesh, rules)
+        self._sharded_programs = {}
+        if mesh is not None:
+            for name in ("transformer", "vae", "text_encoder", "pe"):
+                if getattr(self, name) is not None:
+                    parallel.shard_model(getattr(self, name), mesh, self.rules[name])
 
     # ----------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype="bfloat16", *, text_bucket: int = 64) -> "ErnieImagePipeline":
+    def from_pretrained(cls, path, dtype="bfloat16", *, mesh=None, rules: Mapping[str, parallel.Rules] | None = None,
+                        text_bucket: int = 64) -> "ErnieImagePipeline":
         """Loads a diffusers-format ERNIE-Image folder (model_index.json; transformer, vae, text_encoder,
-        tokenizer, scheduler, optional pe and pe_tokenizer) or one written by `conversions.convert`."""
+        tokenizer, scheduler, optional pe and pe_tokenizer) or one written by `conversions.convert`.
+
+        With a `mesh`, every tensor is read straight into its sharding under the component's rule table
+        (`rules`: component -> table, replacing parallel.COMPONENT_RULES["inference"] entries)."""
         from conversions import mistral, transformer, vae
         from conversions.safetensors_io import CheckpointError
+
+        component_rules = _component_rules(mesh, rules)
+
+        def placement(component: str) -> dict:
+            return {} if mesh is None else {"mesh": mesh, "axis_rules": component_rules[component]}
 
         path = Path(path)
         if not (path / "model_index.json").is_file():
@@ -134,17 +165,93 @@ class ErnieImagePipeline:
         pe = pe_tokenizer = None
         generation_config = {}
         if present("pe") and present("pe_tokenizer"):
-            pe = mistral.load_prompt_enhancer(path / "pe", dtype)
+            pe = mistral.load_prompt_enhancer(path / "pe", dtype, **placement("pe"))
             pe_tokenizer = Tokenizer.from_folder(path / "pe_tokenizer")
             if (path / "pe" / "generation_config.json").is_file():
                 generation_config = json.loads((path / "pe" / "generation_config.json").read_text())
         return cls(
-            transformer.load_transformer(path / "transformer", dtype),
-            vae.load_vae(path / "vae", dtype),
-            mistral.load_text_encoder(path / "text_encoder", dtype),
+            transformer.load_transformer(path / "transformer", dtype, **placement("transformer")),
+            vae.load_vae(path / "vae", dtype, **placement("vae")),
+            mistral.load_text_encoder(path / "text_encoder", dtype, **placement("text_encoder")),
             Tokenizer.from_folder(path / "tokenizer"),
             shift=scheduler_shift(scheduler_config), pe=pe, pe_tokenizer=pe_tokenizer,
-            pe_generation_config=generation_config, text_bucket=text_bucket)
+            pe_generation_config=generation_config, text_bucket=text_bucket, mesh=mesh, rules=rules)
+
+    # ----------------------------------------------------------------------------------- sharded programs
+
+    def _run_sharded(self, key, build, *args):
+        """Runs the program `build()` returns as (jitted function, its in_shardings), built once per `key`,
+        on `args` placed in those shardings first."""
+        if key not in self._sharded_programs:
+            self._sharded_programs[key] = build()
+        program, in_shardings = self._sharded_programs[key]
+        return program(*parallel.put(args, in_shardings))
+
+    def _in_shardings(self, component: str, state, *batch_shapes) -> tuple:
+        """The shardings of `state` under the component's rules, then of an array per batch-leading shape."""
+        rules = self.rules[component]
+        return (parallel.state_shardings(state, self.mesh, rules),
+                *(parallel.batch_sharding(self.mesh, rules, shape) for shape in batch_shapes))
+
+    def _padded_batch(self, component: str, batch: int) -> int:
+        """`batch` rounded up to a multiple of the batch shards of `component` (unchanged without a mesh)."""
+        if self.mesh is None:
+            return batch
+        return _round_up(batch, parallel.batch_shard_count(self.mesh, self.rules[component]))
+
+    def _encode_sharded(self, graphdef, state, input_ids: np.ndarray, lengths: np.ndarray) -> jax.Array:
+        """`_encode` with the weights placed by the text encoder's rules and the batch split."""
+        mesh, rules = self.mesh, self.rules["text_encoder"]
+
+        def build():
+            in_shardings = self._in_shardings("text_encoder", state, input_ids.shape, lengths.shape)
+            out_shape = (*input_ids.shape, self.text_encoder.config.hidden_size)
+            out_sharding = parallel.data_sharding(mesh, rules, mistral_lib.ACTIVATION_AXES, out_shape)
+            return parallel.jit_sharded(functools.partial(_encode, graphdef), mesh, rules, in_shardings,
+                                        out_sharding), in_shardings
+
+        return self._run_sharded(("encode", graphdef, input_ids.shape), build, state, input_ids, lengths)
+
+    def _generate_loop(self):
+        """The PE's decode loop for `mistral.generate(loop=...)`: None (its single-device jit) without a mesh,
+        else compiled with the weights placed by the PE's rules, the prompt batch split where it divides,
+        and the tokens replicated (every process reads them)."""
+        if self.mesh is None:
+            return None
+        mesh, rules = self.mesh, self.rules["pe"]
+
+        def loop(graphdef, params, prompt_ids, lengths, key, *scalars, max_new_tokens: int):
+            def build():
+                replicated = NamedSharding(mesh, PartitionSpec())
+                in_shardings = (*self._in_shardings("pe", params, prompt_ids.shape, lengths.shape),
+                                *(replicated,) * (1 + len(scalars)))
+                program = functools.partial(mistral_lib._generate_loop, graphdef, max_new_tokens=max_new_tokens)
+                return parallel.jit_sharded(program, mesh, rules, in_shardings, (replicated, replicated)), in_shardings
+
+            key_shapes = (prompt_ids.shape, tuple(np.shape(s) for s in scalars), max_new_tokens)
+            return self._run_sharded(("generate", graphdef, key_shapes), build, params, prompt_ids, lengths, key,
+                                     *scalars)
+
+        return loop
+
+    def _decode_sharded(self, graphdef, state, latents: jax.Array) -> jax.Array:
+        """`_decode_images` per device in `shard_map`: the batch split over the VAE's batch axes, the weights
+        whole on every device (gathered first if the VAE's rules split them)."""
+        mesh, rules, tile_size = self.mesh, self.rules["vae"], self.vae_tile_size
+
+        def build():
+            in_shardings = self._in_shardings("vae", state, latents.shape)
+            batch, _, height, width = latents.shape
+            out_sharding = parallel.batch_sharding(mesh, rules, (batch, height * VAE_SCALE_FACTOR,
+                                                                 width * VAE_SCALE_FACTOR, 3))
+            decode = jax.shard_map(functools.partial(_decode_images, graphdef, tile_size=tile_size), mesh=mesh,
+                                   in_specs=(PartitionSpec(), in_shardings[1].spec),
+                                   out_specs=out_sharding.spec)
+            # Plain jit: inside shard_map every mesh axis is manual, so no activation rules apply.
+            return jax.jit(decode, in_shardings=in_shardings, out_shardings=out_sharding), in_shardings
+
+        return self._run_sharded(("decode", graphdef, latents.shape, latents.dtype, tile_size), build, state,
+                                 latents)
 
     # ------------------------------------------------------------------------------------------- text
 
@@ -158,43 +265,60 @@ class ErnieImagePipeline:
 
     def encode_prompt(self, prompts: list[str]) -> list[jax.Array]:
         """Text features `[T_i, D]` (the text encoder's hidden_states[-2]) of each prompt, in the
-        transformer's dtype."""
+        transformer's dtype (the text encoder's in a pipeline built without a transformer)."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds instead")
         token_ids = [self.tokenize(p) for p in prompts]
-        lengths = np.array([len(ids) for ids in token_ids], np.int32)
-        batch = np.zeros((len(token_ids), _round_up(int(lengths.max()), self.text_bucket)), np.int32)
-        for row, ids in zip(batch, token_ids, strict=True):
+        # With a mesh, rows of one token pad the batch to a multiple of its shards.
+        lengths = np.ones(self._padded_batch("text_encoder", len(token_ids)), np.int32)
+        lengths[: len(token_ids)] = [len(ids) for ids in token_ids]
+        batch = np.zeros((len(lengths), _round_up(int(lengths.max()), self.text_bucket)), np.int32)
+        for row, ids in zip(batch, token_ids):
             row[: len(ids)] = ids
         graphdef, state = nnx.split(self.text_encoder)
-        hidden = _encode_text(graphdef, state, jnp.asarray(batch), jnp.asarray(lengths))
-        hidden = hidden.astype(self.transformer.dtype)
-        return [hidden[i, :n] for i, n in enumerate(lengths)]
+        if self.mesh is None:
+            hidden = _encode_text(graphdef, state, jnp.asarray(batch), jnp.asarray(lengths))
+        else:
+            hidden = self._encode_sharded(graphdef, state, batch, lengths)
+        if self.transformer is not None:
+            hidden = hidden.astype(self.transformer.dtype)
+        return [hidden[i, :n] for i, n in enumerate(lengths[: len(token_ids)])]
 
-    def enhance_prompt(self, prompt: str, width: int = 1024, height: int = 1024, temperature: float = 0.6,
-                       top_p: float = 0.95, seed: int = 0, system_prompt: str | None = None) -> str:
-        """The prompt enhancer's rewrite of `prompt` (reference `_enhance_prompt_with_pe`).
+    def enhance_prompt(self, prompt: str | list[str], width: int = 1024, height: int = 1024,
+                       temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
+                       system_prompt: str | None = None) -> str | list[str]:
+        """The prompt enhancer's rewrite of `prompt` (reference `_enhance_prompt_with_pe`); for a list of
+        prompts, the list of rewrites, generated as one batch (so sampled rewrites depend on the batch: the
+        random draws are the batch's, not each prompt's).
 
         The user message is the JSON {"prompt", "width", "height"}; sampling follows transformers' generate
         with the PE folder's generation config (top_k 50 unless it says otherwise); `temperature=0` is greedy.
         """
-        from ernie_jax.models import mistral
-
         if self.pe is None or self.pe_tokenizer is None:
             raise ValueError("this pipeline has no prompt enhancer (pe/ and pe_tokenizer/)")
-        user = json.dumps({"prompt": prompt, "width": width, "height": height}, ensure_ascii=False)
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
-        messages.append({"role": "user", "content": user})
-        text = self.pe_tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-        prompt_ids = np.asarray([self.pe_tokenizer.encode(text, truncation=False)], np.int32)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("the prompt list is empty")
+        encoded = []
+        for text in prompts:
+            user = json.dumps({"prompt": text, "width": width, "height": height}, ensure_ascii=False)
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+            messages.append({"role": "user", "content": user})
+            chat = self.pe_tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+            encoded.append(self.pe_tokenizer.encode(chat, truncation=False))
+        lengths = np.array([len(ids) for ids in encoded], np.int32)
+        prompt_ids = np.zeros((len(encoded), lengths.max()), np.int32)
+        for row, ids in zip(prompt_ids, encoded, strict=True):
+            row[: len(ids)] = ids
         # transformers samples unless temperature and top_p are both 1.0.
         do_sample = temperature != 0 and (temperature != 1.0 or top_p != 1.0)
-        new_ids = mistral.generate(
-            self.pe, prompt_ids, max_new_tokens=min(self.pe_tokenizer.model_max_length, PE_MAX_NEW_TOKENS),
+        new_ids = mistral_lib.generate(
+            self.pe, prompt_ids, lengths, max_new_tokens=min(self.pe_tokenizer.model_max_length, PE_MAX_NEW_TOKENS),
             eos_token_id=self.pe_tokenizer.eos_token_id, pad_token_id=self.pe_tokenizer.pad_token_id,
             temperature=temperature if do_sample else 0.0, top_k=self.pe_generation_config.get("top_k", 50),
-            top_p=top_p, seed=seed)
-        return self.pe_tokenizer.decode(new_ids[0], skip_special_tokens=True).strip()
+            top_p=top_p, seed=seed, loop=self._generate_loop())
+        rewrites = [self.pe_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
+        return rewrites[0] if isinstance(prompt, str) else rewrites
 
     # -------------------------------------------------------------------------------------------- call
 
@@ -271,19 +395,39 @@ class ErnieImagePipeline:
         if latents is None:
             latents = jax.random.normal(jax.random.key(seed), latent_shape, dtype)
         graphdef, params = nnx.split(self.transformer)
-        latents = sampling._denoise_loop_jit(graphdef, params, latents.astype(dtype), text_bth,
-                                             jnp.asarray(lengths), sigmas, jnp.float32(guidance_scale),
-                                             use_cfg=use_cfg)
+        args = (latents.astype(dtype), text_bth, jnp.asarray(lengths))
+        if self.mesh is None:
+            latents = sampling._denoise_loop_jit(graphdef, params, *args, sigmas, jnp.float32(guidance_scale),
+                                                 use_cfg=use_cfg)
+        else:
+            # The loop's in_shardings: the batch split over the batch axes (the weights are placed already).
+            rules = self.rules["transformer"]
+            args = tuple(parallel.put_array(x, parallel.batch_sharding(self.mesh, rules, x.shape)) for x in args)
+            loop = sampling._sharded_denoise_loop(graphdef, params, use_cfg, self.mesh, rules,
+                                                  tuple(x.shape for x in args))
+            latents = loop(params, *args, sigmas, jnp.float32(guidance_scale))
         if output_type == "latent":
             return ErnieImagePipelineOutput(latents, revised, seed)
-        vae_graphdef, vae_state = nnx.split(self.vae)
-        images = np.asarray(_decode_images_jit(vae_graphdef, vae_state, latents.astype(self.vae.dtype),
-                                               self.vae_tile_size), np.float32)
+        images = self.decode_latents(latents)
         if output_type == "pil":
             from PIL import Image
 
             images = [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
         return ErnieImagePipelineOutput(images, revised, seed)
+
+    def decode_latents(self, latents) -> np.ndarray:
+        """Packed latents `[B, 128, h, w]` -> images `[B, 16h, 16w, 3]` float32 in [0, 1] on the host.
+
+        With a mesh, the batch is zero-padded to a multiple of the VAE's batch shards and each device decodes
+        its share."""
+        graphdef, state = nnx.split(self.vae)
+        latents = jnp.asarray(latents).astype(self.vae.dtype)
+        if self.mesh is None:
+            return np.asarray(_decode_images_jit(graphdef, state, latents, self.vae_tile_size), np.float32)
+        total = latents.shape[0]
+        padding = ((0, self._padded_batch("vae", total) - total),) + ((0, 0),) * 3
+        images = self._decode_sharded(graphdef, state, jnp.pad(latents, padding))
+        return parallel.to_host(images)[:total].astype(np.float32)
 
     def enable_vae_tiling(self, tile_size: int = 64) -> None:
         """Decode with overlapping tiles of `tile_size` VAE-latent pixels (as diffusers' `vae.enable_tiling`):

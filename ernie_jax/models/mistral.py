@@ -348,6 +348,10 @@ class DecoderLayer(nnx.Module):
 
 
 KVCache = tuple[jax.Array, jax.Array]  # (keys, values), each [L, B, S, K, Hd]
+# Logical axes of the residual stream at layer boundaries and of the KV cache (its length is never split:
+# decoding writes at a traced position).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
 
 
 class MistralModel(nnx.Module):
@@ -411,10 +415,13 @@ class MistralModel(nnx.Module):
 
     def _run_layers(self, x, num_layers, rope, query_scale, mask, cache, write_start):
         def step(layer, carry, layer_cache):
-            return layer(carry, rope, query_scale, mask, layer_cache, write_start)
+            carry, layer_cache = layer(carry, rope, query_scale, mask, layer_cache, write_start)
+            if layer_cache is not None:
+                layer_cache = tuple(layers.constrain(c, KV_CACHE_AXES[1:]) for c in layer_cache)
+            return layers.constrain(carry, ACTIVATION_AXES), layer_cache
 
-        return layers.run_stacked(self.layers, step, x, cache, remat=self.remat, scan=self.scan_layers,
-                                  num_layers=num_layers)
+        return layers.run_stacked(self.layers, step, layers.constrain(x, ACTIVATION_AXES), cache, remat=self.remat,
+                                  scan=self.scan_layers, num_layers=num_layers)
 
     def encode(self, input_ids, lengths) -> jax.Array:
         """Text-encoder features: `input_ids [B, T]` right-padded, `lengths [B]` -> `[B, T, D]` in the compute dtype.
@@ -448,7 +455,7 @@ class MistralModel(nnx.Module):
         """An empty KV cache `(k, v)`, each `[L, B, max_length, K, Hd]` in the compute dtype."""
         cfg = self.config
         shape = (self.num_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        return tuple(layers.constrain(jnp.zeros(shape, self.dtype), KV_CACHE_AXES) for _ in range(2))
 
 
 def init_model(config: MistralConfig, *, seed: int = 0, **kwargs) -> MistralModel:
@@ -549,7 +556,7 @@ _generate_jit = jax.jit(_generate_loop, static_argnums=(0,), static_argnames=("m
 
 def generate(model: MistralModel, prompt_ids, lengths=None, *, max_new_tokens: int, eos_token_id=None,
              pad_token_id=None, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
-             do_sample: bool = True, seed: int = 0, bucket: int = 64) -> np.ndarray:
+             do_sample: bool = True, seed: int = 0, bucket: int = 64, loop=None) -> np.ndarray:
     """transformers-equivalent `generate` for the causal LM: returns the new token ids `[B, N]` (numpy int32).
 
     `prompt_ids [B, T]` right-padded to `lengths [B]` (default: all T). Each row stops at its first eos
@@ -558,7 +565,8 @@ def generate(model: MistralModel, prompt_ids, lengths=None, *, max_new_tokens: i
     config's (pad falls back to eos, as in transformers). Sampling is temperature -> top-k -> top-p ->
     categorical with `jax.random.key(seed)`; `do_sample=False` or `temperature == 0` is greedy argmax.
     Transformers' own default top_k is 50. Prompts are padded to a multiple of `bucket`, so the loop
-    compiles once per (batch, bucket, max_new_tokens, model).
+    compiles once per (batch, bucket, max_new_tokens, model). `loop` replaces the single-device compiled loop
+    by another compilation of `_generate_loop` with the same signature (e.g. a sharded one).
     """
     cfg = model.config
     prompt_ids = np.asarray(prompt_ids)
@@ -584,7 +592,7 @@ def generate(model: MistralModel, prompt_ids, lengths=None, *, max_new_tokens: i
     ids = np.zeros((batch, padded), np.int32)
     ids[:, :length] = prompt_ids
     graphdef, params = nnx.split(model)
-    tokens, steps = _generate_jit(graphdef, params, ids, lengths, jax.random.key(seed), np.float32(temperature),
-                                  np.int32(top_k), np.float32(top_p), eos_ids, np.int32(pad),
-                                  max_new_tokens=max_new_tokens)
+    tokens, steps = (loop or _generate_jit)(graphdef, params, ids, lengths, jax.random.key(seed),
+                                            np.float32(temperature), np.int32(top_k), np.float32(top_p), eos_ids,
+                                            np.int32(pad), max_new_tokens=max_new_tokens)
     return np.asarray(tokens)[:, :int(steps)]
