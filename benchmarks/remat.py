@@ -1,7 +1,9 @@
-"""Remat policies compared: XLA temporaries and compile time of one training step, per policy.
+"""Remat policies compared: device memory, recompute and compile time of one training step, per policy.
 
-Runs `python -m ernie_jax.plan --mode train` (AOT compilation on emulated devices, nothing allocated)
-once per policy in `ernie_jax.models.layers.REMAT_POLICIES`.
+Runs `python -m ernie_jax.plan --mode train --json` (AOT compilation on emulated devices, nothing
+allocated) once per policy in `ernie_jax.models.layers.REMAT_POLICIES`. FLOPs are XLA's cost analysis
+of the compiled step, which counts a scanned loop body once: the column compares the policies' recompute
+in one block's forward and backward pass (plus the embedding, head and optimizer), as a ratio to "none".
 
     python benchmarks/remat.py [--preset small] [--resolution 512] [--batch 8] [--mesh fsdp=8]
 """
@@ -9,7 +11,7 @@ once per policy in `ernie_jax.models.layers.REMAT_POLICIES`.
 from __future__ import annotations
 
 import argparse
-import re
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ernie_jax.models.layers import REMAT_POLICIES  # noqa: E402
+from ernie_jax.models.layers import REMAT_POLICIES
+
+GIB = 2**30
 
 
 def main() -> None:
@@ -28,16 +32,18 @@ def main() -> None:
     parser.add_argument("--mesh", default="fsdp=8")
     args = parser.parse_args()
     print(f"training step, preset {args.preset}, {args.resolution}^2, batch {args.batch}, mesh {args.mesh}")
-    for policy in sorted(REMAT_POLICIES):
+    reports = {}
+    for policy in REMAT_POLICIES:
         result = subprocess.run(
-            [sys.executable, "-m", "ernie_jax.plan", "--mode", "train", "--preset", args.preset, "--resolution",
-             args.resolution, "--batch", args.batch, "--mesh", args.mesh, "--remat", policy], cwd=REPO,
-            capture_output=True, text=True, check=True)
-        temporaries = re.search(r"temporaries \(activations, workspace\)\s+(\S+) GiB", result.stdout).group(1)
-        total = re.search(r"total\s+(\S+) GiB", result.stdout).group(1)
-        seconds = re.search(r"compiled in (\d+) s", result.stdout).group(1)
-        print(f"  remat {policy:14s} temporaries {temporaries:>7s} GiB  total {total:>7s} GiB per device  "
-              f"compile {seconds} s")
+            [sys.executable, "-m", "ernie_jax.plan", "--json", "--mode", "train", "--preset", args.preset,
+             "--resolution", args.resolution, "--batch", args.batch, "--mesh", args.mesh, "--remat", policy],
+            cwd=REPO, capture_output=True, text=True, check=True)
+        reports[policy] = json.loads(result.stdout.strip().splitlines()[-1])
+    for policy, report in reports.items():
+        print(f"  remat {policy:22s} temporaries {report['temporaries (activations, workspace)'] / GIB:7.2f} GiB  "
+              f"offloaded {report['offloaded to host'] / GIB:6.2f} GiB  total {report['total'] / GIB:7.2f} GiB "
+              f"per device  FLOPs x{report['flops'] / reports['none']['flops']:.2f}  "
+              f"compile {report['compile_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,19 @@ then prints per-device bytes for parameters, optimizer state, inputs and XLA's t
 and workspace, from the compiled `memory_analysis`) and whether their sum fits `--device-memory`.
 The numbers come from XLA's CPU buffer assignment: accelerator compilers schedule and fuse
 differently, so read them as estimates (within tens of percent), not guarantees.
+
+Two CPU-only effects are taken out. XLA's CPU backend has no bf16 matmul: it upcasts bf16 dots to fp32
+and then hoists the fp32 copy of every stacked weight (and of bf16 residual stacks) out of the layer
+loop, which accelerators do not do; the plan compiles without the CPU's while-loop invariant code motion
+pass. And the CPU backend ignores memory kinds, so tensors that a remat policy offloads to pinned host
+memory stay in its temporaries; the plan reports their bytes on a line of their own ("offloaded to
+host", from their per-device shapes) and leaves them out of the device total.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -45,7 +53,11 @@ def parse_args(argv):
     parser.add_argument("--remat", default="full", help="remat policy for --mode train")
     parser.add_argument("--preset", default="full", help="transformer preset: full (the released 8B), small, tiny")
     parser.add_argument("--num-layers", type=int, help="override the preset's number of blocks (quick what-ifs)")
+    parser.add_argument("--attention", default="xla",
+                        help="attention implementation: xla materializes the [B, H, S, S] scores; splash (the TPU "
+                             "flash kernel, interpreted on CPU) does not")
     parser.add_argument("--device-memory", default="80GiB")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object (for scripts)")
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 16:
         parser.error(f"--resolution must be a positive multiple of 16, got {args.resolution}")
@@ -61,18 +73,25 @@ def main(argv=None) -> None:
         raise ValueError(f"--mesh sizes must be positive, got {args.mesh}")
     devices = math.prod(sizes.values())
     # The emulated devices must exist before JAX starts.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={devices}").strip()
+    # Without the CPU's loop-invariant code motion, no fp32 copies of whole weight stacks (see above).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+                               " --xla_disable_hlo_passes=while-loop-invariant-code-motion").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     report = plan(args, sizes)
     budget = parse_bytes(args.device_memory)
+    report["fits"] = report["total"] <= budget
+    if args.json:
+        print(json.dumps(report))
+        return
     print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}, "
           f"rules {report['rules']}" + (f", remat {args.remat}" if args.mode == "train" else ""))
     for name in ("parameters", "optimizer state", "inputs", "temporaries (activations, workspace)",
                  "outputs (not aliased)"):
         print(f"  {name:38s} {report[name] / 2**30:8.2f} GiB per device")
+    if report["offloaded to host"]:
+        print(f"  {'offloaded to host (not in the total)':38s} {report['offloaded to host'] / 2**30:8.2f} GiB per device")
     total = report["total"]
-    verdict = "fits" if total <= budget else "does NOT fit"
+    verdict = "fits" if report["fits"] else "does NOT fit"
     print(f"  {'total':38s} {total / 2**30:8.2f} GiB per device: {verdict} in {budget / 2**30:.1f} GiB "
           f"(compiled in {report['compile_seconds']:.0f} s)")
 
@@ -103,7 +122,7 @@ def plan(args, sizes: dict[str, int]) -> dict:
     training = args.mode == "train"
     abstract = abstract_transformer(config, dtype=jnp.bfloat16,
                                     param_dtype=jnp.float32 if training else jnp.bfloat16,
-                                    remat=args.remat if training else "none")
+                                    remat=args.remat if training else "none", attention_impl=args.attention)
     graphdef, state = nnx.split(abstract)
     state_sharding = parallel.state_shardings(state, mesh, rules)
     params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, state_sharding,
@@ -153,11 +172,38 @@ def plan(args, sizes: dict[str, int]) -> dict:
     argument_bytes = memory.argument_size_in_bytes
     input_bytes = max(argument_bytes - parameter_bytes - optimizer_bytes, 0)
     output_bytes = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
+    offloaded = memory.host_temp_size_in_bytes
+    # A compiler that ignores memory kinds (XLA CPU) keeps the offloaded tensors in its device temporaries.
+    device_temporaries = memory.temp_size_in_bytes
+    if training and not offloaded:
+        offloaded = _offloaded_bytes(args.remat, config, mesh, rules, batch,
+                                     (latent // config.patch_size) ** 2 + args.text_len)
+        device_temporaries -= offloaded
     report = {"rules": rules_name, "parameters": parameter_bytes, "optimizer state": optimizer_bytes,
-              "inputs": input_bytes, "temporaries (activations, workspace)": memory.temp_size_in_bytes,
-              "outputs (not aliased)": output_bytes, "compile_seconds": seconds}
-    report["total"] = argument_bytes + memory.temp_size_in_bytes + output_bytes
+              "inputs": input_bytes, "temporaries (activations, workspace)": device_temporaries,
+              "outputs (not aliased)": output_bytes, "offloaded to host": offloaded,
+              "flops": compiled.cost_analysis().get("flops", 0.0), "compile_seconds": seconds}
+    report["total"] = argument_bytes + device_temporaries + output_bytes
     return report
+
+
+def _offloaded_bytes(remat: str, config, mesh, rules, batch: int, tokens: int) -> int:
+    """Per-device bytes of the per-layer tensors that `remat` offloads to host: each named `[B, S, D]`
+    bf16 activation, once per layer."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from ernie_jax import parallel
+    from ernie_jax.models.dit import ACTIVATION_AXES
+    from ernie_jax.models.layers import REMAT_OFFLOADED_NAMES
+
+    names = REMAT_OFFLOADED_NAMES.get(remat, ())
+    if not names:
+        return 0
+    shape = (batch, tokens, config.hidden_size)
+    shard = NamedSharding(mesh, parallel.logical_to_spec(ACTIVATION_AXES, rules, shape, mesh)).shard_shape(shape)
+    return len(names) * config.num_layers * int(np.prod(shard)) * jax.numpy.dtype("bfloat16").itemsize
 
 
 def _per_device_bytes(tree) -> int:
