@@ -76,9 +76,16 @@ def train_tokenizer(add_bos: bool, vocab_size: int = 400):
 
 
 def write_tokenizer(folder: Path, *, add_bos: bool, model_max_length: int, chat_template: str | None = None):
-    """A tokenizer folder as transformers saves one: tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+    """A trained byte-level BPE (`train_tokenizer`) as a tokenizer folder (`save_tokenizer_folder`)."""
+    save_tokenizer_folder(folder, train_tokenizer(add_bos), model_max_length=model_max_length,
+                          chat_template=chat_template)
+
+
+def save_tokenizer_folder(folder: Path, tokenizer, *, model_max_length: int, chat_template: str | None = None):
+    """A `tokenizers.Tokenizer` that has the `SPECIAL_TOKENS` <s>, </s>, <unk>, <pad> as a tokenizer folder
+    as transformers saves one: tokenizer.json, tokenizer_config.json, chat_template.jinja."""
     folder.mkdir()
-    train_tokenizer(add_bos).save(str(folder / "tokenizer.json"))
+    tokenizer.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
               "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": model_max_length}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -105,6 +112,32 @@ def write_random_transformer(destination, config, *, dtype: str = "float32", see
         _random_transformer(staging, config, dtype, seed, max_shard_bytes)
 
 
+def write_pipeline_components(folder: Path, transformer, vae, text_encoder, *, shift: float = 4.0,
+                              max_shard_bytes: int = 5 * 10**9) -> dict:
+    """Writes the modules as the transformer/, vae/, text_encoder/ and scheduler/ (flow-matching Euler with
+    `shift`) of a diffusers pipeline folder `folder` (which exists); returns the `model_index.json` dict,
+    which names a tokenizer/ and no PE, for the caller to complete and write once the tokenizer is there."""
+    _write_component(folder / "transformer", "diffusion_pytorch_model", weights.transformer_state_dict(transformer),
+                     weights.diffusers_config(transformer.config), max_shard_bytes)
+    _write_component(folder / "vae", "diffusion_pytorch_model", vae_weights.vae_state_dict(vae),
+                     vae_weights.diffusers_config(vae.config), max_shard_bytes)
+    # The full decoder, so that transformers' Mistral3Model loads the folder too (its vision tower,
+    # never used by the pipeline, is left for transformers to initialise).
+    _write_component(folder / "text_encoder", "model", mistral_weights.state_dict(text_encoder, prefix="language_model."),
+                     {"model_type": "mistral3", "architectures": ["Mistral3Model"],
+                      "text_config": text_encoder.config.to_hf_text_config()}, max_shard_bytes)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+         "num_train_timesteps": 1000, "shift": shift, "use_dynamic_shifting": False}, indent=2) + "\n")
+    return {"_class_name": "ErnieImagePipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "transformer": ["diffusers", "ErnieImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLFlux2"], "text_encoder": ["transformers", "Mistral3Model"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "pe": [None, None], "pe_tokenizer": [None, None]}
+
+
 def write_random_pipeline(destination, preset: str = "tiny", *, with_pe: bool = False, dtype: str = "float32",
                           seed: int = 0, max_shard_bytes: int = 5 * 10**9) -> None:
     """Writes a random ERNIE-Image pipeline folder (diffusers layout) at `destination`."""
@@ -116,28 +149,12 @@ def write_random_pipeline(destination, preset: str = "tiny", *, with_pe: bool = 
         raise ValueError(f"preset {preset!r}: text encoder width {encoder_config.hidden_size} != transformer "
                          f"text_in_dim {transformer_config.text_in_dim}")
     with atomic_directory(destination) as staging:
-        _random_transformer(staging / "transformer", transformer_config, dtype, seed, max_shard_bytes)
-        vae = init_vae(VAE_PRESETS[vae_preset], seed=seed + 1, param_dtype=param_dtype)
-        _write_component(staging / "vae", "diffusion_pytorch_model", vae_weights.vae_state_dict(vae),
-                         vae_weights.diffusers_config(vae.config), max_shard_bytes)
-        # The full decoder, so that transformers' Mistral3Model loads the folder too (its vision tower,
-        # never used by the pipeline, is left for transformers to initialise).
-        encoder = mistral.init_model(encoder_config, seed=seed + 2, param_dtype=param_dtype)
-        _write_component(staging / "text_encoder", "model",
-                         mistral_weights.state_dict(encoder, prefix="language_model."),
-                         {"model_type": "mistral3", "architectures": ["Mistral3Model"],
-                          "text_config": encoder_config.to_hf_text_config()}, max_shard_bytes)
+        index = write_pipeline_components(
+            staging, init_transformer(transformer_config, seed=seed, param_dtype=param_dtype),
+            init_vae(VAE_PRESETS[vae_preset], seed=seed + 1, param_dtype=param_dtype),
+            mistral.init_model(encoder_config, seed=seed + 2, param_dtype=param_dtype),
+            max_shard_bytes=max_shard_bytes)
         write_tokenizer(staging / "tokenizer", add_bos=True, model_max_length=512)
-        (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-            {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-             "num_train_timesteps": 1000, "shift": 4.0, "use_dynamic_shifting": False}, indent=2) + "\n")
-        index = {"_class_name": "ErnieImagePipeline", "_diffusers_version": DIFFUSERS_VERSION,
-                 "transformer": ["diffusers", "ErnieImageTransformer2DModel"],
-                 "vae": ["diffusers", "AutoencoderKLFlux2"], "text_encoder": ["transformers", "Mistral3Model"],
-                 "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                 "pe": [None, None], "pe_tokenizer": [None, None]}
         if with_pe:
             pe = mistral.init_model(mistral.PRESETS[pe_preset], seed=seed + 3, param_dtype=param_dtype)
             _write_component(staging / "pe", "model", mistral_weights.state_dict(pe), mistral_weights.hf_config(pe),
