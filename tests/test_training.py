@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 
 from ernie_jax import parallel, sampling
+from ernie_jax.models import dit
 from ernie_jax.training import loop, objectives, optimizer, state, step
 from ernie_jax.training.checkpoints import Checkpoints
 from tests.workers import training_run
@@ -126,11 +127,21 @@ def test_schedule_clipping_and_weight_decay_mask():
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110), schedule(500)],
                                [0.0, 5e-3, 1e-2, 5.5e-3, 1e-3, 1e-3], rtol=1e-5)
     tx = optimizer.make_optimizer(dataclasses.replace(config, warmup_steps=0))
-    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
-    # Zero gradients: only the decoupled weight decay moves the parameters, and only the matrices.
+    # A scanned block stacks its bias and norm scale to [L, D]: rank alone does not tell them from matrices.
+    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3), "blocks": {"norm": {"scale": jnp.ones((4, 3))}}}
+    # Zero gradients: only the decoupled weight decay moves the parameters, and only the kernels.
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -1e-2 * 0.5 * np.ones((2, 3)), rtol=1e-6)
     np.testing.assert_array_equal(updates["bias"], 0.0)
+    np.testing.assert_array_equal(updates["blocks"]["norm"]["scale"], 0.0)
+    # The DiT's nnx.State (paths end in `.value`): its 14 kernels decay; its stacked [L, D] scales do not.
+    model = nnx.eval_shape(lambda: dit.ErnieImageTransformer(dit.PRESETS["tiny"], rngs=nnx.Rngs(0)))
+    decayed = {jax.tree_util.keystr(path): flag for path, flag in
+               jax.tree_util.tree_flatten_with_path(optimizer._kernels(nnx.state(model, nnx.Param)))[0]}
+    assert sorted(path for path, flag in decayed.items() if flag) == sorted(
+        path for path in decayed if path.endswith("['kernel'].value"))
+    assert sum(decayed.values()) == 14
+    assert not decayed["['layers']['adaLN_sa_ln']['scale'].value"]
     # Gradients of global norm 100 are clipped to norm 1 before Adam (whose first step is then lr * sign).
     clip = optax.clip_by_global_norm(1.0)
     grads = {"kernel": jnp.full((2, 3), 100.0 / np.sqrt(9)), "bias": jnp.full(3, 100.0 / np.sqrt(9))}

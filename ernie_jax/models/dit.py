@@ -73,7 +73,7 @@ PRESETS = {
     # Test-sized, with the real head dim, RoPE axes and latent channels (2.05M parameters).
     "tiny": ErnieImageConfig(hidden_size=256, num_attention_heads=2, num_layers=2, ffn_hidden_size=512,
                              text_in_dim=64),
-    # Benchmark-sized: real head dim, 8 layers of width 1024 (about 0.3B parameters).
+    # Benchmark-sized: real head dim, 8 layers of width 1024 (120.1M parameters).
     "small": ErnieImageConfig(hidden_size=1024, num_attention_heads=8, num_layers=8, ffn_hidden_size=3072,
                               text_in_dim=256),
 }

@@ -16,8 +16,8 @@ import optax
 class OptimizerConfig:
     """AdamW hyper-parameters. The rate rises linearly from 0 to `learning_rate` over `warmup_steps`,
     then follows a cosine down to `learning_rate * final_lr_fraction` at `decay_steps` (counted from 0,
-    warm-up included) and stays there. Weight decay applies to matrices (ndim >= 2) only, not to
-    biases and norm scales. `clip_norm` <= 0 disables clipping."""
+    warm-up included) and stays there. Weight decay applies to weight matrices and conv kernels (leaves
+    named `kernel`) only, not to biases and norm scales. `clip_norm` <= 0 disables clipping."""
 
     learning_rate: float = 1e-4
     warmup_steps: int = 0
@@ -45,14 +45,20 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
         decay_steps=config.decay_steps, end_value=config.learning_rate * config.final_lr_fraction)
 
 
-def _matrices(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def _leaf_name(path) -> str:
+    # The last dict key: an nnx.State path ends in the Variable's `.value` attribute after it.
+    return next((str(key.key) for key in reversed(path) if isinstance(key, jax.tree_util.DictKey)), "")
+
+
+def _kernels(params):
+    # By name, not by rank: scanned blocks stack their biases and norm scales to [L, D].
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == "kernel", params)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> adamw(schedule), over float32 parameters."""
     adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=_matrices)
+                        weight_decay=config.weight_decay, mask=_kernels)
     if config.clip_norm <= 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
