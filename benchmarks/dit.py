@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,46 +23,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ernie_jax  # noqa: E402
+from benchmarks.common import matmul_peak, paired_median_seconds  # noqa: E402
 from ernie_jax import sampling  # noqa: E402
 from ernie_jax.models.dit import PRESETS  # noqa: E402
 
 # (preset, batch, latent height, latent width, text length): tiny as in the reference doc's timing table,
 # small = 1024 image tokens.
 CASES = {"tiny": ("tiny", 2, 16, 16, 32), "small": ("small", 1, 32, 32, 64)}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    return paired_median_seconds([fn], repeats)[0]
-
-
-def paired_median_seconds(fns, repeats: int) -> list[float]:
-    """Median wall time of each function (warm-up excluded), measured in blocks ordered A B B A.
-
-    Back-to-back calls of different runtimes disturb each other on 2 cores (torch's OpenMP and XLA's
-    thread pools spin after work), so each block runs one function alone, starting with an untimed
-    call, and the mirrored order cancels slow drift of the machine.
-    """
-    times = [[] for _ in fns]
-    for order in (list(range(len(fns))), list(reversed(range(len(fns))))):
-        for index in order:
-            fns[index]()
-            for _ in range(max(1, repeats // 2)):
-                start = time.perf_counter()
-                fns[index]()
-                times[index].append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
-
-
-def matmul_peak(repeats: int) -> float:
-    """Best fp32 matmul FLOP/s of torch and jax on this machine (2048^3)."""
-    n = 2048
-    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    ta = torch.from_numpy(a)
-    ja = jnp.asarray(a)
-    jmm = jax.jit(lambda x: x @ x)
-    torch_s = median_seconds(lambda: torch.mm(ta, ta), repeats)
-    jax_s = median_seconds(lambda: jmm(ja).block_until_ready(), repeats)
-    return 2 * n**3 / min(torch_s, jax_s)
 
 
 def forward_flops(config, batch: int, num_image: int, text_len: int) -> float:

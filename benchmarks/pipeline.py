@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.dit import paired_median_seconds  # noqa: E402
+from benchmarks.common import MachineLoad, paired_median_seconds  # noqa: E402
 from ernie_jax import pipeline as pipeline_lib  # noqa: E402
 from ernie_jax import sampling  # noqa: E402
 
@@ -111,32 +111,6 @@ def parameter_count(module) -> int:
 def jit_cache_sizes() -> tuple[int, ...]:
     return tuple(f._cache_size() for f in (pipeline_lib._encode_text, sampling._denoise_loop_jit,
                                            pipeline_lib._decode_images_jit))
-
-
-class MachineLoad:
-    """How busy other processes kept this machine's CPUs since creation (Linux /proc/stat minus this
-    process's CPU time): this benchmark's numbers mean little when it is high."""
-
-    def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(x) for x in f.readline().split()[1:9]]
-        except OSError:
-            return None
-        return sum(ticks), ticks[3] + ticks[4], time.process_time()
-
-    def report(self) -> str:
-        end = self._read()
-        if self.start is None or end is None:
-            return "machine load unknown"
-        hz = os.sysconf("SC_CLK_TCK")
-        total, idle, own = (b - a for a, b in zip(self.start, end, strict=True))
-        other = max(0.0, (total - idle) / hz - own) / (total / hz)
-        return f"other processes kept the {os.cpu_count()} CPUs {other:.0%} busy during this case"
 
 
 def paired_timings(fns, repeats: int) -> list[tuple[float, float]]:
