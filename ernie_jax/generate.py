@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ernie_jax import parallel
-from ernie_jax.pipeline import PRESETS, VAE_SCALE_FACTOR, ErnieImagePipeline
+from ernie_jax.pipeline import PRESETS, ErnieImagePipeline
 
 
 def parse_args(argv):
@@ -43,8 +43,8 @@ def parse_args(argv):
     args.guidance = preset["guidance_scale"] if args.guidance is None else args.guidance
     for name in ("height", "width"):
         value = getattr(args, name)
-        if value <= 0 or value % VAE_SCALE_FACTOR:
-            parser.error(f"--{name} must be a positive multiple of {VAE_SCALE_FACTOR}, got {value}")
+        if value <= 0:
+            parser.error(f"--{name} must be positive, got {value}")
     if args.steps < 1 or args.num_images < 1:
         parser.error("--steps and --num-images must be at least 1")
     if args.mesh is not None:
@@ -74,6 +74,11 @@ def main(argv=None) -> None:
     mesh = None if args.mesh is None else parallel.make_mesh(args.mesh_sizes)
     print(f"loading {args.model} ({args.dtype}{f', mesh {args.mesh}' if mesh is not None else ''})", file=sys.stderr)
     pipe = ErnieImagePipeline.from_pretrained(args.model, args.dtype, mesh=mesh)
+    for name in ("height", "width"):
+        # The size unit is the model's: its VAE's pixels per latent token (16 for the released VAE).
+        if getattr(args, name) % pipe.vae_scale_factor:
+            raise ValueError(f"--{name} must be a multiple of {pipe.vae_scale_factor} for this model, "
+                             f"got {getattr(args, name)}")
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(model=str(args.model), negative_prompt=args.negative_prompt, height=args.height,
                     width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -28,7 +28,6 @@ from ernie_jax.models import mistral as mistral_lib
 from ernie_jax.models import vae as vae_lib
 from ernie_jax.tokenizer import Tokenizer
 
-VAE_SCALE_FACTOR = 16  # 8 from the VAE, 2 from the 2x2 latent patchify
 OUTPUT_TYPES = ("pil", "np", "latent")
 # The released folders do not say which model they hold; these are the recommended settings.
 PRESETS = {"ernie-image": dict(num_inference_steps=50, guidance_scale=4.0),
@@ -47,6 +46,13 @@ class ErnieImagePipelineOutput:
     images: list | np.ndarray | jax.Array
     revised_prompts: list[str] | None
     seed: int | None = None
+
+
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent token along each side: the VAE's downsampling times the 2x2 latent patchify
+    (16 for the released VAE). diffusers' ErnieImagePipeline computes it the same way,
+    2 ** len(block_out_channels)."""
+    return 2 ** len(vae.config.block_out_channels)
 
 
 def scheduler_shift(config: dict) -> float:
@@ -114,6 +120,7 @@ class ErnieImagePipeline:
                  text_bucket: int = 64, mesh=None, rules: Mapping[str, parallel.Rules] | None = None):
         self.transformer = transformer
         self.vae = vae
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.shift = shift
@@ -242,8 +249,8 @@ class ErnieImagePipeline:
         def build():
             in_shardings = self._in_shardings("vae", state, latents.shape)
             batch, _, height, width = latents.shape
-            out_sharding = parallel.batch_sharding(mesh, rules, (batch, height * VAE_SCALE_FACTOR,
-                                                                 width * VAE_SCALE_FACTOR, 3))
+            out_sharding = parallel.batch_sharding(mesh, rules, (batch, height * self.vae_scale_factor,
+                                                                 width * self.vae_scale_factor, 3))
             decode = jax.shard_map(functools.partial(_decode_images, graphdef, tile_size=tile_size), mesh=mesh,
                                    in_specs=(PartitionSpec(), in_shardings[1].spec),
                                    out_specs=out_sharding.spec)
@@ -346,8 +353,8 @@ class ErnieImagePipeline:
         if batch == 0:
             raise ValueError("the prompt list is empty")
         for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, (int, np.integer)) or size <= 0 or size % VAE_SCALE_FACTOR:
-                raise ValueError(f"{name} must be a positive multiple of {VAE_SCALE_FACTOR}, got {size}")
+            if not isinstance(size, (int, np.integer)) or size <= 0 or size % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {size}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if num_images_per_prompt < 1:
@@ -367,8 +374,8 @@ class ErnieImagePipeline:
                 raise ValueError(f"negative_prompt_embeds has {len(negative_prompt_embeds)} entries for {batch} "
                                  f"prompts")
         total = batch * num_images_per_prompt
-        latent_shape = (total, self.transformer.config.in_channels, height // VAE_SCALE_FACTOR,
-                        width // VAE_SCALE_FACTOR)
+        latent_shape = (total, self.transformer.config.in_channels, height // self.vae_scale_factor,
+                        width // self.vae_scale_factor)
         if latents is not None:
             latents = jnp.asarray(latents)
             if latents.shape != latent_shape:
