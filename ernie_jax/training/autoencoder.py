@@ -66,8 +66,8 @@ class AutoencoderTrainConfig:
                              f"{self.kl_weight}, {self.edge_weight}")
 
     def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.num_steps - 1),
-                               decay_steps=self.num_steps, final_lr_fraction=self.final_lr_fraction,
+        return OptimizerConfig(learning_rate=self.learning_rate,
+                               warmup_steps=min(self.warmup_steps, self.num_steps - 1), decay_steps=self.num_steps, final_lr_fraction=self.final_lr_fraction,
                                weight_decay=self.weight_decay, clip_norm=self.clip_norm)
 
 

@@ -58,11 +58,23 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(len(SPECIAL_TOKENS))
 TOKENIZER_MAX_LENGTH = 128
 
-_BLOCK_TYPES = {"down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3}
-# 64x64 images -> 16x16x32 latents (x4 down, three blocks) -> 8x8 DiT tokens of 128 channels. One resnet per
-# encoder block (two per decoder block) and narrow full-resolution blocks keep a training step cheap on CPU.
-SHAPES_VAE = VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
-                       **_BLOCK_TYPES)
+
+
+def shapes_vae(block_out_channels: Sequence[int] = (16, 32, 64), latent_channels: int = 32) -> VAEConfig:
+    """A narrow FLUX.2-architecture VAE for the shapes images: one resnet per encoder block (two per decoder
+    block), downsampling x2 ** (len(block_out_channels) - 1); a DiT input token is a 2x2 patch of latents
+    (4 * latent_channels channels, 128 in the released VAE) covering 2 ** len(block_out_channels) pixels a
+    side (16 for the released VAE's four blocks)."""
+    blocks = len(block_out_channels)
+    return VAEConfig(block_out_channels=tuple(block_out_channels), latent_channels=latent_channels,
+                     layers_per_block=1, norm_num_groups=8, sample_size=64,
+                     down_block_types=("DownEncoderBlock2D",) * blocks,
+                     up_block_types=("UpDecoderBlock2D",) * blocks)
+
+
+# 64x64 images -> 16x16x32 latents (x4 down, three blocks) -> 8x8 DiT tokens of 128 channels. Narrow
+# full-resolution blocks keep a training step cheap on CPU.
+SHAPES_VAE = shapes_vae()
 SHAPES_VAE_TRAINING = autoencoder.AutoencoderTrainConfig()
 # The tiny test text encoder's layers (reference section 7) over the caption vocabulary.
 SHAPES_TEXT_ENCODER = dataclasses.replace(

@@ -107,8 +107,9 @@ def train(config: TrainConfig, model_fn: Callable[[nnx.Rngs], nnx.Module], data_
 
     `model_fn(rngs)` builds the model (float32 `param_dtype`, compute `dtype` of choice).
     `data_iterator` yields dicts holding at least `step.BATCH_KEYS` as this process's rows (other keys are
-    left on the host) and is a grain iterator, so its position is checkpointed. `prepare_batch` runs on each element first: the place for the frozen VAE
-    and text encoder when the data holds images and captions rather than latents and features.
+    left on the host) and is a grain iterator, so its position is checkpointed. `prepare_batch` runs on each
+    element first: the place for the frozen VAE and text encoder when the data holds images and captions
+    rather than latents and features.
     Raises NonFiniteLossError naming the step whose loss is NaN/inf, after pending saves finish (the
     newest checkpoint is then the last good one).
     """
