@@ -74,11 +74,7 @@ def main(argv=None) -> None:
     mesh = None if args.mesh is None else parallel.make_mesh(args.mesh_sizes)
     print(f"loading {args.model} ({args.dtype}{f', mesh {args.mesh}' if mesh is not None else ''})", file=sys.stderr)
     pipe = ErnieImagePipeline.from_pretrained(args.model, args.dtype, mesh=mesh)
-    for name in ("height", "width"):
-        # The size unit is the model's: its VAE's pixels per latent token (16 for the released VAE).
-        if getattr(args, name) % pipe.vae_scale_factor:
-            raise ValueError(f"--{name} must be a multiple of {pipe.vae_scale_factor} for this model, "
-                             f"got {getattr(args, name)}")
+    pipe.check_image_size(args.height, args.width)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(model=str(args.model), negative_prompt=args.negative_prompt, height=args.height,
                     width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,

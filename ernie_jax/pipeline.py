@@ -341,6 +341,13 @@ class ErnieImagePipeline:
             checked.append(e.astype(self.transformer.dtype))
         return checked
 
+    def check_image_size(self, height, width) -> None:
+        """Raises ValueError unless both sides are positive multiples of this model's pixels per latent token
+        (`vae_scale_factor`: 16 for the released VAE)."""
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, (int, np.integer)) or size <= 0 or size % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {size}")
+
     def __call__(self, prompt=None, negative_prompt="", height: int = 1024, width: int = 1024,
                  num_inference_steps: int = 50, guidance_scale: float = 4.0, num_images_per_prompt: int = 1,
                  seed: int | None = None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
@@ -352,9 +359,7 @@ class ErnieImagePipeline:
         batch = len(prompts) if prompts is not None else len(prompt_embeds)
         if batch == 0:
             raise ValueError("the prompt list is empty")
-        for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, (int, np.integer)) or size <= 0 or size % self.vae_scale_factor:
-                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {size}")
+        self.check_image_size(height, width)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if num_images_per_prompt < 1:

@@ -42,6 +42,12 @@ def test_generate_writes_images_and_settings(tmp_path):
     assert record["prompt"] == "一只猫" and record["seed"] == 6 and record["num_inference_steps"] == 3
     assert record["use_pe"] is True and isinstance(record["revised_prompt"], str)
     assert Image.open(tmp_path / "images" / "000_00.png").size == (48, 32)
+    # A size that is not a multiple of this model's pixels per token: one error line, nothing written.
+    bad = subprocess.run([sys.executable, "-m", "ernie_jax.generate", "--model", str(tmp_path / "pipe-jax"),
+                          "--prompt", "x", "--height", "20", "--out", str(tmp_path / "bad")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "error: height must be a positive multiple of" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_denoise_rejects_bad_sizes(tmp_path):
