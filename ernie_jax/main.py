@@ -40,6 +40,8 @@ from flax import nnx
 
 STAGES = ("components", "train", "export", "evaluate")
 COMPONENT_KINDS = ("shapes", "random", "pretrained")
+SHAPES_COMPONENT_KEYS = ("vae_steps", "vae_batch_size", "vae_learning_rate", "vae_kl_weight", "vae_block_out_channels",
+                         "vae_latent_channels", "stats_images")
 SHAPES_SOURCE = "shapes"
 ENCODER_FOLDERS = ("vae", "text_encoder", "tokenizer")
 DTYPES = ("float32", "bfloat16")
@@ -102,6 +104,10 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         raise ValueError(f"config.stages {tuple(config.stages)}: each must be one of {STAGES}")
     if config.components.kind not in COMPONENT_KINDS:
         raise ValueError(f"config.components.kind {config.components.kind!r} is not one of {COMPONENT_KINDS}")
+    missing = [key for key in SHAPES_COMPONENT_KEYS if key not in config.components]
+    if config.components.kind == "shapes" and missing:
+        raise ValueError(f"config.components.kind 'shapes' needs config.components.{', '.join(missing)} (the VAE's "
+                         f"training settings; see experiments/tiny_shapes.py)")
     if config.components.kind == "pretrained" and not config.components.path:
         raise ValueError("config.components.path is empty: set --config.components.path=PIPELINE_FOLDER")
     if not config.data.source and not config.data.precomputed:
@@ -189,30 +195,24 @@ class FrozenEncoders:
     and the text encoder on the captions (features cut or zero-padded to `max_text_len` tokens)."""
 
     def __init__(self, encoders, max_text_len: int):
-        from ernie_jax.models import vae as vae_lib
-
         self.encoders = encoders
         self.max_text_len = max_text_len
-        graphdef, self._vae_state = nnx.split(encoders.vae)
-        self._encode = jax.jit(lambda state, x: vae_lib.encode_to_packed_latents(nnx.merge(graphdef, state), x))
+        self._vae_graphdef, self._vae_state = nnx.split(encoders.vae)
 
     def latents(self, images: np.ndarray) -> jax.Array:
         """uint8 `[B, h, w, 3]` -> normalised packed latents `[B, C, h', w']` float32."""
-        from ernie_jax.data.precompute import vae_input
+        from ernie_jax.data.precompute import encode_images, vae_input
 
-        return self._encode(self._vae_state, jnp.asarray(vae_input(np.asarray(images)))).astype(jnp.float32)
+        latents = encode_images(self._vae_graphdef, self._vae_state, jnp.asarray(vae_input(np.asarray(images))))
+        return latents.astype(jnp.float32)
 
     def text(self, captions) -> tuple[np.ndarray, np.ndarray]:
-        """Captions -> features float32 `[B, max_text_len, D]` (zero-padded) and lengths int32 `[B]`."""
-        features = self.encoders.encode_prompt([str(c) for c in captions])
-        width = features[0].shape[-1]
-        text = np.zeros((len(features), self.max_text_len, width), np.float32)
-        lengths = np.zeros(len(features), np.int32)
-        for row, f in enumerate(features):
-            n = min(f.shape[0], self.max_text_len)
-            text[row, :n] = np.asarray(f[:n], np.float32)
-            lengths[row] = n
-        return text, lengths
+        """Captions -> features float32 `[B, max_text_len, D]` (cut, then zero-padded) and lengths int32 `[B]`."""
+        from ernie_jax.data.precomputed import batch_text_features
+
+        features = [np.asarray(f[: self.max_text_len], np.float32)
+                    for f in self.encoders.encode_prompt([str(c) for c in captions])]
+        return batch_text_features(features, self.max_text_len)
 
     def __call__(self, batch: dict) -> dict:
         text, lengths = self.text(batch["captions"])

@@ -62,9 +62,6 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     config.components = ml_collections.ConfigDict({
         "kind": "pretrained",        # the released ERNIE-Image folder: its VAE, text encoder and tokenizer
         "path": "",                  # required: --config.components.path=/path/to/ERNIE-Image
-        "vae_steps": 0, "vae_batch_size": 0, "vae_learning_rate": 0.0, "vae_kl_weight": 0.0,
-        "vae_block_out_channels": (), "vae_latent_channels": 0,
-        "stats_images": 0,
         "scheduler_shift": 4.0,
     })
     config.data = ml_collections.ConfigDict({

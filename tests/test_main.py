@@ -156,14 +156,15 @@ def test_pretrain_memory_plan_fits():
                             "outputs (not aliased)"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.no_such_key=1", "the config has no key 'no_such_key'"),
-    ("--config.train.ema_decay=fast", "could not convert string to float"),
-    ("--config.train.objective.weighting=bogus", "weighting must be one of"),
-    ("--config.data.stage_steps=(1,2)", "must be non-empty and of equal length"),
+@pytest.mark.parametrize("config, override, message", [
+    (TINY_SHAPES, "--config.train.no_such_key=1", "the config has no key 'no_such_key'"),
+    (TINY_SHAPES, "--config.train.ema_decay=fast", "could not convert string to float"),
+    (TINY_SHAPES, "--config.train.objective.weighting=bogus", "weighting must be one of"),
+    (TINY_SHAPES, "--config.data.stage_steps=(1,2)", "must be non-empty and of equal length"),
+    (f"{PRETRAIN}:tiny", "--config.components.kind=shapes", "needs config.components.vae_steps"),
 ])
-def test_bad_overrides_give_one_line_errors(tmp_path, override, message):
-    result = run_main(tmp_path / "run", TINY_SHAPES, override)
+def test_bad_overrides_give_one_line_errors(tmp_path, config, override, message):
+    result = run_main(tmp_path / "run", config, override)
     lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert result.returncode == 1
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

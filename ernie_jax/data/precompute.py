@@ -113,12 +113,11 @@ def vae_input(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 * 2.0 - 1.0).transpose(0, 3, 1, 2)
 
 
-def _encode_images(graphdef, state, images):
+@functools.partial(jax.jit, static_argnums=(0,))
+def encode_images(graphdef, state, images):
+    """`vae_input` images `[B, 3, H, W]` -> normalised packed latents `[B, C, H/f, W/f]` of the VAE
+    `nnx.merge(graphdef, state)`; compiled once per VAE and batch shape."""
     return vae_lib.encode_to_packed_latents(nnx.merge(graphdef, state), images)
-
-
-# Compiled once per VAE and batch shape (one per bucket, as batches are padded to a fixed size).
-_encode_images_jit = jax.jit(_encode_images, static_argnums=(0,))
 
 
 class BatchEncoder:
@@ -135,7 +134,7 @@ class BatchEncoder:
         """uint8 images [h, w, 3] of one bucket -> packed latents [N, C, h/16, w/16]."""
         batch = np.zeros((self.config.batch_size, *images[0].shape), np.uint8)
         batch[: len(images)] = images
-        latents = _encode_images_jit(self._vae_graphdef, self._vae_state, vae_input(batch))
+        latents = encode_images(self._vae_graphdef, self._vae_state, vae_input(batch))
         return np.asarray(latents[: len(images)]).astype(self.dtype)
 
     def text(self, captions: list[str]) -> list[np.ndarray]:

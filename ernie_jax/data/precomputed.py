@@ -183,6 +183,16 @@ def precomputed_catalog(sources, shard_index: int, shard_count: int, category_na
                              category_names, description=repr(sources))
 
 
+def batch_text_features(features, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Text features `[T_i, D]` (each T_i <= length) -> float32 `[B, length, D]` zero-padded, and the
+    lengths int32 `[B]`: the training step's `text` and `text_lens`."""
+    lengths = np.array([f.shape[0] for f in features], np.int32)
+    text = np.zeros((len(features), length, features[0].shape[-1]), np.float32)
+    for padded, f in zip(text, features):
+        padded[: f.shape[0]] = f
+    return text, lengths
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -207,11 +217,9 @@ class LoadPrecomputedBatch(LoadBatch):
         return (record["latents"], record["text"]), record["caption"]
 
     def _collate(self, loaded: list) -> dict:
-        lengths = np.array([text.shape[0] for _, text in loaded], np.int32)
-        text = np.zeros((len(loaded), _round_up(int(lengths.max()), self.text_multiple), loaded[0][1].shape[1]),
-                        np.float32)
-        for padded, (_, features) in zip(text, loaded):
-            padded[: features.shape[0]] = features
+        features = [text for _, text in loaded]
+        longest = max(f.shape[0] for f in features)
+        text, lengths = batch_text_features(features, _round_up(longest, self.text_multiple))
         return {"latents": np.stack([latents for latents, _ in loaded]).astype(np.float32), "text": text,
                 "text_lens": lengths}
 
