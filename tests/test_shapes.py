@@ -125,6 +125,15 @@ def test_rendered_area_matches_geometry(shape, expected):
     assert abs(coverage / side**2 - expected) < 0.02
 
 
+def test_largest_allowed_size_samples_scenes():
+    """At the largest size_range the jitter room is zero; rounding must not make it negative (it did: a
+    size drawn as exactly 0.9 gave numpy uniform(-j, j) with j = -1e-17)."""
+    config = ShapesConfig(size_range=(0.9, 0.9))
+    for index in range(20):
+        scene = Scene.from_json(shapes.make_example(config, "train", index)["spec"])
+        assert all(o.size == 0.9 and o.offset == (0.0, 0.0) for o in scene.objects)
+
+
 def test_config_and_scene_errors():
     with pytest.raises(ValueError, match="height and width"):
         ShapesConfig(height=16)

@@ -235,7 +235,8 @@ def _sample_any_scene(rng: np.random.Generator, config: ShapesConfig, category: 
     low, high = config.size_range
     for cell, (colour, shape) in zip(cells, chosen):
         size = round(float(rng.uniform(low, high)), 4)
-        jitter = (1 - size) / 2 - CELL_MARGIN
+        # Clamped at 0: at the largest allowed size the margin leaves no room, and rounding can go below it.
+        jitter = max(0.0, (1 - size) / 2 - CELL_MARGIN)
         dy, dx = (round(float(v), 4) for v in rng.uniform(-jitter, jitter, size=2))
         objects.append(ShapeObject(colour, shape, cell, size, (dy, dx)))
     return Scene(category, tuple(objects), word)
