@@ -7,9 +7,13 @@ Stages and what they write under DIR:
               layout, placeholder transformer). `components.kind`: "shapes" trains a small VAE on the
               shapes dataset (ernie_jax.training.components), "random" writes tiny random ones
               (conversions.random_checkpoint), "pretrained" uses `components.path` as it is.
-  train       reads `data.source` through the frozen VAE and text encoder, or, where `data.precomputed`
-              names folders of `python -m ernie_jax.data.precompute` (one per curriculum stage side, or a
-              list of a side's host shards), their stored latents and text features; writes
+  precompute  precomputed/SIDEpx/shard-I-of-N/: the frozen VAE's latents and the text encoder's features
+              of `data.source`'s records, once per curriculum stage side (each host its shard), in the
+              layout of `python -m ernie_jax.data.precompute`; the train stage then reads them.
+  train       reads `data.source` through the frozen VAE and text encoder, or precomputed latents and text
+              features: the precompute stage's, or the folders `data.precomputed` names (written by
+              `python -m ernie_jax.data.precompute`; one per curriculum stage side, or a list of a side's
+              host shards); writes
               checkpoints/ (Orbax: parameters, AdamW state, EMA, step, RNG and the data position),
               logs/ (TensorBoard: train/loss, train/mse, train/grad_norm, train/learning_rate, data/*,
               eval/loss, samples), metrics.jsonl (one line per update), samples/step_NNNNNN.png (grids of
@@ -38,11 +42,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-STAGES = ("components", "train", "export", "evaluate")
+STAGES = ("components", "precompute", "train", "export", "evaluate")
 COMPONENT_KINDS = ("shapes", "random", "pretrained")
 SHAPES_COMPONENT_KEYS = ("vae_steps", "vae_batch_size", "vae_learning_rate", "vae_kl_weight", "vae_block_out_channels",
                          "vae_latent_channels", "stats_images")
 SHAPES_SOURCE = "shapes"
+PRECOMPUTED_DIR = "precomputed"
 ENCODER_FOLDERS = ("vae", "text_encoder", "tokenizer")
 DTYPES = ("float32", "bfloat16")
 
@@ -81,6 +86,28 @@ class Experiment:
         values = {k: v for k, v in self.config.model.items() if k in fields}
         return ErnieImageConfig(**values, text_in_dim=text_in_dim, in_channels=channels, out_channels=channels)
 
+    def precompute_plan(self) -> list[tuple[int, tuple]]:
+        """(side, bucket set) of each distinct bucket set of the curriculum, in stage order: what the
+        precompute stage encodes."""
+        plan = {}
+        for side, stage in zip(self.config.data.sides, self.curriculum.stages):
+            plan.setdefault(tuple(stage.buckets), side)
+        return [(side, buckets) for buckets, side in plan.items()]
+
+    def precompute_folder(self, side: int, shard_index: int, shard_count: int) -> Path:
+        return self.workdir / PRECOMPUTED_DIR / f"{side}px" / f"shard-{shard_index:05d}-of-{shard_count:05d}"
+
+    def precomputed(self) -> list:
+        """The precomputed folders training reads, one entry (a folder or a list of host shards) per stage
+        side: `data.precomputed`, or what the precompute stage writes; empty when training encodes images."""
+        if self.config.data.precomputed:
+            return list(self.config.data.precomputed)
+        if "precompute" not in self.config.stages:
+            return []
+        count = jax.process_count()
+        return [[str(self.precompute_folder(side, i, count)) for i in range(count)] for side, _ in
+                self.precompute_plan()]
+
     def model_fn(self, transformer_config):
         from ernie_jax.models.dit import ErnieImageTransformer
 
@@ -110,6 +137,10 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
                          f"training settings; see experiments/tiny_shapes.py)")
     if config.components.kind == "pretrained" and not config.components.path:
         raise ValueError("config.components.path is empty: set --config.components.path=PIPELINE_FOLDER")
+    if "precompute" in config.stages and (config.data.precomputed or not config.data.source):
+        raise ValueError("config.stages has 'precompute', which encodes config.data.source: set data.source and "
+                         "leave config.data.precomputed empty (or drop the stage to train from "
+                         "data.precomputed)")
     if not config.data.source and not config.data.precomputed:
         raise ValueError("config.data.source is empty: set --config.data.source to 'shapes', a tfds dataset folder "
                          "or an image folder (or --config.data.precomputed to precomputed folders)")
@@ -170,14 +201,14 @@ def open_source(spec: str, experiment: Experiment, split: str):
 
 
 def precomputed_sources(experiment: Experiment) -> list:
-    """`data.precomputed` as PrecomputedSources, checked against the experiment's frozen components (the
-    features must come from the text encoder and VAE that sample grids, eval loss and export use)."""
+    """`experiment.precomputed()` as PrecomputedSources, checked against the experiment's frozen components
+    (the features must come from the text encoder and VAE that sample grids, eval loss and export use)."""
     from ernie_jax.data.precompute import model_fingerprint
     from ernie_jax.data.precomputed import PrecomputedSource
 
     expected = model_fingerprint(experiment.components_dir)
     sources = []
-    for entry in experiment.config.data.precomputed:
+    for entry in experiment.precomputed():
         source = PrecomputedSource(entry if isinstance(entry, str) else list(entry))
         if source.metadata["model_fingerprint"] != expected:
             raise ValueError(f"config.data.precomputed {entry!r} was made with other encoders than "
@@ -370,6 +401,32 @@ def run_components(experiment: Experiment) -> None:
     _say(f"components: wrote {folder}")
 
 
+def run_precompute(experiment: Experiment) -> None:
+    from ernie_jax.data.precompute import PrecomputeConfig, load_encoders, model_fingerprint, precompute
+
+    config, components = experiment.config, experiment.components_dir
+    shard, count = jax.process_index(), jax.process_count()
+    encoders = None
+    for side, buckets in experiment.precompute_plan():
+        folder = experiment.precompute_folder(side, shard, count)
+        if folder.exists():
+            _say(f"precompute: done ({folder})")
+            continue
+        encoders = encoders or load_encoders(components, config.train.encoder_dtype)
+        settings = PrecomputeConfig(buckets, side if config.data.aspect_buckets else None,
+                                    config.data.max_crop_fraction, config.data.max_text_len,
+                                    dtype=config.train.encoder_dtype)
+        metadata = precompute(encoders, open_source(config.data.source, experiment, "train"), folder, settings,
+                              shard_index=shard, shard_count=count, model_fingerprint=model_fingerprint(components),
+                              model=str(components.resolve()), progress=shard == 0)
+        _say(f"precompute: wrote {folder} ({metadata['records']} records, skipped {metadata['skipped']})")
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        # Training reads every host's shard folder (a shared workdir): wait until all are written.
+        multihost_utils.sync_global_devices("precompute")
+
+
 def _mesh(experiment: Experiment):
     from ernie_jax import parallel
 
@@ -405,7 +462,7 @@ def run_train(experiment: Experiment) -> None:
     graphdef = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))), nnx.Param, ...)[0]
     mesh = _mesh(experiment)
     frozen = FrozenEncoders(encoders, config.data.max_text_len)
-    if config.data.precomputed:
+    if experiment.precomputed():
         sources = precomputed_sources(experiment)
         # Text padded to max_text_len as FrozenEncoders pads it: the step compiles for the same shapes.
         data = build_precomputed_pipeline(sources, experiment.pipeline, text_multiple=config.data.max_text_len)
@@ -552,7 +609,8 @@ def run_evaluate(experiment: Experiment) -> None:
     _say(f"evaluate: wrote {destination}" + (f" (all-correct {report['scores']['all']:.3f})" if scored else ""))
 
 
-RUNNERS = {"components": run_components, "train": run_train, "export": run_export, "evaluate": run_evaluate}
+RUNNERS = {"components": run_components, "precompute": run_precompute, "train": run_train, "export": run_export,
+           "evaluate": run_evaluate}
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> Experiment:

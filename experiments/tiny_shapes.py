@@ -5,7 +5,8 @@
 
 Stages: `components` trains a small FLUX.2-architecture VAE on the shapes images (x4 down, 16 latent
 channels) and writes it with a word-level tokenizer and a tiny random frozen text encoder as a pipeline
-folder (`ernie_jax.training.components`); `train` trains the DiT with flow matching; `export` writes the EMA
+folder (`ernie_jax.training.components`); `precompute` encodes the training records once with the frozen
+VAE and text encoder; `train` trains the DiT with flow matching on them; `export` writes the EMA
 transformer into a complete pipeline folder; `evaluate` samples the held-out prompts (colour-shape-cell
 compositions no training caption has) and scores them with the shapes detector.
 
@@ -46,7 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "tiny_shapes"
     config.seed = 0
-    config.stages = ("components", "train", "export", "evaluate")
+    config.stages = ("components", "precompute", "train", "export", "evaluate")
 
     # The frozen VAE, tokenizer and text encoder (made by the first stage).
     config.components = ml_collections.ConfigDict({

@@ -73,12 +73,16 @@ def check_exported_pipeline(folder: Path, image_side: int, hidden_size: int) -> 
 def test_tiny_shapes_trains_exports_evaluates_and_resumes(tmp_path):
     work = tmp_path / "run"
     first = ok(run_main(work, TINY_SHAPES))
-    for stage in ("components", "export", "evaluate"):
+    for stage in ("components", "precompute", "export", "evaluate"):
         assert f"{stage}: wrote" in first
     assert metric_steps(work) == [0, 1]
+    # The precompute stage encoded every training record once; training read them.
+    metadata = json.loads((work / "precomputed" / "64px" / "shard-00000-of-00001" / "metadata.json").read_text())
+    assert metadata["records"] == 64 and metadata["buckets"] == [[64, 64]] and metadata["max_text_len"] == 20
     # A second invocation finds every stage done and redoes nothing.
     second = ok(run_main(work, TINY_SHAPES))
-    assert "components: done" in second and "train: done (2 of 2 updates)" in second
+    assert "components: done" in second and "precompute: done" in second
+    assert "train: done (2 of 2 updates)" in second
     assert "export: done" in second and "evaluate: done" in second
     assert metric_steps(work) == [0, 1]
 
@@ -162,6 +166,7 @@ def test_pretrain_memory_plan_fits():
     (TINY_SHAPES, "--config.train.objective.weighting=bogus", "weighting must be one of"),
     (TINY_SHAPES, "--config.data.stage_steps=(1,2)", "must be non-empty and of equal length"),
     (f"{PRETRAIN}:tiny", "--config.components.kind=shapes", "needs config.components.vae_steps"),
+    (TINY_SHAPES, "--config.data.precomputed=('features',)", "config.stages has 'precompute'"),
 ])
 def test_bad_overrides_give_one_line_errors(tmp_path, config, override, message):
     result = run_main(tmp_path / "run", config, override)
