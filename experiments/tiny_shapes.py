@@ -5,26 +5,34 @@
 
 Stages: `components` trains a small FLUX.2-architecture VAE on the shapes images (x4 down, 16 latent
 channels) and writes it with a word-level tokenizer and a tiny random frozen text encoder as a pipeline
-folder (`ernie_jax.training.components`); `precompute` encodes the training records once with the frozen
-VAE and text encoder; `train` trains the DiT with flow matching on them; `export` writes the EMA
-transformer into a complete pipeline folder; `evaluate` samples the held-out prompts (colour-shape-cell
-compositions no training caption has) and scores them with the shapes detector.
+folder (`ernie_jax.training.components`); `precompute` encodes the 8000 training records once with the
+frozen VAE and text encoder (the layout of `python -m ernie_jax.data.precompute`); `train` trains the DiT
+with flow matching on those latents and features; `export` writes the EMA transformer into a complete
+pipeline folder; `evaluate` samples the held-out prompts (colour-shape-cell compositions no training caption
+has) and scores them with the shapes detector.
 
-Sizes: 64x64 images -> 16x16x16 latents -> 8x8x64 packed latents -> 4x4 DiT tokens (patch 2), so one token
-covers 16x16 pixels as in the released model (x8 VAE, patch 1). Measured alternatives, each 1000-1100 DiT
-updates at lr 2e-3, scores on 64 held-out prompts unless said:
-- the released geometry at this size (x8 VAE with 32 latent channels, patch 1): the VAE reaches in its
-  400 steps only colour 0.66 / shape 0.55 on its own reconstructions, and the DiT's colour stays at 0.41;
-- the x4 VAE with 32 channels and patch 1 (8x8 tokens of 128): 2.3x the compute per image, loss still
-  falling at the budget (colour 0.49, position 0.42); with patch 2 (4x4 tokens of 512 outputs from a
-  256-wide model) the output projection cannot carry the noise: loss 0.6 and speckled images.
-- batch 16 x 1800 updates instead of 32 x 1100: the same colour and position, lower count;
-- shift 1 instead of 2 (training sigmas and sampling), on 256 held-out prompts: colour 0.74 vs 0.81,
-  position 0.68 vs 0.83, count 0.36 vs 0.44, words 0.0 vs 0.38 (shape 0.50 vs 0.48, chance 0.5).
+Sizes: 64x64 images -> 16x16x16 latents -> 8x8x64 packed latents -> 8x8 DiT tokens (patch 1): one token
+covers 8x8 pixels, so a shape (13-17 px) spans about 2x2 tokens. The released model's 16 px tokens (x8 VAE,
+or this VAE with patch 2) would put a whole shape inside one token, and the DiT then learns colour and
+position but draws blobs (shape at chance). Chosen from a sweep of the train step on one H100
+(2026-11-27; the runner's modules, uniform record sampling, shift 2, 128 held-out prompts, 25 steps, cfg 3;
+shape / colour / position / count, shape chance 0.37-0.53):
+- 16 px tokens (patch 2, 256 wide, 4 layers), 1100 x 32: 0.41 / 0.79 / 0.88 / 0.43 (the previous demo);
+  4x the updates: 0.60 / 0.93 / 0.98 / 0.83; 96x96 images, 384 wide x 6 layers, 8 layers, bigger shapes,
+  an 8-channel VAE or lr 1e-3 at 1100 x 32: shape 0.43-0.52.
+- 8 px tokens (patch 1), 256 wide, 1100 x 32: 0.58 / 0.90 / 0.90 / 0.65; 4400 x 32: 0.94 / 1.00 / 1.00 /
+  0.97 (0.88 / 0.98 / 1.00 / 0.94 after 2200 of them). Shapes need 8 px tokens and training.
+- patch 1, 192 wide (3 heads, ffn 576), the cost that fits 15 minutes here: 1100 x 32: 0.50; 2200 x 16:
+  0.71 / 0.85 / 0.81 / 0.53; lr 4e-3: 0.56; 8000 instead of 20000 records: 0.66. 128 wide, 2200 x 32: 0.61;
+  4400 x 16: 0.62. Smaller batches with more updates learn more per image.
+On this machine's CPU the 192-wide 2200 x 16 run scored shape 0.59 (chance 0.41), colour 0.87, position
+0.82, count 0.62, object 0.33, but took 15 min 21 s in all; the committed 2000 x 16 scores below.
 
-Budget (2026-11-27, 2 idle cores): 13 min 01 s wall for the whole run, 128 evaluation prompts included:
-VAE 400 steps (~3 min with its statistics and writing), DiT 1100 updates at ~2.1 updates/s (batch 32),
-sample grids, export, evaluation.
+Budget (2026-11-27, 2 idle cores, the committed config): 13 min 44 s wall for the whole run (1091 s user and
+291 s system CPU, peak RSS 1.8 GB): VAE 400 steps (~2.9 min with its statistics and writing), precompute of
+8000 records (41 s), DiT 2000 updates at ~3.4 updates/s (batch 16), sample grids, export, evaluation of 128
+held-out prompts (25 steps, cfg 3): colour 0.88 (chance 0.31), shape 0.58 (0.36), position 0.81 (0.19), count
+0.65 (0.36), whole objects 0.32 (0.02), words 0.09 (0.0).
 """
 
 from __future__ import annotations
@@ -71,11 +79,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # Folders of `python -m ernie_jax.data.precompute` (one per stage side, or a list of a side's host
         # shards): when set, training reads their latents and text features instead of running the encoders.
         "precomputed": (),
-        "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 20000, "num_eval_records": 64},
+        "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 8000, "num_eval_records": 64},
         # The curriculum: stage k trains stage_steps[k] updates of batch_sizes[k] images at about sides[k]^2
         # pixels (the released aspect buckets when aspect_buckets, else square only).
-        "stage_steps": (1100,),
-        "batch_sizes": (32,),
+        "stage_steps": (2000,),
+        "batch_sizes": (16,),
         "sides": (64,),
         "aspect_buckets": False,
         "max_crop_fraction": 0.25,
@@ -85,19 +93,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # The DiT. in_channels/out_channels and text_in_dim come from the VAE and text encoder.
     config.model = ml_collections.ConfigDict({
-        "hidden_size": 256, "num_attention_heads": 4, "num_layers": 4, "ffn_hidden_size": 768, "patch_size": 2,
+        "hidden_size": 192, "num_attention_heads": 3, "num_layers": 4, "ffn_hidden_size": 576, "patch_size": 1,
         "rope_theta": 256.0, "rope_axes_dim": (16, 24, 24), "eps": 1e-6, "qk_layernorm": True,
         "dtype": "float32",          # compute dtype; the trainer keeps float32 master weights
         "remat": "none", "attention_impl": "xla",
     })
 
     config.train = ml_collections.ConfigDict({
-        "microbatches": 1, "ema_decay": 0.99, "checkpoint_every": 100, "max_to_keep": 2,
+        "microbatches": 1, "ema_decay": 0.99, "checkpoint_every": 250, "max_to_keep": 2,
         "async_checkpoints": True,
         "encoder_dtype": "float32",
         "objective": {"sigma_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
                       "shift": 2.0, "weighting": "none", "text_dropout": 0.1},
-        "optimizer": {"learning_rate": 2e-3, "warmup_steps": 40, "decay_steps": 1100,
+        "optimizer": {"learning_rate": 2e-3, "warmup_steps": 40, "decay_steps": 2000,
                       "final_lr_fraction": 0.1, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.01,
                       "clip_norm": 1.0},
     })
@@ -109,8 +117,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     config.logging = ml_collections.ConfigDict({
         "log_every": 10,             # TensorBoard scalars (loss, lr, grad norm, data statistics)
-        "sample_every": 275,         # sample grid of the fixed prompts and seeds (and at the last update)
-        "eval_every": 275,           # eval loss on held-out data (and at the last update)
+        "sample_every": 500,         # sample grid of the fixed prompts and seeds (and at the last update)
+        "eval_every": 500,           # eval loss on held-out data (and at the last update)
         "sample_prompts": SAMPLE_PROMPTS, "sample_seed": 0, "sample_steps": 20, "sample_guidance": 3.0,
         "eval_batch_size": 32,
     })
