@@ -211,10 +211,10 @@ def precomputed_sources(experiment: Experiment) -> list:
     for entry in experiment.precomputed():
         source = PrecomputedSource(entry if isinstance(entry, str) else list(entry))
         if source.metadata["model_fingerprint"] != expected:
-            raise ValueError(f"config.data.precomputed {entry!r} was made with other encoders than "
+            raise ValueError(f"precomputed features {entry!r} were made with other encoders than "
                              f"{experiment.components_dir} (model fingerprints differ)")
         if source.metadata["max_text_len"] > experiment.config.data.max_text_len:
-            raise ValueError(f"config.data.precomputed {entry!r} keeps up to {source.metadata['max_text_len']} "
+            raise ValueError(f"precomputed features {entry!r} keep up to {source.metadata['max_text_len']} "
                              f"text tokens, more than config.data.max_text_len "
                              f"{experiment.config.data.max_text_len}")
         sources.append(source)
