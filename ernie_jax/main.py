@@ -406,19 +406,24 @@ def run_precompute(experiment: Experiment) -> None:
 
     config, components = experiment.config, experiment.components_dir
     shard, count = jax.process_index(), jax.process_count()
-    encoders = None
+    todo = []
     for side, buckets in experiment.precompute_plan():
         folder = experiment.precompute_folder(side, shard, count)
         if folder.exists():
             _say(f"precompute: done ({folder})")
-            continue
-        encoders = encoders or load_encoders(components, config.train.encoder_dtype)
+        else:
+            todo.append((side, buckets, folder))
+    if todo:
+        # Opened, loaded and fingerprinted once for every side left to encode.
+        encoders = load_encoders(components, config.train.encoder_dtype)
+        source = open_source(config.data.source, experiment, "train")
+        fingerprint = model_fingerprint(components)
+    for side, buckets, folder in todo:
         settings = PrecomputeConfig(buckets, side if config.data.aspect_buckets else None,
                                     config.data.max_crop_fraction, config.data.max_text_len,
                                     dtype=config.train.encoder_dtype)
-        metadata = precompute(encoders, open_source(config.data.source, experiment, "train"), folder, settings,
-                              shard_index=shard, shard_count=count, model_fingerprint=model_fingerprint(components),
-                              model=str(components.resolve()), progress=shard == 0)
+        metadata = precompute(encoders, source, folder, settings, shard_index=shard, shard_count=count,
+                              model_fingerprint=fingerprint, model=str(components.resolve()), progress=shard == 0)
         _say(f"precompute: wrote {folder} ({metadata['records']} records, skipped {metadata['skipped']})")
     if count > 1:
         from jax.experimental import multihost_utils
