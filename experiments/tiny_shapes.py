@@ -77,7 +77,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "source": "shapes",          # shapes | a tfds dataset folder | an image folder
         "eval_source": "shapes",     # held-out data for the eval loss ("" disables it); shapes = the heldout split
         # Folders of `python -m ernie_jax.data.precompute` (one per stage side, or a list of a side's host
-        # shards): when set, training reads their latents and text features instead of running the encoders.
+        # shards) to train from instead: needs "precompute" dropped from config.stages (it writes its own).
         "precomputed": (),
         "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 8000, "num_eval_records": 64},
         # The curriculum: stage k trains stage_steps[k] updates of batch_sizes[k] images at about sides[k]^2

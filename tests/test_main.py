@@ -71,14 +71,21 @@ def check_exported_pipeline(folder: Path, image_side: int, hidden_size: int) -> 
 
 
 def test_tiny_shapes_trains_exports_evaluates_and_resumes(tmp_path):
+    from ernie_jax.main import precomputed_sources, resolve
+
     work = tmp_path / "run"
     first = ok(run_main(work, TINY_SHAPES))
     for stage in ("components", "precompute", "export", "evaluate"):
         assert f"{stage}: wrote" in first
     assert metric_steps(work) == [0, 1]
-    # The precompute stage encoded every training record once; training read them.
-    metadata = json.loads((work / "precomputed" / "64px" / "shard-00000-of-00001" / "metadata.json").read_text())
+    # The precompute stage encoded every training record once, and training reads exactly those folders.
+    folder = work / "precomputed" / "64px" / "shard-00000-of-00001"
+    metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["records"] == 64 and metadata["buckets"] == [[64, 64]] and metadata["max_text_len"] == 20
+    experiment = resolve(load_experiment("tiny_shapes").get_config("tiny"), work)
+    assert experiment.precomputed() == [[str(folder)]]
+    (source,) = precomputed_sources(experiment)  # the train stage's sources, fingerprint-checked
+    assert len(source) == 64 and sorted(source.index["source_index"]) == list(range(64))
     # A second invocation finds every stage done and redoes nothing.
     second = ok(run_main(work, TINY_SHAPES))
     assert "components: done" in second and "precompute: done" in second
