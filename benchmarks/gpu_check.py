@@ -137,7 +137,9 @@ class GroupOutcome:
 
 
 def run_group(parts: list[str], settings: Settings, deadline: float, out: Path) -> GroupOutcome:
-    """Runs `parts` in one measuring process until done or the deadline; returns what it recorded."""
+    """Runs `parts` in one measuring process until done or the deadline (for a single part, at most twice
+    its estimate, so that one part stuck in compilation leaves time for the next); returns what it
+    recorded."""
     records_path = out / f"records-{'-'.join(parts)}.jsonl"
     records_path.unlink(missing_ok=True)
     environment = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
@@ -158,8 +160,11 @@ def run_group(parts: list[str], settings: Settings, deadline: float, out: Path) 
 
     pump_thread = threading.Thread(target=pump, daemon=True)
     pump_thread.start()
+    limit = deadline - time.time()
+    if len(parts) == 1:
+        limit = min(limit, 2 * settings.part_seconds[parts[0]])
     try:
-        exit_code = process.wait(timeout=max(deadline - time.time(), 1.0))
+        exit_code = process.wait(timeout=max(limit, 1.0))
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the measuring process and anything it started
         process.wait()
@@ -197,7 +202,7 @@ def merge(report: dict, parts: list[str], outcome: GroupOutcome) -> None:
             report["rows"].append(record)
     if started is not None:
         if outcome.exit_code is None:
-            reason = "killed: the --budget-s budget ran out while this part ran"
+            reason = "killed: the part ran past twice its estimate or the --budget-s budget"
         else:
             reason = f"the measuring process died (exit code {outcome.exit_code}): " + " | ".join(outcome.output_tail[-5:])
         report["rows"].append({"part": started, "name": "(part cut short)", "error": reason})

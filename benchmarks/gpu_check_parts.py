@@ -182,9 +182,21 @@ def with_attention(model: ErnieImageTransformer, implementation: str) -> ErnieIm
     return nnx.merge(graphdef, nnx.state(model))
 
 
+def jax_to_torch(array: jax.Array) -> torch.Tensor:
+    """A copy of `array` in torch's allocator on torch's device: device to device through DLPack, or
+    through host memory where DLPack refuses the pair."""
+    try:
+        return torch.from_dlpack(array).to(TORCH_DEVICE, copy=True)
+    except (BufferError, RuntimeError, TypeError):
+        host = np.asarray(array)
+        if host.dtype == jnp.bfloat16:  # numpy's bfloat16 (ml_dtypes) is unknown to torch: move the bits
+            return torch.from_numpy(host.view(np.uint16).copy()).view(torch.bfloat16).to(TORCH_DEVICE)
+        return torch.from_numpy(host.copy()).to(TORCH_DEVICE)
+
+
 def torch_state_dict(model: ErnieImageTransformer) -> dict[str, torch.Tensor]:
-    """diffusers' state dict of `model` on torch's device without a host round trip (the key table's
-    transposes run on jax's device; each tensor crosses by DLPack and is copied into torch's allocator, so
+    """diffusers' state dict of `model` on torch's device without a host round trip: the key table's
+    transposes run on jax's device, one tensor at a time, and each crosses by `jax_to_torch` (copied, so
     torch's memory counters see it and jax frees its buffer). On a CPU this is the host path."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state_dict = {}
@@ -193,7 +205,7 @@ def torch_state_dict(model: ErnieImageTransformer) -> dict[str, torch.Tensor]:
         value = get_path(params, rule.path)
         tensors = zip(rule.torch_keys(model.config.num_layers), value) if rule.stacked else [(rule.torch_key, value)]
         for key, tensor in tensors:
-            state_dict[key] = torch.from_dlpack(to_torch(tensor)).to(TORCH_DEVICE, copy=True)
+            state_dict[key] = jax_to_torch(to_torch(tensor))
     return state_dict
 
 
