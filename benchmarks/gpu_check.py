@@ -187,8 +187,9 @@ def read_records(path: Path) -> list[dict]:
 
 
 def merge(report: dict, parts: list[str], outcome: GroupOutcome) -> None:
-    """Adds a group's rows, environment and part statuses to `report`; a part that started and did not end
-    gets an error row saying why (killed at the budget, or the process died, with its last output)."""
+    """Adds a group's rows, environment and part statuses to `report`. A part that did not end gets a
+    status and, if the process was killed or died there (or before reaching any part), an error row saying
+    why, with the process's last output."""
     started = None
     for record in outcome.records:
         if "env" in record:
@@ -200,16 +201,19 @@ def merge(report: dict, parts: list[str], outcome: GroupOutcome) -> None:
             started = None
         else:
             report["rows"].append(record)
-    if started is not None:
-        if outcome.exit_code is None:
-            reason = "killed: the part ran past twice its estimate or the --budget-s budget"
-        else:
-            reason = f"the measuring process died (exit code {outcome.exit_code}): " + " | ".join(outcome.output_tail[-5:])
-        report["rows"].append({"part": started, "name": "(part cut short)", "error": reason})
-        report["parts"][started] = {"status": "killed" if outcome.exit_code is None else "crashed", "seconds": None}
-    for part in parts:
-        report["parts"].setdefault(part, {"status": "not run (the measuring process did not reach it)",
-                                          "seconds": None})
+    unfinished = [part for part in parts if part not in report["parts"]]
+    if outcome.exit_code == 0 or not unfinished:
+        return
+    if outcome.exit_code is None:
+        reason, status = "killed: the part ran past twice its estimate or the --budget-s budget", "killed"
+    else:
+        reason = f"the measuring process died (exit code {outcome.exit_code}): " + " | ".join(outcome.output_tail[-5:])
+        status = "crashed"
+    cut = started or unfinished[0]
+    report["rows"].append({"part": cut, "name": "(part cut short)", "error": reason})
+    report["parts"][cut] = {"status": status, "seconds": None}
+    for part in unfinished:
+        report["parts"].setdefault(part, {"status": f"not run (the process was {status} before it)", "seconds": None})
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -251,7 +255,7 @@ def format_number(value, spec: str) -> str:
 
 NOTE_FIELDS = (("compile_seconds", "compile {:.1f} s"), ("first_call_seconds", "first call {:.1f} s"),
                ("mfu_nominal", "MFU {:.1%} of the datasheet peak"), ("xla_flops", "XLA cost analysis {:.4g} FLOP"),
-               ("xla_over_formula", "XLA / formula {:.4f}"), ("layers", "{} layers"), ("attention", "{} attention"),
+               ("xla_over_formula", "XLA / formula {:.4f}"), ("layers", "{} layers"),
                ("memory_needed_bytes", "compiled needs {:.2e} B"), ("loss", "loss {:.4g}"), ("note", "{}"))
 
 

@@ -72,6 +72,7 @@ class Recorder:
         self.path = path
         self.part = None
         self.errors = 0
+        self.last_error = ""
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -95,7 +96,21 @@ class Recorder:
     def failed(self, name: str, framework: str | None, error: Exception) -> None:
         traceback.print_exc()
         self.errors += 1
-        self.row(name, framework, error=describe(error))
+        self.last_error = describe(error)
+        self.row(name, framework, error=self.last_error)
+
+    def measure_attention(self, name: str, attention: dict, measurement) -> dict | None:
+        """`measure` of `measurement(implementation, note)` with `attention`'s implementation and note; when
+        cudnn fails for a reason other than memory, that error row stays and xla is measured, and
+        `attention` switches to xla for what follows."""
+        fields = self.measure(f"{name}, {attention['implementation']} attention", "jax",
+                              lambda: measurement(attention["implementation"], attention["note"]))
+        out_of_memory = any(sign in self.last_error for sign in ("RESOURCE_EXHAUSTED", "MemoryError", "out of memory"))
+        if fields is None and attention["implementation"] == "cudnn" and not out_of_memory:
+            attention.update(implementation="xla", note="cudnn attention failed here, see the row above")
+            fields = self.measure(f"{name}, xla attention", "jax",
+                                  lambda: measurement(attention["implementation"], attention["note"]))
+        return fields
 
 
 def describe(error: BaseException) -> str:
@@ -151,18 +166,19 @@ def text_features(rng, config, lengths: list[int], padded: int) -> np.ndarray:
 
 
 def usable_attention(requested: str, heads: int, head_dim: int, batch: int, tokens: int, dtype,
-                     with_grad: bool) -> tuple[str, str | None]:
-    """`requested`, or ("xla", why) when cudnn attention fails at these shapes (e.g. on a CPU)."""
+                     with_grad: bool) -> dict:
+    """{"implementation": `requested`, "note": None}, or xla and why when cudnn attention fails at these
+    shapes (e.g. on a CPU)."""
     if requested != "cudnn":
-        return requested, None
+        return {"implementation": requested, "note": None}
     query = jnp.zeros((batch, tokens, heads, head_dim), dtype)
     lengths = jnp.full((batch,), tokens, jnp.int32)
     attend = lambda q: layers.attention(q, q, q, lengths, "cudnn").astype(jnp.float32).sum()
     try:
         jax.block_until_ready(jax.jit(jax.grad(attend) if with_grad else attend)(query))
     except Exception as error:  # noqa: BLE001
-        return "xla", f"cudnn attention unavailable, used xla ({describe(error)[:160]})"
-    return "cudnn", None
+        return {"implementation": "xla", "note": f"cudnn attention unavailable, used xla ({describe(error)[:160]})"}
+    return {"implementation": "cudnn", "note": None}
 
 
 def build_model(config, dtype) -> ErnieImageTransformer:
@@ -295,9 +311,9 @@ def part_sampling(settings: Settings, recorder: Recorder) -> None:
     positive = rounded(text_features(rng, config, [settings.text_len], settings.text_len), dtype)
     negative = rounded(text_features(rng, config, [settings.uncond_text_len], settings.uncond_text_len), dtype)
     tokens = settings.image_tokens + settings.text_len
-    implementation, fallback = usable_attention(settings.attention, config.num_attention_heads, config.head_dim, 2,
-                                                tokens, dtype, with_grad=False)
-    model = with_attention(build_model(config, dtype), implementation)
+    attention = usable_attention(settings.attention, config.num_attention_heads, config.head_dim, 2, tokens, dtype,
+                                 with_grad=False)
+    model = build_model(config, dtype)
     loops = [(f"{settings.turbo_steps}-step Turbo loop (guidance 1), per image", settings.turbo_steps, 1.0),
              (f"{settings.cfg_steps}-step CFG loop (guidance {CFG_GUIDANCE:g}), per image", settings.cfg_steps,
               CFG_GUIDANCE)]
@@ -306,21 +322,22 @@ def part_sampling(settings: Settings, recorder: Recorder) -> None:
     def flops_of(steps: int, guidance: float) -> float:
         return steps * forward_flops(config, 2 if guidance > 1 else 1, settings.image_tokens, settings.text_len)
 
-    def ours(label: str, steps: int, guidance: float) -> dict:
+    def ours(label: str, steps: int, guidance: float, implementation: str, note: str | None) -> dict:
         negatives = dict(negative_text_bth=negative, negative_text_lens=np.array([settings.uncond_text_len]))
+        loop_model = with_attention(model, implementation)
 
         def run():
             finals["ours", label] = sampling.sample(
-                model, latents, positive, np.array([settings.text_len]), num_inference_steps=steps,
+                loop_model, latents, positive, np.array([settings.text_len]), num_inference_steps=steps,
                 guidance_scale=guidance, shift=SHIFT, **(negatives if guidance > 1 else {})).block_until_ready()
 
         first = once_seconds(run)
         seconds = alternating_times([run], 1, 1, warmup=0)[0][0]
         return {"seconds": seconds, "flops": flops_of(steps, guidance), "first_call_seconds": first,
-                "peak_memory_bytes": jax_peak_bytes(), "attention": implementation, "note": fallback}
+                "peak_memory_bytes": jax_peak_bytes(), "note": note}
 
     for label, steps, guidance in loops:  # Turbo (batch 1) first: jax's peak only grows
-        recorder.measure(f"ours, {label}", "jax", lambda a=(label, steps, guidance): ours(*a))
+        recorder.measure_attention(f"ours, {label}", attention, lambda *a, l=(label, steps, guidance): ours(*l, *a))
 
     pipeline = {}
 
@@ -361,9 +378,9 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
     needs more than this device holds, fewer blocks (one recompilation)."""
     config = dataclasses.replace(PRESETS[settings.preset], num_layers=settings.train_layers)
     compute_dtype = jnp.dtype(settings.dtype)
-    implementation, fallback = usable_attention(
-        settings.attention, config.num_attention_heads, config.head_dim, settings.train_batch,
-        settings.image_tokens + settings.text_len, compute_dtype, with_grad=True)
+    attention = usable_attention(settings.attention, config.num_attention_heads, config.head_dim,
+                                 settings.train_batch, settings.image_tokens + settings.text_len, compute_dtype,
+                                 with_grad=True)
     rng = np.random.default_rng(2)
     batch = {"latents": jnp.asarray(rng.standard_normal(
                  (settings.train_batch, config.in_channels, settings.latent, settings.latent), np.float32)),
@@ -375,7 +392,7 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
     optimizer_config = optimizers.OptimizerConfig(weight_decay=0.01)
     optimizer = optimizers.make_optimizer(optimizer_config)
 
-    def compile_step(num_layers: int):
+    def compile_step(num_layers: int, implementation: str):
         layer_config = dataclasses.replace(config, num_layers=num_layers)
         model_fn = lambda rngs: ErnieImageTransformer(layer_config, dtype=compute_dtype, param_dtype=jnp.float32,
                                                       attention_impl=implementation, remat=settings.train_remat,
@@ -394,9 +411,9 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
             f"it needs {needed / 2**30:.2f} GiB")
         return model_fn, compiled, time.perf_counter() - start, needed
 
-    def measure() -> dict:
+    def measure(implementation: str, fallback: str | None) -> dict:
         num_layers = settings.train_layers
-        model_fn, compiled, compile_seconds, needed = compile_step(num_layers)
+        model_fn, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
         limit = (DEVICE.memory_stats() or {}).get("bytes_limit")
         note = fallback
         if limit and needed > 0.95 * limit:
@@ -409,7 +426,7 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
             note = "; ".join(filter(None, [fallback, f"{num_layers} blocks need {needed / 2**30:.1f} GiB of "
                                                      f"{limit / 2**30:.1f} GiB: ran {fewer}"]))
             num_layers = fewer
-            model_fn, compiled, compile_seconds, needed = compile_step(num_layers)
+            model_fn, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
         _, state = create_train_state(model_fn, optimizer, seed=0, mesh=mesh, rules=rules)
         current = {"state": state}
 
@@ -425,12 +442,11 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
                                 settings.image_tokens, settings.text_len)
         # Model FLOPs: forward + backward (two matmuls per forward one); full remat adds one more forward.
         return {"seconds": seconds, "flops": 3 * forward, "flops_with_recompute": 4 * forward,
-                "layers": num_layers, "batch": settings.train_batch, "attention": implementation,
-                "compile_seconds": compile_seconds, "memory_needed_bytes": needed,
+                "layers": num_layers, "batch": settings.train_batch, "compile_seconds": compile_seconds, "memory_needed_bytes": needed,
                 "peak_memory_bytes": jax_peak_bytes(), "loss": loss, "note": note}
 
-    recorder.measure(f"training step, hidden {config.hidden_size}, batch {settings.train_batch}, "
-                     f"remat {settings.train_remat}, AdamW + EMA", "jax", measure)
+    recorder.measure_attention(f"training step, hidden {config.hidden_size}, batch {settings.train_batch}, "
+                               f"remat {settings.train_remat}, AdamW + EMA", attention, measure)
 
 
 def part_flops(settings: Settings, recorder: Recorder) -> None:
@@ -469,12 +485,15 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return "missing"
 
+    try:
+        torch_device_name = torch.cuda.get_device_name() if TORCH_DEVICE == "cuda" else platform.processor()
+    except RuntimeError as error:  # a broken CUDA setup on torch's side fails the torch rows, not the run
+        torch_device_name = describe(error)
     stats = DEVICE.memory_stats() or {}
     return {"device_kind": DEVICE.device_kind, "platform": DEVICE.platform, "jax": jax.__version__,
             "flax": version("flax"), "torch": torch.__version__, "torch_device": TORCH_DEVICE,
-            "torch_device_name": torch.cuda.get_device_name() if TORCH_DEVICE == "cuda" else platform.processor(),
-            "diffusers": version("diffusers"), "python": platform.python_version(),
-            "device_memory_bytes": stats.get("bytes_limit")}
+            "torch_device_name": torch_device_name, "diffusers": version("diffusers"),
+            "python": platform.python_version(), "device_memory_bytes": stats.get("bytes_limit")}
 
 
 def main() -> None:
@@ -492,6 +511,9 @@ def main() -> None:
         recorder.write({"start": part})
         start = time.perf_counter()
         refusal = budget_refusal(part, settings, args.deadline)
+        if not settings.tiny and part != "flops" and DEVICE.platform == "cpu":
+            # The real sizes on a CPU would only burn the budget (jax's GPU backend failed to load?).
+            refusal = f"jax runs on the CPU ({DEVICE.device_kind}), not a GPU: the real sizes are not measured there"
         if refusal:
             recorder.row("(part skipped)", error=refusal)
             status = "skipped"
