@@ -261,11 +261,12 @@ NOTE_FIELDS = (("compile_seconds", "compile {:.1f} s"), ("first_call_seconds", "
 
 def markdown(report: dict) -> str:
     env = report["env"] or {}
+    settings = {k: v for k, v in report["settings"].items() if k != "part_seconds"}
     lines = [f"# gpu_check: {env.get('device_kind', 'device unknown')}", "",
              f"jax {env.get('jax', '?')}, torch {env.get('torch', '?')}, diffusers {env.get('diffusers', '?')}, "
-             f"python {env.get('python', '?')}; settings {json.dumps({k: v for k, v in report['settings'].items() if k != 'part_seconds'})}",
-             "", "| part | case | time | TFLOP/s | of measured peak | peak memory | max rel. error | mean rel. error | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"python {env.get('python', '?')}; settings {json.dumps(settings)}", "",
+             "| part | case | time | TFLOP/s | of measured peak | peak memory | max rel. error | mean rel. error "
+             "| notes |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         notes = [template.format(row[key]) for key, template in NOTE_FIELDS if row.get(key) is not None]
         if row.get("error"):
