@@ -410,25 +410,26 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
                                            train_step.batch_shardings(mesh, rules, batch))
         start = time.perf_counter()
         compiled = jitted.lower(abstract, batch).compile()
+        seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
-        needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                  + memory.temp_size_in_bytes)
-        log(f"compiled the training step with {num_layers} blocks in {time.perf_counter() - start:.1f} s; "
-            f"it needs {needed / 2**30:.2f} GiB")
-        return model_fn, compiled, time.perf_counter() - start, needed
+        needed = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+        log(f"compiled the training step with {num_layers} blocks in {seconds:.1f} s; it needs "
+            + ("an unknown amount of memory" if needed is None else f"{needed / 2**30:.2f} GiB"))
+        return model_fn, compiled, seconds, needed
 
     def measure(implementation: str, fallback: str | None) -> dict:
         num_layers = settings.train_layers
         model_fn, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
         limit = (DEVICE.memory_stats() or {}).get("bytes_limit")
         note = fallback
-        if limit and needed > 0.95 * limit:
+        if limit and needed and needed > 0.95 * limit:
             per_layer = TRAIN_BYTES_PER_PARAMETER * (4 * config.hidden_size**2
                                                      + 3 * config.hidden_size * config.ffn_hidden_size)
             fewer = num_layers - math.ceil((needed - 0.9 * limit) / per_layer)
             if fewer < 1:
-                raise MemoryError(f"the step needs {needed / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB even "
-                                  f"before dropping blocks")
+                raise MemoryError(f"the step with {num_layers} blocks needs {needed / 2**30:.1f} GiB of "
+                                  f"{limit / 2**30:.1f} GiB: not even one block would fit")
             note = "; ".join(filter(None, [fallback, f"{num_layers} blocks need {needed / 2**30:.1f} GiB of "
                                                      f"{limit / 2**30:.1f} GiB: ran {fewer}"]))
             num_layers = fewer
