@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -181,20 +182,24 @@ def usable_attention(requested: str, heads: int, head_dim: int, batch: int, toke
     return {"implementation": "cudnn", "note": None}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def random_state(config, dtype) -> nnx.State:
+    """`init_transformer`'s weights (torch-like uniform init, seed 0) in `dtype`, made by one compiled program:
+    eagerly, each random draw would leave full-size temporaries behind in jax's peak-memory counter, which
+    the parts report."""
+    return nnx.state(init_transformer(config, seed=0, dtype=dtype, param_dtype=dtype))
+
+
 def build_model(config, dtype) -> ErnieImageTransformer:
-    """Random weights (`init_transformer`: torch-like uniform init, seed 0) in `dtype` on jax's default device,
-    made by one compiled program: eagerly, each random draw would leave full-size temporaries behind in
-    jax's peak-memory counter, which the parts report."""
+    """The DiT with `random_state`'s weights on jax's default device."""
     start = time.perf_counter()
-    graphdef = nnx.graphdef(abstract_transformer(config, dtype=dtype, param_dtype=dtype))
-    state = jax.jit(lambda: nnx.state(init_transformer(config, seed=0, dtype=dtype, param_dtype=dtype)))()
-    jax.block_until_ready(state)
+    state = jax.block_until_ready(random_state(config, jnp.dtype(dtype)))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     stats = DEVICE.memory_stats()
     log(f"built the DiT: {count / 1e9:.3f}B parameters in {jnp.dtype(dtype).name} in "
         f"{time.perf_counter() - start:.1f} s" + (f"; jax's peak so far {stats['peak_bytes_in_use'] / 2**30:.2f} GiB"
                                                   if stats else ""))
-    return nnx.merge(graphdef, state)
+    return nnx.merge(nnx.graphdef(abstract_transformer(config, dtype=dtype, param_dtype=dtype)), state)
 
 
 def with_attention(model: ErnieImageTransformer, implementation: str) -> ErnieImageTransformer:
