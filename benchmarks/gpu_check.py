@@ -303,7 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--one-process", action="store_true",
                         help="run every part in one process (implied by --tiny): faster to start, but jax's peak "
                              "memory then only grows from part to part and one crash ends the run")
-    parser.add_argument("--repeats", type=int, help="timed calls per forward / matmul / train measurement")
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls per forward measurement (the matmul takes 4x as many)")
     parser.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"],
                         help="attention of the sampling loops and the training step (cudnn falls back to xla, "
                              "recorded, when it fails on this device)")
