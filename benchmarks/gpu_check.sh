@@ -5,10 +5,10 @@
 #
 #   bash benchmarks/gpu_check.sh [gpu_check.py options]
 #
-# Environment: OUT (default ./gpu_check_out), PYTHON (default python3), GPU_CHECK_TIMEOUT_S (default 480).
+# Environment: OUT (default benchmarks/gpu_check_out), PYTHON (default python3), GPU_CHECK_TIMEOUT_S (default 480).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-$PWD/gpu_check_out}"
+out="${OUT:-$PWD/benchmarks/gpu_check_out}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 echo "[$(date +%H:%M:%S)] gpu_check.sh: $("$python" --version 2>&1), wheels: $(ls benchmarks/wheels 2>/dev/null | wc -l)"
