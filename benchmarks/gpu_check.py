@@ -25,7 +25,7 @@ Every part writes its rows to a JSON-lines file as soon as each is measured; aft
 merges them into `OUT/gpu_check.json` and `OUT/gpu_check.md`, so a kill still leaves data. A failing
 measurement (cudnn attention unavailable, OOM, diffusers missing) becomes an error row and the rest go
 on. `--budget-s` bounds the whole run: a part is skipped when its estimated seconds exceed what is left,
-and a running part is killed when the budget is spent (its rows so far are kept).
+and a running part is killed at twice its estimate or when the budget is spent (its rows so far are kept).
 
 `--tiny` runs every part at test size on whatever device there is (the CPU here: fp32, the tiny preset,
 all parts in one process); tests/test_benchmarks_smoke.py runs it. On a CPU the cudnn rows are error rows.
