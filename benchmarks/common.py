@@ -1,5 +1,5 @@
-"""Measuring helpers shared by the benchmark scripts: alternating timing blocks, the fp32 matmul peak, and
-how busy other processes keep this (shared) machine."""
+"""Measuring helpers shared by the benchmark scripts: alternating timing blocks, the matmul peak of each
+runtime, the DiT forward's FLOP count, and how busy other processes keep this (shared) machine."""
 
 from __future__ import annotations
 
@@ -43,16 +43,60 @@ def median_seconds(fn, repeats: int) -> float:
     return paired_median_seconds([fn], repeats)[0]
 
 
+def _matmul_operand(n: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, n), np.float32)
+
+
+def jax_matmul_seconds(n: int, dtype: str, repeats: int) -> float:
+    """Median seconds of a jitted `x @ x` (n x n, `dtype`) on jax's default device, result awaited."""
+    operand = jnp.asarray(_matmul_operand(n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    return median_seconds(lambda: matmul(operand).block_until_ready(), repeats)
+
+
+def torch_matmul_seconds(n: int, dtype: str, repeats: int) -> float:
+    """Median seconds of `torch.mm(x, x)` (n x n, `dtype`) on CUDA when available (each call synchronised),
+    else on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    operand = torch.from_numpy(_matmul_operand(n)).to(device=device, dtype=getattr(torch, dtype))
+
+    def call():
+        torch.mm(operand, operand)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return median_seconds(call, repeats)
+
+
 def matmul_peak(repeats: int) -> float:
     """Best fp32 matmul FLOP/s of torch and jax on this machine (2048^3)."""
     n = 2048
-    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    ta = torch.from_numpy(a)
-    ja = jnp.asarray(a)
-    jmm = jax.jit(lambda x: x @ x)
-    torch_s = median_seconds(lambda: torch.mm(ta, ta), repeats)
-    jax_s = median_seconds(lambda: jmm(ja).block_until_ready(), repeats)
-    return 2 * n**3 / min(torch_s, jax_s)
+    return 2 * n**3 / min(torch_matmul_seconds(n, "float32", repeats), jax_matmul_seconds(n, "float32", repeats))
+
+
+def forward_flops(config, batch: int, num_image: int, text_len: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one DiT forward of `batch` samples, each `num_image` image tokens
+    ((H/p) * (W/p)) and `text_len` padded text tokens, for an `ErnieImageConfig`. Per sample, with
+    S = num_image + text_len, D hidden, F ffn width, L layers, C / C_out latent channels, p patch size:
+
+        L * (2 S (4 D^2 + 3 D F)        q, k, v, out projections; gate, up, down of the MLP
+             + 4 S^2 D)                 attention scores q k^T and their product with v, all heads
+        + 2 num_image C p^2 D           patch embedding
+        + 2 text_len D_text D           text projection (absent when D_text = D)
+        + 2 num_image D C_out p^2       final linear (image tokens only)
+        + 2 (2 D^2 + 6 D^2 + 2 D^2)     timestep MLP, shared AdaLN modulation, final norm's linear
+
+    Padded text tokens count: both implementations compute them. Elementwise work (norms, RoPE, softmax,
+    modulation) is left out; XLA's cost analysis, which counts it, comes out 1-3% higher at test sizes.
+    """
+    d, f, s = config.hidden_size, config.ffn_hidden_size, num_image + text_len
+    patch_pixels = config.patch_size**2
+    per_layer = 2 * s * (4 * d * d + 3 * d * f) + 4 * s * s * d
+    embed = 2 * num_image * config.in_channels * patch_pixels * d
+    if config.has_text_proj:
+        embed += 2 * text_len * config.text_in_dim * d
+    head = 2 * num_image * d * config.out_channels * patch_pixels + 2 * (2 * d * d + 6 * d * d + 2 * d * d)
+    return float(batch * (config.num_layers * per_layer + embed + head))
 
 
 class MachineLoad:

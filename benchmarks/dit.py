@@ -23,22 +23,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ernie_jax  # noqa: E402
-from benchmarks.common import matmul_peak, paired_median_seconds  # noqa: E402
+from benchmarks.common import forward_flops, matmul_peak, paired_median_seconds  # noqa: E402
 from ernie_jax import sampling  # noqa: E402
 from ernie_jax.models.dit import PRESETS  # noqa: E402
 
 # (preset, batch, latent height, latent width, text length): tiny as in the reference doc's timing table,
 # small = 1024 image tokens.
 CASES = {"tiny": ("tiny", 2, 16, 16, 32), "small": ("small", 1, 32, 32, 64)}
-
-
-def forward_flops(config, batch: int, num_image: int, text_len: int) -> float:
-    """Matmul FLOPs of one forward (projections, MLP, attention scores and values, embeddings, head)."""
-    d, f, s = config.hidden_size, config.ffn_hidden_size, num_image + text_len
-    per_layer = 2 * s * (4 * d * d + 3 * d * f) + 4 * s * s * d
-    embed = 2 * num_image * config.in_channels * d + 2 * text_len * config.text_in_dim * d
-    head = 2 * num_image * d * config.out_channels + 2 * (2 * d * d + 6 * d * d + 2 * d * d)
-    return batch * (config.num_layers * per_layer + embed + head)
 
 
 def reference_model(folder):

@@ -16,7 +16,7 @@ Timing: `--blocks` blocks per side in alternating order (J T, T J, ...), each of
 and `--steps` timed ones (torch draws its own noise in these); median, best and worst seconds per step,
 steps/s, images/s, the ratio, and the achieved FLOP/s as a fraction of the fp32 matmul peak measured at the
 start of the run. Model FLOPs per step (recomputation under remat not counted) are three times the
-forward's matmul FLOPs (`benchmarks.dit.forward_flops`), the backward doing two matmuls per forward one:
+forward's matmul FLOPs (`benchmarks.common.forward_flops`), the backward doing two matmuls per forward one:
 
     6 * B * S * (4 D^2 + 3 D F) * L + 12 * B * S^2 * D * L                 (blocks: projections, attention)
     + 6 * B * (N_img * C * D + T * D_text * D + N_img * D * C_out + 10 D^2)  (embeddings, head, conditioning)
@@ -44,8 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import MachineLoad, alternating_times, matmul_peak  # noqa: E402
-from benchmarks.dit import forward_flops  # noqa: E402
+from benchmarks.common import MachineLoad, alternating_times, forward_flops, matmul_peak  # noqa: E402
 from conversions.transformer import diffusers_config, transformer_state_dict  # noqa: E402
 from ernie_jax import parallel  # noqa: E402
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer  # noqa: E402
