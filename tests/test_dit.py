@@ -237,3 +237,5 @@ def test_bad_inputs_raise(tiny_folder):
         ErnieImageConfig(rope_axes_dim=(16, 23, 25))
     with pytest.raises(ValueError, match="3 even, non-negative entries"):
         ErnieImageConfig(rope_axes_dim=(-2, 48, 48))
+    with pytest.raises(ValueError, match="RoPE on 6 channels needs an even count of at most the head dim 4"):
+        layers.apply_rope(jnp.ones((1, 1, 1, 4)), jnp.ones((1, 1, 6)), jnp.ones((1, 1, 6)))
