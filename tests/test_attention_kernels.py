@@ -7,6 +7,7 @@ they run in a subprocess (tests/workers/sharded_attention.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,13 +62,15 @@ def test_splash_gradients_match_xla():
         assert relative_error(actual, expected) <= TOLERANCE
 
 
-def test_dit_with_splash_attention_matches_xla():
+@pytest.mark.parametrize("rope_axes_dim", [(32, 48, 48), (16, 24, 24)])  # RoPE on all / half of the 128 channels
+def test_dit_with_splash_attention_matches_xla(rope_axes_dim):
+    config = dataclasses.replace(PRESETS["tiny"], rope_axes_dim=rope_axes_dim)
     rng = np.random.default_rng(0)
     inputs = (rng.standard_normal((2, 128, 4, 4), np.float32), np.array([10.0, 700.0], np.float32),
               rng.standard_normal((2, 8, 64), np.float32), np.array([3, 8]))
     outputs = {}
     for implementation in ("xla", "splash"):
-        graphdef, state = nnx.split(init_transformer(PRESETS["tiny"], attention_impl=implementation))
+        graphdef, state = nnx.split(init_transformer(config, attention_impl=implementation))
         outputs[implementation] = jax.jit(lambda s, *a, g=graphdef: nnx.merge(g, s)(*a))(state, *inputs)
     assert relative_error(outputs["splash"], outputs["xla"]) <= TOLERANCE
 
@@ -108,6 +111,7 @@ def sharded_attention():
     ("context=8", "P(None, 'context', None, None)", 0),
     ("splash:context=2,fsdp=4", "P('fsdp', 'context', None, None)", 1),
     ("splash:context=4,tensor=2", "P(None, 'context', 'tensor', None)", 1),
+    ("partial_rotary:splash:context=4,tensor=2", "P(None, 'context', 'tensor', None)", 1),
     # Mistral-style: heads split over tensor only where the key heads divide too.
     ("grouped_causal:kv_heads=2", "P('data', 'context', 'tensor', None)", 0),
     ("grouped_causal:kv_heads=1", "P('data', 'context', None, None)", 0),

@@ -45,10 +45,11 @@ class ErnieImageConfig(JsonConfig):
         object.__setattr__(self, "rope_axes_dim", tuple(int(a) for a in self.rope_axes_dim))
         checks = {
             "hidden_size must be divisible by num_attention_heads": self.hidden_size % self.num_attention_heads == 0,
-            "rope_axes_dim must have 3 even entries": len(self.rope_axes_dim) == 3
-            and all(a % 2 == 0 for a in self.rope_axes_dim),
-            "sum(rope_axes_dim) must equal the head dim (hidden_size / num_attention_heads)":
-                sum(self.rope_axes_dim) == self.head_dim,
+            "rope_axes_dim must have 3 even, non-negative entries": len(self.rope_axes_dim) == 3
+            and all(a % 2 == 0 and a >= 0 for a in self.rope_axes_dim),
+            # RoPE turns the first sum(rope_axes_dim) channels of each head and passes the rest through.
+            "sum(rope_axes_dim) must be at most the head dim (hidden_size / num_attention_heads)":
+                sum(self.rope_axes_dim) <= self.head_dim,
             "patch_size must be positive": self.patch_size > 0,
         }
         for message, ok in checks.items():
@@ -138,7 +139,7 @@ class SelfAttention(nnx.Module):
             self.norm_q = self.norm_k = None
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], key_lengths: jax.Array) -> jax.Array:
-        """x `[B, S, D]`; rope (cos, sin) `[B, S, head_dim]` in x's dtype; key_lengths `[B]`."""
+        """x `[B, S, D]`; rope (cos, sin) `[B, S, sum(rope_axes_dim)]` in x's dtype; key_lengths `[B]`."""
         b, s, _ = x.shape
         heads = lambda t: t.reshape(b, s, self.num_heads, -1)
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))

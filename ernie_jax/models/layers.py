@@ -242,43 +242,66 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def fp32_constant(function: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """`function(x)` for fp32 `x`, evaluated in float64 and rounded once to fp32: the correctly rounded value.
+
+    For the constants the references compute in fp32 from shapes alone (RoPE and timestep frequencies):
+    backends' fp32 transcendentals are faithful, not correctly rounded (measured on 256-wide timestep
+    frequencies: XLA's CPU exp misses the correctly rounded value by one ulp on 15 of 128, torch's on 2), so
+    computing them in numpy at trace time gives the same bits on every backend, at no cost per call.
+    """
+    return function(np.asarray(x, np.float32).astype(np.float64)).astype(np.float32)
+
+
 def timestep_sinusoid(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """diffusers `get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=0)`: `[B] -> [B, dim]` fp32.
 
-    Frequencies exp(-ln(max_period) * k / (dim/2)); output is [sin, cos] (sin first).
+    Frequencies exp(-ln(max_period) * k / (dim/2)); output is [sin, cos] (sin first). The frequencies are
+    the reference's fp32 constants, made by `fp32_constant` (timesteps near 1000 turn one ulp of frequency
+    into ~3e-5 of sinusoid, the largest fp32 error a DiT forward had with XLA's own fp32 exp).
     """
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    frequencies = fp32_constant(np.exp, exponent)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(frequencies)[None, :]
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
 def axes_rope_angles(position_ids: jax.Array, axes_dim: Sequence[int], theta: float) -> jax.Array:
-    """ERNIE-Image's 3-axis RoPE angles `[B, S, 3] -> [B, S, head_dim]` in fp32.
+    """ERNIE-Image's 3-axis RoPE angles `[B, S, 3] -> [B, S, sum(axes_dim)]` in fp32.
 
-    Per axis a: omega_a[k] = theta^(-2k/d_a); the axes' angles are concatenated (`[B, S, head_dim/2]`)
-    and every angle is duplicated in place (`repeat_interleave(2)`), which is what the reference's
-    `stack([emb, emb], -1)` does.
+    Per axis a: omega_a[k] = 1 / theta^(2k/d_a), the reference's fp32 constants (each of its fp32 steps,
+    the division, the power and the reciprocal, rounded correctly; see `fp32_constant`). The axes' angles
+    are concatenated (`[B, S, sum(axes_dim)/2]`) and every angle is duplicated in place
+    (`repeat_interleave(2)`), which is what the reference's `stack([emb, emb], -1)` does.
     """
     angles = []
     for axis, axis_dim in enumerate(axes_dim):
-        omega = 1.0 / np.power(np.float32(theta), np.arange(0, axis_dim, 2, dtype=np.float32) / np.float32(axis_dim))
+        exponent = np.arange(0, axis_dim, 2, dtype=np.float32) / np.float32(axis_dim)
+        omega = np.float32(1) / fp32_constant(lambda e: np.float64(theta) ** e, exponent)
         angles.append(position_ids[..., axis, None].astype(jnp.float32) * jnp.asarray(omega, jnp.float32))
     angles = jnp.concatenate(angles, axis=-1)
     return jnp.repeat(angles, 2, axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """`x * cos + rotate_half(x) * sin` with rotate_half = concat(-x2, x1) over halves of the head dim.
+    """RoPE on the first R channels of each head, `x * cos + rotate_half(x) * sin`, the rest passed through.
 
-    x: `[B, T, H, D]`; cos, sin: `[B, T, D]` in x's dtype (the references compute them in fp32 and round).
-    With ERNIE's interleaved-duplicated angles, x[i] and x[i + D/2] turn by different angles: that is
-    intentionally not a rotation (reference doc 1.3); with Mistral's cat(freqs, freqs) it is the
+    x: `[B, T, H, D]`; cos, sin: `[B, T, R]` with R even and R <= D, in x's dtype (the references compute
+    them in fp32 and round). rotate_half = concat(-x2, x1) over the halves of the R rotated channels, as
+    diffusers' ERNIE-Image `apply_rotary_emb` does with `rope_axes_dim` summing to less than the head dim.
+    With ERNIE's interleaved-duplicated angles, x[i] and x[i + R/2] turn by different angles: that is
+    intentionally not a rotation (reference doc 1.3); with Mistral's cat(freqs, freqs) (R = D) it is the
     standard half-split RoPE.
     """
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    rotary_dim = cos.shape[-1]
+    if rotary_dim % 2 or rotary_dim > x.shape[-1]:
+        raise ValueError(f"RoPE on {rotary_dim} channels needs an even count of at most the head dim "
+                         f"{x.shape[-1]}")
+    rotary, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = jnp.split(rotary, 2, axis=-1)
+    rotated = rotary * cos[:, :, None, :] + jnp.concatenate([-x2, x1], axis=-1) * sin[:, :, None, :]
+    return rotated if passed.shape[-1] == 0 else jnp.concatenate([rotated, passed], axis=-1)
 
 
 def attention(

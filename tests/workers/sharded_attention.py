@@ -8,6 +8,7 @@ Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -20,15 +21,18 @@ from ernie_jax.models import layers
 from ernie_jax.models.dit import PRESETS, init_transformer
 from tests.workers.common import relative_error
 
-# (mesh, attention implementation, padded text length): 16x16 latents are 256 image tokens, so text of 8
-# makes S = 264, which 2, 4 and 8 divide; text of 7 makes S = 263, which no context size divides.
+# RoPE on the first 64 of each head's 128 channels (heads split over tensor, channels never split).
+PARTIAL_ROTARY = dataclasses.replace(PRESETS["tiny"], rope_axes_dim=(16, 24, 24))
+# (mesh, attention implementation, padded text length, model config): 16x16 latents are 256 image tokens, so
+# text of 8 makes S = 264, which 2, 4 and 8 divide; text of 7 makes S = 263, which no context size divides.
 CASES = {
-    "context=2,fsdp=4": ({"context": 2, "fsdp": 4}, "xla", 8),
-    "context=4,tensor=2": ({"context": 4, "tensor": 2}, "xla", 8),
-    "context=8": ({"context": 8}, "xla", 8),
-    "context=8,S=263": ({"context": 8}, "xla", 7),
-    "splash:context=2,fsdp=4": ({"context": 2, "fsdp": 4}, "splash", 8),
-    "splash:context=4,tensor=2": ({"context": 4, "tensor": 2}, "splash", 8),
+    "context=2,fsdp=4": ({"context": 2, "fsdp": 4}, "xla", 8, PRESETS["tiny"]),
+    "context=4,tensor=2": ({"context": 4, "tensor": 2}, "xla", 8, PRESETS["tiny"]),
+    "context=8": ({"context": 8}, "xla", 8, PRESETS["tiny"]),
+    "context=8,S=263": ({"context": 8}, "xla", 7, PRESETS["tiny"]),
+    "splash:context=2,fsdp=4": ({"context": 2, "fsdp": 4}, "splash", 8, PRESETS["tiny"]),
+    "splash:context=4,tensor=2": ({"context": 4, "tensor": 2}, "splash", 8, PRESETS["tiny"]),
+    "partial_rotary:splash:context=4,tensor=2": ({"context": 4, "tensor": 2}, "splash", 8, PARTIAL_ROTARY),
 }
 
 
@@ -97,15 +101,15 @@ def forward_fn(graphdef):
 
 def main():
     rules = parallel.TRAINING_RULES
-    graphdef, state = nnx.split(init_transformer(PRESETS["tiny"]))
     expected = {}
     results = {}
-    for name, (sizes, implementation, text_len) in CASES.items():
+    for name, (sizes, implementation, text_len, config) in CASES.items():
+        graphdef, state = nnx.split(init_transformer(config))
         args = inputs(text_len)
-        if text_len not in expected:
-            expected[text_len] = np.asarray(jax.jit(forward_fn(graphdef))(state, *args))
+        if (text_len, config) not in expected:
+            expected[text_len, config] = np.asarray(jax.jit(forward_fn(graphdef))(state, *args))
         # The same weights; only the attention implementation differs.
-        impl_graphdef, _ = nnx.split(init_transformer(PRESETS["tiny"], attention_impl=implementation))
+        impl_graphdef, _ = nnx.split(init_transformer(config, attention_impl=implementation))
         mesh = parallel.make_mesh(sizes)
         state_spec = parallel.state_shardings(state, mesh, rules)
         batch = [parallel.batch_sharding(mesh, rules, np.shape(a)) for a in args]
@@ -114,7 +118,7 @@ def main():
         traced = function.trace(jax.device_put(state, state_spec), *args)
         output = traced.lower().compile()(jax.device_put(state, state_spec), *args)
         seconds = time.perf_counter() - start
-        results[name] = dict(error=relative_error(output, expected[text_len]), seconds=seconds,
+        results[name] = dict(error=relative_error(output, expected[text_len, config]), seconds=seconds,
                              **attention_program(traced.jaxpr.jaxpr))
     for kv_heads in (2, 1):
         results[f"grouped_causal:kv_heads={kv_heads}"] = masked_grouped_attention(kv_heads)
