@@ -56,12 +56,12 @@ def compiled_method(method: Callable | None = None, *, static_argnames: Sequence
     def run_merged(graphdef, trace_context, static_arguments, state, arguments):
         # trace_context only keys the cache: the method reads the same contextvars while this is traced.
         del trace_context
+        values = jax.tree.leaves(state)  # before the call: merge may hand the method state's own variables
         module = nnx.merge(graphdef, state)
         out = method(module, **dict(static_arguments), **arguments)
         after_graphdef, after_state = nnx.split(module)
-        unchanged = jax.tree.leaves(after_state)
-        if after_graphdef != graphdef or any(a is not b for a, b in zip(unchanged, jax.tree.leaves(state),
-                                                                         strict=True)):
+        if after_graphdef != graphdef or any(
+                after is not before for after, before in zip(jax.tree.leaves(after_state), values, strict=True)):
             raise ValueError(f"{method.__qualname__} changes its module's variables, which its compiled plain "
                              f"call cannot keep; call it inside your own nnx.jit instead")
         return out

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.models import layers
+from ernie_jax.models.compiled import compiled_method
 
 # Per model_type defaults of the transformers config classes, for keys a config.json may leave out.
 _HF_DEFAULTS = {
@@ -389,6 +390,7 @@ class MistralModel(nnx.Module):
         self.lm_head = layers.linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs) if untied_head else None
 
+    @compiled_method(static_argnames=("num_layers",))
     def hidden_states(self, input_ids, positions, kv_lengths, *, num_layers: int | None = None,
                       cache: KVCache | None = None, write_start=None) -> tuple[jax.Array, KVCache | None]:
         """Embeddings then the first `num_layers` layers (default all built): `[B, T]` ids -> `[B, T, D]`.
@@ -423,6 +425,7 @@ class MistralModel(nnx.Module):
         return layers.run_stacked(self.layers, step, layers.constrain(x, ACTIVATION_AXES), cache, remat=self.remat,
                                   scan=self.scan_layers, num_layers=num_layers)
 
+    @compiled_method
     def encode(self, input_ids, lengths) -> jax.Array:
         """Text-encoder features: `input_ids [B, T]` right-padded, `lengths [B]` -> `[B, T, D]` in the compute dtype.
 
@@ -435,6 +438,7 @@ class MistralModel(nnx.Module):
         out, _ = self.hidden_states(input_ids, positions, lengths, num_layers=self.config.num_encoder_layers)
         return out
 
+    @compiled_method
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm then the head: `[..., D] -> [..., V]` in the compute dtype."""
         if self.encoder_only:
@@ -442,6 +446,7 @@ class MistralModel(nnx.Module):
         hidden = self.norm(hidden)
         return self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
 
+    @compiled_method
     def __call__(self, input_ids, lengths=None) -> jax.Array:
         """Causal-LM forward without a cache: `input_ids [B, T]` (right-padded to `lengths [B]`) -> logits
         `[B, T, V]` in the compute dtype."""
