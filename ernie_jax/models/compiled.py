@@ -1,9 +1,9 @@
 """Plain calls of model methods, compiled once per input signature.
 
-Outside any JAX transformation, `model(x, ...)` would run op by op: hundreds of small dispatches (a 2-layer
-DiT call took 20x its jitted time on 2 CPU cores). A method decorated with `compiled_method` instead runs,
-when called with concrete arrays, as one jitted function of (graph structure, trace context, static
-arguments; variables, array arguments):
+Outside any JAX transformation, `model(x, ...)` would run op by op: hundreds of small dispatches (the
+2-layer, 256-wide DiT at 288 tokens took ~400 ms that way on 2 CPU cores, ~11 ms jitted). A method decorated
+with `compiled_method` instead runs, when called with concrete arrays, as one jitted function of (graph
+structure, trace context, static arguments; variables, array arguments):
 
 - jax.jit's cache compiles it once per graph structure (the module's settings, e.g. config, dtype, remat,
   scan_layers, attention_impl, live there), per trace context, per static argument values, and per
