@@ -360,7 +360,9 @@ class MistralModel(nnx.Module):
 
     `encoder_only=True` builds the text encoder: the first `num_hidden_layers - 1` layers only (no final
     norm, no head). `dtype` is the compute dtype, `param_dtype` the storage dtype. With tied embeddings
-    the head is `embed_tokens` (no `lm_head` parameter).
+    the head is `embed_tokens` (no `lm_head` parameter). Plain calls of `encode`, `hidden_states`, `logits`
+    and the forward compile once per input shape (`compiled.compiled_method`); inside a transformation they
+    trace the math itself.
     """
 
     def __init__(self, config: MistralConfig, *, encoder_only: bool = False, dtype=jnp.float32,

@@ -299,6 +299,8 @@ class AutoencoderKLFlux2(nnx.Module):
     and `decode(z [B, L, h, w]) -> images [B, 3, 8h, 8w]` in about [-1, 1].
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters and BatchNorm statistics.
+    Plain calls of `encode`, `decode` and `decode_tiled` compile once per input shape (and tile size) and reuse
+    the program (`compiled.compiled_method`); inside a transformation they trace the math itself.
     """
 
     def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
