@@ -23,12 +23,14 @@ from flax import nnx
 
 import ernie_jax
 from conversions import lora
+from conversions.vae import load_vae
 from ernie_jax.models import layers, mistral
 from ernie_jax.models import vae as V
 from ernie_jax.models.compiled import compiled_method
 from tests.conftest import TINY, relative_error
 from tests.test_dit import make_inputs
 from tests.test_lora import diffusers_with_lora, peft_lora, write_lora
+from tests.test_vae import reference_vae
 
 REPO = Path(__file__).resolve().parents[1]
 # XLA fuses the elementwise work of the compiled program, so its rounding differs from running the same
@@ -173,8 +175,9 @@ def test_a_compiled_method_may_not_change_its_module():
         Accumulator().add(jnp.ones(3))
 
 
-def test_vae_plain_calls_compile_once_per_shape_and_tile_size(monkeypatch):
-    model = V.init_vae(V.VAE_PRESETS["tiny"])
+def test_vae_plain_calls_compile_once_per_shape_and_tile_size(monkeypatch, tmp_path):
+    reference_vae().save_pretrained(tmp_path)  # loading the tiny reference is much cheaper than init_vae
+    model = load_vae(tmp_path)
     decodes = counting(monkeypatch, V.Decoder, "__call__")
     encodes = counting(monkeypatch, V.Encoder, "__call__")
     rng = np.random.default_rng(0)
@@ -183,17 +186,12 @@ def test_vae_plain_calls_compile_once_per_shape_and_tile_size(monkeypatch):
 
     decoded = np.asarray(model.decode(z))
     np.testing.assert_array_equal(np.asarray(model.decode(z)), decoded)
-    mean, _ = model.encode(images)
+    model.encode(images)
     model.encode(images)
     assert (decodes[0], encodes[0]) == (1, 1)
     graphdef, state = nnx.split(model)
     np.testing.assert_array_equal(
         np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s).decode(x))(state, z)), decoded)
-    with jax.disable_jit():
-        op_by_op, _ = model.encode(images)
-    # Fused convolutions round differently from one-by-one ones: measured 1.5e-6.
-    assert relative_error(mean, op_by_op) <= 1e-5
-
     # tile_size is static: another value is another program (here one that fits the latent, so no tiles).
     untiled = np.asarray(model.decode(z, tile_size=8))
     model.decode(z, tile_size=8)
