@@ -19,6 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.models import layers
+from ernie_jax.models.compiled import compiled_method
 from ernie_jax.models.config import JsonConfig
 
 
@@ -240,6 +241,9 @@ class ErnieImageTransformer(nnx.Module):
     the true lengths. `dtype` is the compute dtype and `param_dtype` the storage dtype. `attention_impl` is
     one of `layers.ATTENTION_IMPLEMENTATIONS`: "xla", "cudnn" (GPU) or "splash" (TPU; on CPU it runs in
     Pallas interpret mode automatically, for tests).
+
+    A plain call (outside any transformation) compiles once per input shape and dtype and reuses the program
+    (`compiled.compiled_method`); inside jax.jit, grad, vmap or nnx transforms it traces the math itself.
     """
 
     def __init__(
@@ -275,6 +279,7 @@ class ErnieImageTransformer(nnx.Module):
         out_features = config.patch_size * config.patch_size * config.out_channels
         self.final_linear = layers.linear(d, out_features, axes=("embed", "conv_out"), use_bias=True, **kw)
 
+    @compiled_method
     def __call__(self, hidden_states, timestep, text_bth, text_lens) -> jax.Array:
         cfg = self.config
         hidden_states = jnp.asarray(hidden_states)

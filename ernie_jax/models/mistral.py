@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.models import layers
+from ernie_jax.models.compiled import compiled_method
 
 # Per model_type defaults of the transformers config classes, for keys a config.json may leave out.
 _HF_DEFAULTS = {
@@ -359,7 +360,9 @@ class MistralModel(nnx.Module):
 
     `encoder_only=True` builds the text encoder: the first `num_hidden_layers - 1` layers only (no final
     norm, no head). `dtype` is the compute dtype, `param_dtype` the storage dtype. With tied embeddings
-    the head is `embed_tokens` (no `lm_head` parameter).
+    the head is `embed_tokens` (no `lm_head` parameter). Plain calls of `encode`, `hidden_states`, `logits`
+    and the forward compile once per input shape (`compiled.compiled_method`); inside a transformation they
+    trace the math itself.
     """
 
     def __init__(self, config: MistralConfig, *, encoder_only: bool = False, dtype=jnp.float32,
@@ -389,6 +392,7 @@ class MistralModel(nnx.Module):
         self.lm_head = layers.linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs) if untied_head else None
 
+    @compiled_method(static_argnames=("num_layers",))
     def hidden_states(self, input_ids, positions, kv_lengths, *, num_layers: int | None = None,
                       cache: KVCache | None = None, write_start=None) -> tuple[jax.Array, KVCache | None]:
         """Embeddings then the first `num_layers` layers (default all built): `[B, T]` ids -> `[B, T, D]`.
@@ -423,6 +427,7 @@ class MistralModel(nnx.Module):
         return layers.run_stacked(self.layers, step, layers.constrain(x, ACTIVATION_AXES), cache, remat=self.remat,
                                   scan=self.scan_layers, num_layers=num_layers)
 
+    @compiled_method
     def encode(self, input_ids, lengths) -> jax.Array:
         """Text-encoder features: `input_ids [B, T]` right-padded, `lengths [B]` -> `[B, T, D]` in the compute dtype.
 
@@ -435,6 +440,7 @@ class MistralModel(nnx.Module):
         out, _ = self.hidden_states(input_ids, positions, lengths, num_layers=self.config.num_encoder_layers)
         return out
 
+    @compiled_method
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm then the head: `[..., D] -> [..., V]` in the compute dtype."""
         if self.encoder_only:
@@ -442,6 +448,7 @@ class MistralModel(nnx.Module):
         hidden = self.norm(hidden)
         return self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
 
+    @compiled_method
     def __call__(self, input_ids, lengths=None) -> jax.Array:
         """Causal-LM forward without a cache: `input_ids [B, T]` (right-padded to `lengths [B]`) -> logits
         `[B, T, V]` in the compute dtype."""

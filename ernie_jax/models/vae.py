@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.models import layers
+from ernie_jax.models.compiled import compiled_method
 from ernie_jax.models.config import JsonConfig
 
 DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
@@ -298,6 +299,8 @@ class AutoencoderKLFlux2(nnx.Module):
     and `decode(z [B, L, h, w]) -> images [B, 3, 8h, 8w]` in about [-1, 1].
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters and BatchNorm statistics.
+    Plain calls of `encode`, `decode` and `decode_tiled` compile once per input shape (and tile size) and reuse
+    the program (`compiled.compiled_method`); inside a transformation they trace the math itself.
     """
 
     def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -319,6 +322,7 @@ class AutoencoderKLFlux2(nnx.Module):
             raise ValueError(f"{name} {x.shape} must be [B, {channels}, H, W]")
         return x.astype(self.dtype)
 
+    @compiled_method
     def encode(self, images) -> tuple[jax.Array, jax.Array]:
         """`images [B, in_channels, H, W]` in [-1, 1] -> `(mean, logvar)`, each `[B, L, ceil(H/8), ceil(W/8)]`.
 
@@ -332,6 +336,7 @@ class AutoencoderKLFlux2(nnx.Module):
         mean, logvar = jnp.split(to_channels_first(moments), 2, axis=1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
+    @compiled_method(static_argnames=("tile_size",))
     def decode(self, z, tile_size: int | None = None) -> jax.Array:
         """`z [B, L, h, w] -> images [B, out_channels, 8h, 8w]` (post_quant_conv, decoder; no clamp).
 
@@ -349,6 +354,7 @@ class AutoencoderKLFlux2(nnx.Module):
             x = self.post_quant_conv(x)
         return to_channels_first(self.decoder(x))
 
+    @compiled_method(static_argnames=("tile_size", "overlap"))
     def decode_tiled(self, z, tile_size: int, overlap: float = 0.25) -> jax.Array:
         """diffusers' `tiled_decode`: `z [B, L, h, w] -> images [B, out_channels, 8h, 8w]`, decoding
         `tile_size`-latent tiles that start every `int(tile_size * (1 - overlap))` latent pixels.
