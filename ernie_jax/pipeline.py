@@ -130,13 +130,13 @@ class ErnieImagePipeline:
         self.text_bucket = text_bucket
         self.vae_tile_size = None
         self._lora_base = None
-        self.mesh = mesh
+        self.mesh = None if mesh is None else parallel.normalize_mesh(mesh)
         self.rules = _component_rules(mesh, rules)
         self._sharded_programs = {}
         if mesh is not None:
             for name in ("transformer", "vae", "text_encoder", "pe"):
                 if getattr(self, name) is not None:
-                    parallel.shard_model(getattr(self, name), mesh, self.rules[name])
+                    parallel.shard_model(getattr(self, name), self.mesh, self.rules[name])
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -151,6 +151,7 @@ class ErnieImagePipeline:
         from conversions import mistral, transformer, vae
         from conversions.safetensors_io import CheckpointError
 
+        mesh = None if mesh is None else parallel.normalize_mesh(mesh)
         component_rules = _component_rules(mesh, rules)
 
         def placement(component: str) -> dict:

@@ -161,6 +161,7 @@ def _sharded_denoise_loop(graphdef, params, use_cfg: bool, mesh, rules, shapes):
     """The loop compiled for one model structure, mesh, rule table and input shapes (latents, text, lengths)."""
     from ernie_jax import parallel
 
+    mesh = parallel.normalize_mesh(mesh)
     key = (graphdef, use_cfg, mesh, rules, shapes)
     if key not in _SHARDED_LOOPS:
         batch = [parallel.batch_sharding(mesh, rules, shape) for shape in shapes]
