@@ -304,12 +304,32 @@ def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, stati
     """`jax.jit(fn)` with explicit shardings, traced under `activation_sharding(mesh, rules)` so that the
     models' `layers.constrain` calls pin activations to the same rules."""
 
+    mesh = normalize_mesh(mesh)
+
     def traced(*args):
         with activation_sharding(mesh, rules):
             return fn(*args)
 
-    return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, static_argnums=static_argnums,
-                   donate_argnums=donate_argnums)
+    return on_mesh(jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
+                           static_argnums=static_argnums, donate_argnums=donate_argnums), mesh)
+
+
+def on_mesh(jitted, mesh: Mesh):
+    """`jitted` (a `jax.jit` function whose shardings are on `mesh`) called and lowered with `mesh` (Auto axes)
+    as the context mesh. Called under a user's `jax.set_mesh` of a mesh with Explicit axes, jit would otherwise
+    type the arguments with that mesh's axis types, which our programs do not use."""
+    abstract_mesh = normalize_mesh(mesh).abstract_mesh
+
+    def run(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(abstract_mesh):
+            return jitted(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(abstract_mesh):
+            return jitted.lower(*args, **kwargs)
+
+    run.lower = lower
+    return run
 
 
 def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):
@@ -325,7 +345,8 @@ def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):
         if shapes not in compiled:
             batch = [batch_sharding(mesh, rules, s) for s in shapes]
             compiled[shapes] = jit_sharded(lambda st, *a: nnx.merge(graphdef, st)(*a), mesh, rules,
-                                           (state_spec, *batch), batch[0])
-        return compiled[shapes](state, *inputs)
+                                           (state_spec, *batch), batch[0]), tuple(batch)
+        program, batch = compiled[shapes]
+        return program(state, *put(inputs, batch))
 
     return forward

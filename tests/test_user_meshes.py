@@ -52,6 +52,15 @@ def test_meshes_made_every_way_give_the_same_results(user_mesh_results, mesh):
     assert "forward" in results["jax.make_mesh"]
 
 
+def test_a_users_mesh_set_as_the_context_mesh(user_mesh_results):
+    # Under `with jax.set_mesh(jax.make_mesh(...))`, inputs on that mesh: before parallel.on_mesh, jit typed
+    # the arguments with the context's Explicit axes ("context mesh ... should match the aval mesh").
+    result = user_mesh_results["fsdp=4,tensor=2 jax.make_mesh under jax.set_mesh"]
+    assert "error" not in result, result
+    assert result["forward"] <= 1e-5 and result["loop"] <= 1e-5, result
+    assert result["forward_vs_project"] == 0.0 and result["loop_vs_project"] == 0.0, result
+
+
 def test_an_fsdp_axis_splits_the_weights_at_inference(user_mesh_results):
     full = [2, 256, 512]  # gate_proj: [layers, embed, mlp]; embed -> fsdp, mlp -> tensor by default
     shards = {"data=8": full, "fsdp=8": [2, 32, 512], "fsdp=4,tensor=2": [2, 64, 256],

@@ -9,6 +9,7 @@ Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ from ernie_jax import generate, parallel
 from ernie_jax.pipeline import ErnieImagePipeline
 from tests.workers.common import relative_error
 
-# name -> mesh, with the inference rules (weights split over fsdp and tensor): the project's own mesh, and one
-# made by jax.make_mesh (Explicit axes, which every entry point takes as Auto: parallel.normalize_mesh).
-MESHES = {"data=2,fsdp=4": lambda: parallel.make_mesh({"data": 2, "fsdp": 4}),
-          "fsdp=4,tensor=2": lambda: jax.make_mesh((1, 4, 1, 2), parallel.MESH_AXES)}
+# name -> (mesh, whether it is also the context mesh), with the inference rules (weights split over fsdp and
+# tensor): the project's own mesh, and one made by jax.make_mesh (Explicit axes, which every entry point takes
+# as Auto: parallel.normalize_mesh) and set with jax.set_mesh around the whole run, as the flax examples do.
+MESHES = {"data=2,fsdp=4": (lambda: parallel.make_mesh({"data": 2, "fsdp": 4}), False),
+          "fsdp=4,tensor=2": (lambda: jax.make_mesh((1, 4, 1, 2), parallel.MESH_AXES), True)}
 PROMPTS = ["a red circle at the top left", "一只猫 on a wooden table, soft light", "a blue square"]
 # Weights whose shard shapes are reported: component -> path in its nnx state.
 WEIGHTS = {"text_encoder": ("layers", "mlp", "gate_proj", "kernel"), "pe": ("embed_tokens", "embedding"),
@@ -73,9 +75,11 @@ def generate_with_mesh(folder, out, mesh: str) -> dict:
 def main(folder, out):
     expected = stages(ErnieImagePipeline.from_pretrained(folder, "float32"))
     results = {}
-    for name, make_mesh in MESHES.items():
-        pipe = ErnieImagePipeline.from_pretrained(folder, "float32", mesh=make_mesh())
-        actual = stages(pipe)
+    for name, (make_mesh, as_context) in MESHES.items():
+        mesh = make_mesh()
+        with jax.set_mesh(mesh) if as_context else contextlib.nullcontext():
+            pipe = ErnieImagePipeline.from_pretrained(folder, "float32", mesh=mesh)
+            actual = stages(pipe)
         results[name] = {stage: relative_error(actual[stage], expected[stage]) for stage in ("text", "vae", "images")}
         results[name]["pe_tokens_equal"] = actual["pe_tokens"] == expected["pe_tokens"]
         results[name]["pe_tokens"] = [len(row.split()) for row in actual["pe_tokens"]]

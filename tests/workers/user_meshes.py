@@ -1,6 +1,7 @@
 """Loads the tiny DiT into meshes made three ways (the project's `parallel.make_mesh`, `jax.make_mesh` with its
 Explicit axes, `Mesh(devices, names)` with Auto axes; each on data, fsdp, fsdp x tensor and data x fsdp x tensor
-meshes) with the default inference rules, runs the sharded forward and a 2-step CFG loop, and prints, as JSON,
+meshes; and one set as the context mesh by jax.set_mesh) with the default inference rules, runs the sharded
+forward and a 2-step CFG loop, and prints, as JSON,
 per mesh and kind: the relative error against the single-device result and against the project's mesh, the
 shard shape of a big weight and the big weights that the mesh leaves whole.
 
@@ -15,7 +16,8 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import ernie_jax
 from ernie_jax import parallel, sampling
@@ -60,7 +62,7 @@ def main(folder):
                 "loop": np.asarray(sampling.sample(reference, inputs["latents"], inputs["text"], inputs["text_lens"],
                                                    negative_text_bth=inputs["negative"],
                                                    negative_text_lens=inputs["negative_lens"], num_inference_steps=2))}
-    results = {}
+    results, projects = {}, {}
     for name, shape in SHAPES.items():
         project = None
         for kind, make in KINDS.items():
@@ -72,13 +74,28 @@ def main(folder):
                 results[f"{name} {kind}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue
             project = project or result
-            outputs = [output for output in ("forward", "loop") if output in result]
-            results[f"{name} {kind}"] = {
-                "axis_types": [str(t) for t in mesh.axis_types],
-                **{output: relative_error(result[output], expected[output]) for output in outputs},
-                **{f"{output}_vs_project": relative_error(result[output], project[output]) for output in outputs},
-                "gate_proj_shard": result["gate_proj_shard"], "replicated": result["replicated"]}
+            results[f"{name} {kind}"] = compare(mesh, result, expected, project)
+        projects[name] = project
+    # As flax's examples run: the user's Explicit mesh set as JAX's context mesh, the inputs placed on it.
+    name = "fsdp=4,tensor=2"
+    mesh = jax.make_mesh(SHAPES[name], parallel.MESH_AXES)
+    try:
+        with jax.set_mesh(mesh):
+            on_mesh = {key: jax.device_put(value, NamedSharding(mesh, P("fsdp"))) for key, value in inputs.items()}
+            result = compare(mesh, run(folder, mesh, on_mesh, with_forward=True), expected, projects[name])
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"[:300]}
+    results[f"{name} jax.make_mesh under jax.set_mesh"] = result
     print(json.dumps(results))
+
+
+def compare(mesh, result: dict, expected: dict, project: dict) -> dict:
+    """What the test reads of one run: errors against the single-device and the project's-mesh results."""
+    outputs = [output for output in ("forward", "loop") if output in result]
+    return {"axis_types": [str(t) for t in mesh.axis_types],
+            **{output: relative_error(result[output], expected[output]) for output in outputs},
+            **{f"{output}_vs_project": relative_error(result[output], project[output]) for output in outputs},
+            "gate_proj_shard": result["gate_proj_shard"], "replicated": result["replicated"]}
 
 if __name__ == "__main__":
     main(sys.argv[1])
