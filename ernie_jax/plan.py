@@ -6,6 +6,10 @@ CFG denoising step (`--mode sample`: bf16 weights and activations) or one traini
 train`: flow-matching loss, AdamW with fp32 master weights and bf16 compute, the chosen remat policy),
 then prints per-device bytes for parameters, optimizer state, inputs and XLA's temporaries (activations
 and workspace, from the compiled `memory_analysis`) and whether their sum fits `--device-memory`.
+`--with-text-encoder` (sampling) also compiles the real-size text encoder's encoding of the prompts and
+negative prompts: the pipeline keeps both models on the devices, so the plan is the larger of the two
+programs' peaks, each with the other model's weights added. Weights follow the inference rules for
+sampling and the training rules for training (one table: split over fsdp and tensor).
 The numbers come from XLA's CPU buffer assignment: accelerator compilers schedule and fuse
 differently, so read them as estimates (within tens of percent), not guarantees.
 
@@ -48,8 +52,6 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=1, help="global batch (images; CFG doubles it when sampling)")
     parser.add_argument("--text-len", type=int, default=256, help="padded text tokens per sample")
     parser.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
-    parser.add_argument("--rules", choices=["inference", "training"],
-                        help="logical-axis rules (default: inference for sample, training for train)")
     parser.add_argument("--with-text-encoder", action="store_true",
                         help="--mode sample: the pipeline's DiT and text encoder together on the mesh: also compiles "
                              "the encoding of the prompts and negative prompts, and the total is the larger of the two "
@@ -89,8 +91,8 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}, "
-          f"rules {report['rules']}" + (f", remat {args.remat}" if args.mode == "train" else ""))
+    print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}"
+          + (f", remat {args.remat}" if args.mode == "train" else ""))
     for name in ("parameters", "optimizer state", "inputs", "temporaries (activations, workspace)",
                  "outputs (not aliased)"):
         print(f"  {name:38s} {report[name] / 2**30:8.2f} GiB per device")
@@ -123,8 +125,7 @@ def plan(args, sizes: dict[str, int]) -> dict:
     from ernie_jax.models.dit import PRESETS, abstract_transformer
 
     mesh = parallel.make_mesh(sizes)
-    rules_name = args.rules or ("inference" if args.mode == "sample" else "training")
-    rules = parallel.INFERENCE_RULES if rules_name == "inference" else parallel.TRAINING_RULES
+    rules = parallel.INFERENCE_RULES if args.mode == "sample" else parallel.TRAINING_RULES
     if args.preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     config = PRESETS[args.preset]
@@ -192,7 +193,7 @@ def plan(args, sizes: dict[str, int]) -> dict:
         offloaded = _offloaded_bytes(args.remat, config, mesh, rules, batch,
                                      (latent // config.patch_size) ** 2 + args.text_len)
         device_temporaries -= offloaded
-    report = {"rules": rules_name, "parameters": parameter_bytes, "optimizer state": optimizer_bytes,
+    report = {"parameters": parameter_bytes, "optimizer state": optimizer_bytes,
               "inputs": input_bytes, "temporaries (activations, workspace)": device_temporaries,
               "outputs (not aliased)": output_bytes, "offloaded to host": offloaded,
               "flops": compiled.cost_analysis().get("flops", 0.0), "compile_seconds": seconds}
