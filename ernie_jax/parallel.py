@@ -302,34 +302,38 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, static_argnums=(), donate_argnums=()):
     """`jax.jit(fn)` with explicit shardings, traced under `activation_sharding(mesh, rules)` so that the
-    models' `layers.constrain` calls pin activations to the same rules."""
-
+    models' `layers.constrain` calls pin activations to the same rules; called, traced and lowered with `mesh`
+    as the context mesh (`ProgramOnMesh`)."""
     mesh = normalize_mesh(mesh)
 
     def traced(*args):
         with activation_sharding(mesh, rules):
             return fn(*args)
 
-    return on_mesh(jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
-                           static_argnums=static_argnums, donate_argnums=donate_argnums), mesh)
+    return ProgramOnMesh(jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
+                                 static_argnums=static_argnums, donate_argnums=donate_argnums), mesh)
 
 
-def on_mesh(jitted, mesh: Mesh):
-    """`jitted` (a `jax.jit` function whose shardings are on `mesh`) called and lowered with `mesh` (Auto axes)
-    as the context mesh. Called under a user's `jax.set_mesh` of a mesh with Explicit axes, jit would otherwise
-    type the arguments with that mesh's axis types, which our programs do not use."""
-    abstract_mesh = normalize_mesh(mesh).abstract_mesh
+class ProgramOnMesh:
+    """`jitted` (a `jax.jit` function whose shardings are on `mesh`) called, traced and lowered with `mesh` (Auto
+    axes) as the context mesh. Called under a user's `jax.set_mesh` of a mesh with Explicit axes, jit would
+    otherwise type the arguments with that mesh's axis types, which our programs do not use."""
 
-    def run(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(abstract_mesh):
-            return jitted(*args, **kwargs)
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted = jitted
+        self.abstract_mesh = normalize_mesh(mesh).abstract_mesh
 
-    def lower(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(abstract_mesh):
-            return jitted.lower(*args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
+            return self.jitted(*args, **kwargs)
 
-    run.lower = lower
-    return run
+    def trace(self, *args, **kwargs):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
+            return self.jitted.trace(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
+            return self.jitted.lower(*args, **kwargs)
 
 
 def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):

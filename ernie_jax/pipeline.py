@@ -272,8 +272,8 @@ class ErnieImagePipeline:
                                    in_specs=(PartitionSpec(), in_shardings[1].spec),
                                    out_specs=out_sharding.spec)
             # Plain jit: inside shard_map every mesh axis is manual, so no activation rules apply.
-            return parallel.on_mesh(jax.jit(decode, in_shardings=in_shardings, out_shardings=out_sharding),
-                                    mesh), in_shardings
+            program = jax.jit(decode, in_shardings=in_shardings, out_shardings=out_sharding)
+            return parallel.ProgramOnMesh(program, mesh), in_shardings
 
         return self._run_sharded(("decode", graphdef, latents.shape, latents.dtype, tile_size), build, state,
                                  latents)

@@ -53,7 +53,7 @@ def test_meshes_made_every_way_give_the_same_results(user_mesh_results, mesh):
 
 
 def test_a_users_mesh_set_as_the_context_mesh(user_mesh_results):
-    # Under `with jax.set_mesh(jax.make_mesh(...))`, inputs on that mesh: before parallel.on_mesh, jit typed
+    # Under `with jax.set_mesh(jax.make_mesh(...))`, inputs on that mesh: before parallel.ProgramOnMesh, jit typed
     # the arguments with the context's Explicit axes ("context mesh ... should match the aval mesh").
     result = user_mesh_results["fsdp=4,tensor=2 jax.make_mesh under jax.set_mesh"]
     assert "error" not in result, result
