@@ -1,9 +1,9 @@
 """Loads the tiny DiT into meshes made three ways (the project's `parallel.make_mesh`, `jax.make_mesh` with its
 Explicit axes, `Mesh(devices, names)` with Auto axes; each on data, fsdp, fsdp x tensor and data x fsdp x tensor
-meshes; and one set as the context mesh by jax.set_mesh) with the default inference rules, runs the sharded
-forward and a 2-step CFG loop, and prints, as JSON,
-per mesh and kind: the relative error against the single-device result and against the project's mesh, the
-shard shape of a big weight and the big weights that the mesh leaves whole.
+meshes; and one jax.make_mesh mesh set as the context mesh by jax.set_mesh) with the default inference rules,
+runs the sharded forward and a 2-step CFG loop, and prints, as JSON, per mesh and kind: the relative error
+against the single-device result and against the project's mesh, the shard shape of a big weight and the big
+weights that the mesh leaves whole.
 
 Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/user_meshes.py FOLDER
 """
