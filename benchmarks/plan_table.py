@@ -3,7 +3,8 @@ for training, the cheapest remat policy) whose `python -m ernie_jax.plan` estima
 
     python benchmarks/plan_table.py [--cache plans.json] [--preset full] [--attention xla|splash]
 
-Sampling is a CFG step (16 rows for 8 images) with the weights split over `fsdp`; training is one AdamW
+Sampling is a CFG step (16 rows for 8 images) with the weights split over `fsdp`, and for the chips of
+PIPELINE_PLANS also with the text encoder resident (`--with-text-encoder`); training is one AdamW
 step (fp32 master weights, bf16 compute) at global batch 8. Meshes are tried from 1 to 8 chips, then
 16 (fsdp=8,tensor=2); at each, the policies from the least recompute to the least device memory. Each plan is an AOT
 compilation (tens of seconds at real size), so the search skips what monotonicity settles: a plan that
@@ -38,6 +39,9 @@ EXTRA_PLANS = (
     ("train", 2048, "context=2,fsdp=4", "full"),
     ("sample", 2048, "fsdp=8", None), ("sample", 2048, "context=2,fsdp=4", None),
 )
+# The whole sampling pipeline's big models on one chip kind: (chip, resolution, mesh) planned with
+# `--with-text-encoder` (the DiT and the text encoder resident together, bf16, split by the inference rules).
+PIPELINE_PLANS = (("v5e-8", 1024, "fsdp=8"),)
 GIB = 2**30
 
 
@@ -59,18 +63,21 @@ class Planner:
         self.parameter_count = _parameter_count(preset)
 
     def __call__(self, mode: str, resolution: int, mesh: str, remat: str | None = None,
-                 rules: str = "training") -> dict:
-        key = f"{self.preset} {self.attention} {mode} {resolution} {mesh} {rules} {remat}"
+                 with_text_encoder: bool = False) -> dict:
+        key = f"{self.preset} {self.attention} {mode} {resolution} {mesh} {remat}"
+        key += " +text_encoder" if with_text_encoder else ""
         if key not in self.plans:
             command = [sys.executable, "-m", "ernie_jax.plan", "--json", "--mode", mode, "--preset", self.preset,
-                       "--resolution", str(resolution), "--batch", "8", "--mesh", mesh, "--rules", rules,
-                       "--attention", self.attention]
+                       "--resolution", str(resolution), "--batch", "8", "--mesh", mesh, "--attention", self.attention]
             if remat:
                 command += ["--remat", remat]
+            if with_text_encoder:
+                command += ["--with-text-encoder"]
             print(f"planning {key}", file=sys.stderr, flush=True)
             result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
-            self.plans[key] = {"mode": mode, "resolution": resolution, "mesh": mesh, "rules": rules,
-                               "remat": remat, **json.loads(result.stdout.strip().splitlines()[-1])}
+            self.plans[key] = {"mode": mode, "resolution": resolution, "mesh": mesh, "remat": remat,
+                               "with_text_encoder": with_text_encoder,
+                               **json.loads(result.stdout.strip().splitlines()[-1])}
             if self.cache:
                 self.cache.write_text(json.dumps(self.plans, indent=1))
         return self.plans[key]
@@ -80,7 +87,11 @@ class Planner:
         resolution already exceeds `budget` (fewer chips and more pixels only need more memory)."""
         return any(p["mode"] == mode and p["remat"] == remat and p["resolution"] <= resolution
                    and _same_axes_fewer_chips(mesh, p["mesh"]) and p["total"] > budget
-                   for p in self.plans.values() if p["rules"] == "training")
+                   for p in self.dit_plans())
+
+    def dit_plans(self) -> list[dict]:
+        """The plans of the DiT alone (not those of the pipeline with its text encoder)."""
+        return [p for p in self.plans.values() if not p.get("with_text_encoder")]
 
 
 def _parameter_count(preset: str) -> int:
@@ -146,15 +157,23 @@ def main() -> None:
             label = "sample, CFG (16 rows)" if mode == "sample" else "train, AdamW fp32 master"
             rows.append(f"| {label} | {resolution} | " + " | ".join(answers[n] for n, _ in reversed(CHIPS)) + " |")
     for resolution in RESOLUTIONS:
-        planner("sample", resolution, "data=8", rules="inference")
+        planner("sample", resolution, "data=8")
     for mode, resolution, mesh, remat in EXTRA_PLANS:
         planner(mode, resolution, mesh, remat)
     print("\n".join(rows))
-    print("\n| mode | resolution | mesh | rules | remat | parameters | optimizer | temporaries | offloaded to host "
-          "| total |\n|---|---|---|---|---|---|---|---|---|---|")
-    for p in sorted(planner.plans.values(), key=lambda p: (p["mode"], p["resolution"], chips(p["mesh"]), p["mesh"],
+    print("\n| chip | resolution | mesh | denoising step + encoder weights | encoding + DiT weights | total | fits |"
+          "\n|---|---|---|---|---|---|---|")
+    for chip, resolution, mesh in PIPELINE_PLANS:
+        plan = planner("sample", resolution, mesh, with_text_encoder=True)
+        budget = HEADROOM * dict(CHIPS)[chip] * GIB
+        print(f"| {chip} | {resolution} | {mesh} | {plan['denoising peak'] / GIB:.2f} | "
+              f"{plan['encoding peak'] / GIB:.2f} | {plan['total'] / GIB:.2f} | "
+              f"{'yes' if plan['total'] <= budget else 'no'} (90% of {dict(CHIPS)[chip]} GiB) |")
+    print("\n| mode | resolution | mesh | remat | parameters | optimizer | temporaries | offloaded to host "
+          "| total |\n|---|---|---|---|---|---|---|---|---|")
+    for p in sorted(planner.dit_plans(), key=lambda p: (p["mode"], p["resolution"], chips(p["mesh"]), p["mesh"],
                                                           TRAIN_POLICIES.index(p["remat"]) if p["remat"] else 0)):
-        print(f"| {p['mode']} | {p['resolution']} | {p['mesh']} | {p['rules']} | {p['remat'] or '-'} | "
+        print(f"| {p['mode']} | {p['resolution']} | {p['mesh']} | {p['remat'] or '-'} | "
               f"{p['parameters'] / GIB:.2f} | {p['optimizer state'] / GIB:.2f} | "
               f"{p['temporaries (activations, workspace)'] / GIB:.2f} | {p['offloaded to host'] / GIB:.2f} | "
               f"{p['total'] / GIB:.2f} |")

@@ -121,9 +121,11 @@ def load_transformer(path, dtype="float32", *, param_dtype=None, attention_impl:
     """Loads the ERNIE-Image transformer from any layout `open_checkpoint` accepts.
 
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`, as diffusers'
-    `torch_dtype` does). With a `mesh`, every parameter is read straight into the sharding its logical axes
-    get under `axis_rules` (default: ernie_jax.parallel.INFERENCE_RULES), each device reading only its
-    slice of the memory-mapped file; otherwise `sharding` places every parameter (default: first device).
+    `torch_dtype` does). With a `mesh` (any `jax.sharding.Mesh` with the axes data, fsdp, context, tensor:
+    ernie_jax.parallel.normalize_mesh), every parameter is read straight into the sharding its logical axes
+    get under `axis_rules` (default: ernie_jax.parallel.INFERENCE_RULES, which split the weights over an fsdp
+    axis of size > 1), each device reading only its slice of the memory-mapped file; otherwise `sharding`
+    places every parameter (default: first device).
     """
     return load_checkpoint(open_checkpoint(path), dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                            remat=remat, scan_layers=scan_layers, sharding=sharding, mesh=mesh,

@@ -4,7 +4,9 @@ Writes one PNG per image and, beside each, a JSON with the settings, the (revise
 `--turbo` selects ERNIE-Image-Turbo's recommended 8 steps at guidance 1.0; the defaults are the base
 model's 50 steps at guidance 4.0. The released folders do not say which model they hold. `--mesh fsdp=8`
 (axes data, fsdp, context, tensor; one may be -1) loads every component straight into a device mesh and
-runs every stage sharded, with each component's inference rule table (ernie_jax.parallel.COMPONENT_RULES).
+runs every stage sharded, with each component's inference rule table (ernie_jax.parallel.COMPONENT_RULES):
+the transformer's, text encoder's and PE's weights are split over fsdp (`fsdp=8`: an eighth on each device) and
+tensor; `data=8` keeps a whole copy on each device and splits the batch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def parse_args(argv):
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--no-pe", action="store_true", help="skip the prompt enhancer")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--mesh", help="device mesh, e.g. fsdp=8 or data=2,tensor=4 (default: one device)")
+    parser.add_argument("--mesh", help="device mesh, e.g. fsdp=8 (weights split 8 ways) or data=2,tensor=4 "
+                                       "(default: one device)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     args = parser.parse_args(argv)
     preset = PRESETS["ernie-image-turbo" if args.turbo else "ernie-image"]

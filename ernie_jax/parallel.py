@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ernie_jax.models import layers
 
@@ -39,21 +39,19 @@ TRAINING_RULES: Rules = (
     ("embed", "fsdp"), ("embed_in", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
     ("vocab", "tensor"),
 ) + _REPLICATED
-# Inference default: data parallel (weights replicated, batch split over every data-like axis).
-INFERENCE_RULES: Rules = (
-    ("batch", _BATCH_AXES), ("length", "context"), ("act_embed", None), ("act_heads", "tensor"),
-    ("embed", None), ("embed_in", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-    ("vocab", "tensor"),
-) + _REPLICATED
-# Inference for models that do not fit one device: weights split over fsdp as in training.
-INFERENCE_FSDP_RULES: Rules = TRAINING_RULES
+# Inference default: the same table, so that the mesh alone says how the weights are placed. A mesh whose
+# fsdp axis has size 1 (data=8, say) leaves every weight whole on every device: data parallel, no weight
+# gathers (`logical_to_spec` drops size-1 axes). A mesh that asks for fsdp > 1 splits the weights over it
+# as in training: the 8B DiT's 16 GB of bf16 weights do not fit a 16 GB v5e chip whole, and fsdp=8 makes them
+# 2 GB per chip.
+INFERENCE_RULES: Rules = TRAINING_RULES
 # The VAE (84M parameters) in every mode: weights replicated, the batch split over every mesh axis.
 VAE_RULES: Rules = (
     ("batch", MESH_AXES), ("length", None), ("act_embed", None), ("act_heads", None), ("embed", None),
     ("embed_in", None), ("heads", None), ("kv_heads", None), ("mlp", None), ("vocab", None),
 ) + _REPLICATED
 # Each pipeline component's default rule table per mode. The text encoder (and PE) are frozen in training,
-# where their weights are split like the transformer's to leave it the memory.
+# where their weights are split like the transformer's to leave it the memory; in inference too.
 COMPONENT_RULES: dict[str, dict[str, Rules]] = {
     "training": {"transformer": TRAINING_RULES, "text_encoder": TRAINING_RULES, "pe": TRAINING_RULES,
                  "vae": VAE_RULES},
@@ -93,6 +91,25 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None, devi
     return Mesh(grid, MESH_AXES)
 
 
+def normalize_mesh(mesh: Mesh | AbstractMesh) -> Mesh | AbstractMesh:
+    """`mesh` as every program of this project runs on it: the same devices with every axis Auto.
+
+    Any mesh with the axes MESH_AXES (in any order, size 1 where unused) is accepted, however it was made
+    (`make_mesh`, `jax.make_mesh`, `Mesh(devices, names)`). Our programs place arrays by the shardings they
+    give jit and by `with_sharding_constraint`, and leave the rest to XLA's propagation: that needs Auto
+    axes. Under Explicit axes (jax.make_mesh's default) every dot would have to name its output sharding, and
+    one contracting a split dimension is refused (ShardingTypeError).
+    """
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if sorted(mesh.axis_names) != sorted(MESH_AXES):
+        raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: ernie_jax needs exactly the axes {MESH_AXES} (any "
+                         f"order, size 1 where unused), e.g. jax.make_mesh((1, 8, 1, 1), {MESH_AXES})")
+    if mesh.are_all_axes_auto:
+        return mesh
+    return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2} (command-line form)."""
     sizes = {}
@@ -111,6 +128,8 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, shape: Sequence[i
     Unknown names are an error. A mesh axis is used at most once per array (the first dimension asking
     for it gets it), and a dimension not divisible by its mesh axes stays unsplit (given shape and mesh).
     """
+    if mesh is not None:
+        mesh = normalize_mesh(mesh)
     table = dict(rules)
     used: set[str] = set()
     spec = []
@@ -139,6 +158,7 @@ def _variable_names(variable) -> tuple:
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
     """NamedShardings for every variable of an (abstract or concrete) nnx state, from its logical names."""
+    mesh = normalize_mesh(mesh)
     return jax.tree.map(
         lambda v: NamedSharding(mesh, logical_to_spec(_variable_names(v), rules, v.shape, mesh)),
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -197,6 +217,7 @@ def sharded_attention(mesh: Mesh, rules: Rules):
     axis does not divide stays whole (as `logical_to_spec` leaves it), and attention is then repeated on
     every context shard.
     """
+    mesh = normalize_mesh(mesh)
 
     def run(local_attention, axes, query, key, value, key_lengths, mask):
         q_spec = logical_to_spec(axes, rules, query.shape, mesh)
@@ -227,6 +248,7 @@ def sharded_attention(mesh: Mesh, rules: Rules):
 def activation_sharding(mesh: Mesh, rules: Rules):
     """Within the block (while tracing), `layers.constrain` pins activations to `rules` on `mesh` and
     `layers.attention` runs in `shard_map` (`sharded_attention`)."""
+    mesh = normalize_mesh(mesh)
 
     def constrain(x, names):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, x.shape, mesh)))
@@ -242,6 +264,7 @@ def activation_sharding(mesh: Mesh, rules: Rules):
 
 def data_sharding(mesh: Mesh, rules: Rules, names: Iterable[str | None], shape: Sequence[int]) -> NamedSharding:
     """The sharding of an input/output array with logical axis `names`."""
+    mesh = normalize_mesh(mesh)
     return NamedSharding(mesh, logical_to_spec(tuple(names), rules, shape, mesh))
 
 
@@ -279,14 +302,38 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 def jit_sharded(fn, mesh: Mesh, rules: Rules, in_shardings, out_shardings, static_argnums=(), donate_argnums=()):
     """`jax.jit(fn)` with explicit shardings, traced under `activation_sharding(mesh, rules)` so that the
-    models' `layers.constrain` calls pin activations to the same rules."""
+    models' `layers.constrain` calls pin activations to the same rules; called, traced and lowered with `mesh`
+    as the context mesh (`ProgramOnMesh`)."""
+    mesh = normalize_mesh(mesh)
 
     def traced(*args):
         with activation_sharding(mesh, rules):
             return fn(*args)
 
-    return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, static_argnums=static_argnums,
-                   donate_argnums=donate_argnums)
+    return ProgramOnMesh(jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
+                                 static_argnums=static_argnums, donate_argnums=donate_argnums), mesh)
+
+
+class ProgramOnMesh:
+    """`jitted` (a `jax.jit` function whose shardings are on `mesh`) called, traced and lowered with `mesh` (Auto
+    axes) as the context mesh. Called under a user's `jax.set_mesh` of a mesh with Explicit axes, jit would
+    otherwise type the arguments with that mesh's axis types, which our programs do not use."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted = jitted
+        self.abstract_mesh = normalize_mesh(mesh).abstract_mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
+            return self.jitted(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
+            return self.jitted.trace(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
+            return self.jitted.lower(*args, **kwargs)
 
 
 def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):
@@ -302,7 +349,8 @@ def sharded_forward(model: nnx.Module, mesh: Mesh, rules: Rules):
         if shapes not in compiled:
             batch = [batch_sharding(mesh, rules, s) for s in shapes]
             compiled[shapes] = jit_sharded(lambda st, *a: nnx.merge(graphdef, st)(*a), mesh, rules,
-                                           (state_spec, *batch), batch[0])
-        return compiled[shapes](state, *inputs)
+                                           (state_spec, *batch), batch[0]), tuple(batch)
+        program, batch = compiled[shapes]
+        return program(state, *put(inputs, batch))
 
     return forward

@@ -103,13 +103,29 @@ def _component_rules(mesh, rules: Mapping[str, parallel.Rules] | None) -> dict[s
     return parallel.component_rules("inference", rules)
 
 
+def _on_pipeline_mesh(method):
+    """`method` run with the pipeline's mesh (Auto axes) as JAX's context mesh: its eager steps on the
+    pipeline's arrays then also work under a user's `jax.set_mesh` of a mesh with Explicit axes."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.mesh is None:
+            return method(self, *args, **kwargs)
+        with jax.set_mesh(self.mesh):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class ErnieImagePipeline:
     """Text-to-image with ERNIE-Image (or ERNIE-Image-Turbo) weights.
 
     Components are ernie_jax modules (transformer, vae, text_encoder, optional pe) and `Tokenizer`s.
 
-    With a device `mesh`, every component is placed by its logical-axis rule table (`rules`: component ->
-    table, over parallel.COMPONENT_RULES["inference"]) and every stage runs as a program compiled with
+    With a device `mesh` (any `jax.sharding.Mesh` with the axes data, fsdp, context, tensor, however made;
+    `pipe.mesh` holds it with Auto axes, see parallel.normalize_mesh), every component is placed by its
+    logical-axis rule table (`rules`: component -> table, over parallel.COMPONENT_RULES["inference"]: weights
+    split over fsdp and tensor, the VAE's whole) and every stage runs as a program compiled with
     explicit input and output shardings: the text encoder and the VAE split their batch over the batch axes
     (padded to a multiple of the number of batch shards), the PE's decode loop and the denoising loop split
     theirs where it divides (otherwise it stays whole) and keep the KV cache's heads split as the weights'.
@@ -130,13 +146,13 @@ class ErnieImagePipeline:
         self.text_bucket = text_bucket
         self.vae_tile_size = None
         self._lora_base = None
-        self.mesh = mesh
+        self.mesh = None if mesh is None else parallel.normalize_mesh(mesh)
         self.rules = _component_rules(mesh, rules)
         self._sharded_programs = {}
         if mesh is not None:
             for name in ("transformer", "vae", "text_encoder", "pe"):
                 if getattr(self, name) is not None:
-                    parallel.shard_model(getattr(self, name), mesh, self.rules[name])
+                    parallel.shard_model(getattr(self, name), self.mesh, self.rules[name])
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -151,6 +167,7 @@ class ErnieImagePipeline:
         from conversions import mistral, transformer, vae
         from conversions.safetensors_io import CheckpointError
 
+        mesh = None if mesh is None else parallel.normalize_mesh(mesh)
         component_rules = _component_rules(mesh, rules)
 
         def placement(component: str) -> dict:
@@ -255,7 +272,8 @@ class ErnieImagePipeline:
                                    in_specs=(PartitionSpec(), in_shardings[1].spec),
                                    out_specs=out_sharding.spec)
             # Plain jit: inside shard_map every mesh axis is manual, so no activation rules apply.
-            return jax.jit(decode, in_shardings=in_shardings, out_shardings=out_sharding), in_shardings
+            program = jax.jit(decode, in_shardings=in_shardings, out_shardings=out_sharding)
+            return parallel.ProgramOnMesh(program, mesh), in_shardings
 
         return self._run_sharded(("decode", graphdef, latents.shape, latents.dtype, tile_size), build, state,
                                  latents)
@@ -270,6 +288,7 @@ class ErnieImagePipeline:
             ids = [bos if bos is not None else 0]
         return ids
 
+    @_on_pipeline_mesh
     def encode_prompt(self, prompts: list[str]) -> list[jax.Array]:
         """Text features `[T_i, D]` (the text encoder's hidden_states[-2]) of each prompt, in the
         transformer's dtype (the text encoder's in a pipeline built without a transformer)."""
@@ -291,6 +310,7 @@ class ErnieImagePipeline:
             hidden = hidden.astype(self.transformer.dtype)
         return [hidden[i, :n] for i, n in enumerate(lengths[: len(token_ids)])]
 
+    @_on_pipeline_mesh
     def enhance_prompt(self, prompt: str | list[str], width: int = 1024, height: int = 1024,
                        temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
                        system_prompt: str | None = None) -> str | list[str]:
@@ -348,6 +368,7 @@ class ErnieImagePipeline:
             if not isinstance(size, (int, np.integer)) or size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {size}")
 
+    @_on_pipeline_mesh
     def __call__(self, prompt=None, negative_prompt="", height: int = 1024, width: int = 1024,
                  num_inference_steps: int = 50, guidance_scale: float = 4.0, num_images_per_prompt: int = 1,
                  seed: int | None = None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
@@ -412,10 +433,7 @@ class ErnieImagePipeline:
             latents = sampling._denoise_loop_jit(graphdef, params, *args, sigmas, jnp.float32(guidance_scale),
                                                  use_cfg=use_cfg)
         else:
-            # The loop's in_shardings: the batch split over the batch axes (the weights are placed already).
-            rules = self.rules["transformer"]
-            args = tuple(parallel.put_array(x, parallel.batch_sharding(self.mesh, rules, x.shape)) for x in args)
-            loop = sampling._sharded_denoise_loop(graphdef, params, use_cfg, self.mesh, rules,
+            loop = sampling._sharded_denoise_loop(graphdef, params, use_cfg, self.mesh, self.rules["transformer"],
                                                   tuple(x.shape for x in args))
             latents = loop(params, *args, sigmas, jnp.float32(guidance_scale))
         if output_type == "latent":
@@ -427,6 +445,7 @@ class ErnieImagePipeline:
             images = [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
         return ErnieImagePipelineOutput(images, revised, seed)
 
+    @_on_pipeline_mesh
     def decode_latents(self, latents) -> np.ndarray:
         """Packed latents `[B, 128, h, w]` -> images `[B, 16h, 16w, 3]` float32 in [0, 1] on the host.
 
@@ -451,6 +470,7 @@ class ErnieImagePipeline:
 
     # -------------------------------------------------------------------------------------------- LoRA
 
+    @_on_pipeline_mesh
     def load_lora_weights(self, path, scale: float = 1.0) -> list[str]:
         """Merges a LoRA file into the transformer (diffusers, PEFT or AI-Toolkit keys); returns the modules
         changed. Loading several stacks them; `unload_lora_weights` restores the original weights."""
@@ -462,6 +482,7 @@ class ErnieImagePipeline:
             self._lora_base = base
         return changed
 
+    @_on_pipeline_mesh
     def unload_lora_weights(self) -> None:
         """Restores the transformer's weights as they were before the first `load_lora_weights`."""
         if self._lora_base is not None:

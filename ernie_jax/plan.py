@@ -6,6 +6,10 @@ CFG denoising step (`--mode sample`: bf16 weights and activations) or one traini
 train`: flow-matching loss, AdamW with fp32 master weights and bf16 compute, the chosen remat policy),
 then prints per-device bytes for parameters, optimizer state, inputs and XLA's temporaries (activations
 and workspace, from the compiled `memory_analysis`) and whether their sum fits `--device-memory`.
+`--with-text-encoder` (sampling) also compiles the real-size text encoder's encoding of the prompts and
+negative prompts: the pipeline keeps both models on the devices, so the plan is the larger of the two
+programs' peaks, each with the other model's weights added. Weights follow the inference rules for
+sampling and the training rules for training (one table: split over fsdp and tensor).
 The numbers come from XLA's CPU buffer assignment: accelerator compilers schedule and fuse
 differently, so read them as estimates (within tens of percent), not guarantees.
 
@@ -48,8 +52,10 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=1, help="global batch (images; CFG doubles it when sampling)")
     parser.add_argument("--text-len", type=int, default=256, help="padded text tokens per sample")
     parser.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
-    parser.add_argument("--rules", choices=["inference", "training"],
-                        help="logical-axis rules (default: inference for sample, training for train)")
+    parser.add_argument("--with-text-encoder", action="store_true",
+                        help="--mode sample: the pipeline's DiT and text encoder together on the mesh: also compiles "
+                             "the encoding of the prompts and negative prompts, and the total is the larger of the two "
+                             "programs' peaks, each with the other model's weights resident")
     parser.add_argument("--remat", default="full", help="remat policy for --mode train")
     parser.add_argument("--preset", default="full", help="transformer preset: full (the released 8B), small, tiny")
     parser.add_argument("--num-layers", type=int, help="override the preset's number of blocks (quick what-ifs)")
@@ -61,6 +67,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 16:
         parser.error(f"--resolution must be a positive multiple of 16, got {args.resolution}")
+    if args.with_text_encoder and args.mode != "sample":
+        parser.error("--with-text-encoder plans sampling: use it with --mode sample")
     return args
 
 
@@ -83,13 +91,20 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}, "
-          f"rules {report['rules']}" + (f", remat {args.remat}" if args.mode == "train" else ""))
+    print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}"
+          + (f", remat {args.remat}" if args.mode == "train" else ""))
     for name in ("parameters", "optimizer state", "inputs", "temporaries (activations, workspace)",
                  "outputs (not aliased)"):
         print(f"  {name:38s} {report[name] / 2**30:8.2f} GiB per device")
     if report["offloaded to host"]:
         print(f"  {'offloaded to host (not in the total)':38s} {report['offloaded to host'] / 2**30:8.2f} GiB per device")
+    if "text encoder" in report:
+        encoder = report["text encoder"]
+        print(f"  text encoder, encoding {encoder['prompts']} prompts of {args.text_len} tokens:")
+        for name in ("parameters", "inputs", "temporaries (activations, workspace)", "outputs (not aliased)"):
+            print(f"    {name:36s} {encoder[name] / 2**30:8.2f} GiB per device")
+        print(f"  {'denoising peak (+ encoder weights)':38s} {report['denoising peak'] / 2**30:8.2f} GiB per device")
+        print(f"  {'encoding peak (+ DiT weights)':38s} {report['encoding peak'] / 2**30:8.2f} GiB per device")
     total = report["total"]
     verdict = "fits" if report["fits"] else "does NOT fit"
     print(f"  {'total':38s} {total / 2**30:8.2f} GiB per device: {verdict} in {budget / 2**30:.1f} GiB "
@@ -110,8 +125,7 @@ def plan(args, sizes: dict[str, int]) -> dict:
     from ernie_jax.models.dit import PRESETS, abstract_transformer
 
     mesh = parallel.make_mesh(sizes)
-    rules_name = args.rules or ("inference" if args.mode == "sample" else "training")
-    rules = parallel.INFERENCE_RULES if rules_name == "inference" else parallel.TRAINING_RULES
+    rules = parallel.INFERENCE_RULES if args.mode == "sample" else parallel.TRAINING_RULES
     if args.preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     config = PRESETS[args.preset]
@@ -179,12 +193,54 @@ def plan(args, sizes: dict[str, int]) -> dict:
         offloaded = _offloaded_bytes(args.remat, config, mesh, rules, batch,
                                      (latent // config.patch_size) ** 2 + args.text_len)
         device_temporaries -= offloaded
-    report = {"rules": rules_name, "parameters": parameter_bytes, "optimizer state": optimizer_bytes,
+    report = {"parameters": parameter_bytes, "optimizer state": optimizer_bytes,
               "inputs": input_bytes, "temporaries (activations, workspace)": device_temporaries,
               "outputs (not aliased)": output_bytes, "offloaded to host": offloaded,
               "flops": compiled.cost_analysis().get("flops", 0.0), "compile_seconds": seconds}
     report["total"] = argument_bytes + device_temporaries + output_bytes
+    if args.with_text_encoder:
+        encoder = _text_encoder_plan(mesh, rules, batch, args.text_len)
+        report["text encoder"] = encoder
+        report["denoising peak"] = report["total"] + encoder["parameters"]
+        report["encoding peak"] = encoder["total"] + parameter_bytes
+        report["total"] = max(report["denoising peak"], report["encoding peak"])
     return report
+
+
+def _text_encoder_plan(mesh, rules, prompts: int, text_len: int) -> dict:
+    """Per-device bytes of the real-size text encoder (bf16) encoding `prompts` token rows of `text_len`."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ernie_jax import parallel
+    from ernie_jax.models import mistral
+
+    abstract = mistral.abstract_model(mistral.PRESETS["text_encoder"], encoder_only=True, dtype=jnp.bfloat16,
+                                      param_dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(abstract)
+    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
+                          parallel.state_shardings(state, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    input_ids = jax.ShapeDtypeStruct((prompts, text_len), jnp.int32,
+                                     sharding=parallel.batch_sharding(mesh, rules, (prompts, text_len)))
+    lengths = jax.ShapeDtypeStruct((prompts,), jnp.int32, sharding=parallel.batch_sharding(mesh, rules, (prompts,)))
+
+    def encode(params, input_ids, lengths):
+        return nnx.merge(graphdef, params).encode(input_ids, lengths)
+
+    start = time.perf_counter()
+    compiled = parallel.jit_sharded(encode, mesh, rules, None, None).lower(params, input_ids, lengths).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    parameter_bytes = _per_device_bytes(params)
+    output_bytes = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
+    return {"prompts": prompts, "parameters": parameter_bytes,
+            "inputs": max(memory.argument_size_in_bytes - parameter_bytes, 0),
+            "temporaries (activations, workspace)": memory.temp_size_in_bytes, "outputs (not aliased)": output_bytes,
+            "total": memory.argument_size_in_bytes + memory.temp_size_in_bytes + output_bytes,
+            "compile_seconds": seconds}
 
 
 def _offloaded_bytes(remat: str, config, mesh, rules, batch: int, tokens: int) -> int:

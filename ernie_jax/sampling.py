@@ -123,7 +123,8 @@ def sample(
     text to a multiple of `text_length_multiple` lets prompts of different lengths share one compiled
     program (padded keys are masked, so the result does not depend on it beyond float rounding).
 
-    With a `mesh` (and logical-axis `rules`, see ernie_jax.parallel), the loop runs sharded: parameters
+    With a `mesh` (any jax Mesh with the project's axes) and logical-axis `rules` (see ernie_jax.parallel),
+    the loop runs sharded: parameters
     placed by the rules, the batch split over the batch axes, activations pinned at block boundaries.
     """
     latents = jnp.asarray(latents)
@@ -158,14 +159,18 @@ _SHARDED_LOOPS: dict = {}
 
 
 def _sharded_denoise_loop(graphdef, params, use_cfg: bool, mesh, rules, shapes):
-    """The loop compiled for one model structure, mesh, rule table and input shapes (latents, text, lengths)."""
+    """The loop compiled for one model structure, mesh, rule table and input shapes (latents, text, lengths),
+    as a function that first places its arguments (params, latents, text, lengths, sigmas, guidance) in the
+    loop's shardings."""
     from ernie_jax import parallel
 
+    mesh = parallel.normalize_mesh(mesh)
     key = (graphdef, use_cfg, mesh, rules, shapes)
     if key not in _SHARDED_LOOPS:
         batch = [parallel.batch_sharding(mesh, rules, shape) for shape in shapes]
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         in_shardings = (parallel.state_shardings(params, mesh, rules), *batch, replicated, replicated)
         loop = functools.partial(denoise_loop, graphdef, use_cfg=use_cfg)
-        _SHARDED_LOOPS[key] = parallel.jit_sharded(loop, mesh, rules, in_shardings, batch[0])
-    return _SHARDED_LOOPS[key]
+        _SHARDED_LOOPS[key] = parallel.jit_sharded(loop, mesh, rules, in_shardings, batch[0]), in_shardings
+    program, in_shardings = _SHARDED_LOOPS[key]
+    return lambda *args: program(*parallel.put(args, in_shardings))

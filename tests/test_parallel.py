@@ -62,8 +62,7 @@ def test_no_weight_is_split_over_a_later_batch_axis():
     # (docs/upstream/xla_batch_two_axes_repro.py): no rule table may ask for that.
     activation_names = {"batch", "length", "act_embed", "act_heads"}
     as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    for rules in (parallel.TRAINING_RULES, parallel.INFERENCE_RULES, parallel.INFERENCE_FSDP_RULES,
-                  parallel.VAE_RULES):
+    for rules in (parallel.TRAINING_RULES, parallel.INFERENCE_RULES, parallel.VAE_RULES):
         later_batch_axes = set(as_tuple(dict(rules)["batch"])[1:])
         weight_axes = {axis for name, axes in rules if name not in activation_names for axis in as_tuple(axes)}
         assert not later_batch_axes & weight_axes, rules

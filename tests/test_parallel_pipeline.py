@@ -25,6 +25,7 @@ from ernie_jax.models.vae import VAE_PRESETS, abstract_vae
 from ernie_jax.pipeline import ErnieImagePipeline
 
 REPO = Path(__file__).resolve().parents[1]
+# fsdp=4,tensor=2 is made by jax.make_mesh (Explicit axes); data=2,fsdp=4 by parallel.make_mesh.
 MESHES = ("data=2,fsdp=4", "fsdp=4,tensor=2")
 
 
@@ -59,15 +60,19 @@ def test_sharded_stages_equal_single_device(sharded_results, mesh):
 
 def test_weights_are_split_by_each_components_rules(sharded_results):
     full = {"text_encoder": [2, 64, 128], "pe": [131072, 64], "transformer": [2, 256, 512], "vae": [3, 3, 32, 64]}
-    # Inference defaults (data parallel): every weight whole. Weights split over fsdp (embed) and tensor
-    # (mlp / vocab) for the transformer, text encoder and PE; the VAE stays replicated.
-    shards = {"data=2,fsdp=4": full,
+    # Inference defaults: weights split over fsdp (embed) and tensor (mlp / vocab) for the transformer, text
+    # encoder and PE; the VAE stays replicated.
+    shards = {"data=2,fsdp=4": {"text_encoder": [2, 16, 128], "pe": [131072, 16], "transformer": [2, 64, 512],
+                                "vae": [3, 3, 32, 64]},
               "fsdp=4,tensor=2": {"text_encoder": [2, 16, 64], "pe": [65536, 16], "transformer": [2, 64, 256],
                                   "vae": [3, 3, 32, 64]}}
     for mesh, expected in shards.items():
         weights = sharded_results[mesh]["weights"]
         assert {name: w["shape"] for name, w in weights.items()} == full
         assert {name: w["shard"] for name, w in weights.items()} == expected, mesh
+        # Every weight over 64 KiB of the transformer, text encoder and PE is split (the PE's 32 MiB
+        # embedding included).
+        assert sharded_results[mesh]["replicated"] == {"transformer": [], "text_encoder": [], "pe": []}, mesh
 
 
 def test_generate_command_with_a_mesh(sharded_results):
@@ -92,17 +97,18 @@ def test_every_parameter_of_every_real_size_component_has_a_rule(real_size_state
     specs = {name: nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules[name]))
              for name, state in real_size_states.items()}
     assert all(s.spec == P(*[None] * len(s.spec)) for s in jax.tree.leaves(specs["vae"]))
-    embed = "fsdp" if mode == "training" else None
+    # In both modes a mesh with fsdp > 1 splits the weights over it (inference too: parallel.INFERENCE_RULES).
     for decoder in ("text_encoder", "pe"):
         layer = specs[decoder]["layers"]
-        assert layer["mlp"]["gate_proj"]["kernel"].spec == P(None, embed, "tensor")
-        assert layer["self_attn"]["k_proj"]["kernel"].spec == P(None, embed, "tensor")  # 8 KV heads * 128 / 4
-    assert specs["pe"]["embed_tokens"]["embedding"].spec == P("tensor", embed)
+        assert layer["mlp"]["gate_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
+        assert layer["self_attn"]["k_proj"]["kernel"].spec == P(None, "fsdp", "tensor")  # 8 KV heads * 128 / 4
+    assert specs["pe"]["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
+    assert specs["transformer"]["layers"]["mlp"]["gate_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
 
 
 def test_rule_overrides_and_their_errors():
-    rules = parallel.component_rules("inference", {"text_encoder": parallel.INFERENCE_FSDP_RULES})
-    assert rules["text_encoder"] is parallel.INFERENCE_FSDP_RULES and rules["vae"] is parallel.VAE_RULES
+    rules = parallel.component_rules("inference", {"text_encoder": parallel.VAE_RULES})
+    assert rules["text_encoder"] is parallel.VAE_RULES and rules["transformer"] is parallel.INFERENCE_RULES
     with pytest.raises(ValueError, match=r"rules for unknown components \['unet'\]"):
         parallel.component_rules("inference", {"unet": parallel.INFERENCE_RULES})
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -75,3 +75,27 @@ def test_offloaded_block_outputs_leave_the_device_total():
     assert kept["offloaded to host"] == 0
     # XLA CPU ignores memory kinds: the same program, minus the offloaded bytes.
     assert offloaded["total"] == kept["total"] - offloaded["offloaded to host"]
+
+
+def test_sample_plan_with_the_text_encoder_splits_both_models_over_fsdp():
+    from ernie_jax.models import mistral
+
+    report = plan_json("--mode", "sample", "--num-layers", "2", "--resolution", "256", "--batch", "1", "--mesh",
+                       "fsdp=8", "--with-text-encoder")
+    encoder = report["text encoder"]
+    # bf16 weights of the real-size text encoder, split 8 ways by the default inference rules (norms whole).
+    abstract = nnx.state(mistral.abstract_model(mistral.PRESETS["text_encoder"], encoder_only=True), nnx.Param)
+    expected = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract)) * 2 / 8
+    assert abs(encoder["parameters"] - expected) <= 0.01 * expected
+    assert abs(report["parameters"] - two_block_parameters() * 2 / 8) <= 0.02 * report["parameters"]
+    assert encoder["prompts"] == 2 and encoder["temporaries (activations, workspace)"] > 0
+    # Each program's peak holds the other model's weights too; the plan is the larger peak.
+    assert report["encoding peak"] == encoder["total"] + report["parameters"]
+    assert report["total"] == max(report["denoising peak"], report["encoding peak"])
+    assert report["denoising peak"] > report["parameters"] + encoder["parameters"]
+
+
+def test_plan_with_the_text_encoder_is_for_sampling():
+    result = subprocess.run([sys.executable, "-m", "ernie_jax.plan", "--mode", "train", "--with-text-encoder"],
+                            check=False, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "--with-text-encoder plans sampling" in result.stderr

@@ -1,6 +1,7 @@
 """Runs the tiny random ERNIE-Image pipeline (with PE) loaded straight into emulated-device meshes and prints,
 as JSON, each stage's largest relative error against the same pipeline on one device, whether the greedy PE
-tokens are identical, and the per-device shard shapes of big weights; then runs
+tokens are identical, the per-device shard shapes of big weights and the weights over 64 KiB that each
+component's rules leave whole; then runs
 `python -m ernie_jax.generate --mesh ...` in-process, writing into OUT.
 
 Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/sharded_pipeline.py FOLDER OUT
@@ -8,10 +9,12 @@ Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -20,11 +23,11 @@ from ernie_jax import generate, parallel
 from ernie_jax.pipeline import ErnieImagePipeline
 from tests.workers.common import relative_error
 
-FSDP = {"transformer": parallel.INFERENCE_FSDP_RULES, "text_encoder": parallel.INFERENCE_FSDP_RULES,
-        "pe": parallel.INFERENCE_FSDP_RULES}
-# name -> (mesh sizes, rule overrides): data parallel with the inference defaults, and weights split over
-# fsdp and tensor.
-MESHES = {"data=2,fsdp=4": ({"data": 2, "fsdp": 4}, None), "fsdp=4,tensor=2": ({"fsdp": 4, "tensor": 2}, FSDP)}
+# name -> (mesh, whether it is also the context mesh), with the inference rules (weights split over fsdp and
+# tensor): the project's own mesh, and one made by jax.make_mesh (Explicit axes, which every entry point takes
+# as Auto: parallel.normalize_mesh) and set with jax.set_mesh around the whole run, as the flax examples do.
+MESHES = {"data=2,fsdp=4": (lambda: parallel.make_mesh({"data": 2, "fsdp": 4}), False),
+          "fsdp=4,tensor=2": (lambda: jax.make_mesh((1, 4, 1, 2), parallel.MESH_AXES), True)}
 PROMPTS = ["a red circle at the top left", "一只猫 on a wooden table, soft light", "a blue square"]
 # Weights whose shard shapes are reported: component -> path in its nnx state.
 WEIGHTS = {"text_encoder": ("layers", "mlp", "gate_proj", "kernel"), "pe": ("embed_tokens", "embedding"),
@@ -72,13 +75,19 @@ def generate_with_mesh(folder, out, mesh: str) -> dict:
 def main(folder, out):
     expected = stages(ErnieImagePipeline.from_pretrained(folder, "float32"))
     results = {}
-    for name, (sizes, rules) in MESHES.items():
-        pipe = ErnieImagePipeline.from_pretrained(folder, "float32", mesh=parallel.make_mesh(sizes), rules=rules)
-        actual = stages(pipe)
+    for name, (make_mesh, as_context) in MESHES.items():
+        mesh = make_mesh()
+        with jax.set_mesh(mesh) if as_context else contextlib.nullcontext():
+            pipe = ErnieImagePipeline.from_pretrained(folder, "float32", mesh=mesh)
+            actual = stages(pipe)
         results[name] = {stage: relative_error(actual[stage], expected[stage]) for stage in ("text", "vae", "images")}
         results[name]["pe_tokens_equal"] = actual["pe_tokens"] == expected["pe_tokens"]
         results[name]["pe_tokens"] = [len(row.split()) for row in actual["pe_tokens"]]
         results[name]["weights"] = shard_shapes(pipe)
+        results[name]["replicated"] = {
+            component: parallel.replicated_parameters(getattr(pipe, component), pipe.mesh, pipe.rules[component],
+                                                      threshold_bytes=64 * 1024)
+            for component in ("transformer", "text_encoder", "pe")}
     results["generate --mesh data=2,fsdp=4"] = generate_with_mesh(folder, out, "data=2,fsdp=4")
     print(json.dumps(results))
 
