@@ -484,7 +484,7 @@ def run_train(experiment: Experiment) -> None:
     writer = progress = None
     callbacks = []
     if jax.process_index() == 0:
-        writer = TensorBoardWriter(workdir / "logs")
+        writer = TensorBoardWriter(workdir / "logs", purge_step=done + 1)  # update `done` logs at done + 1
         progress = ProgressBar(num_steps, lambda step: experiment.curriculum.stage_at(step).batch_size,
                                start_step=done)
         callbacks += [progress, writer.train_callback(config.logging.log_every, data_stats),
