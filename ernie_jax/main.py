@@ -540,14 +540,15 @@ def run_export(experiment: Experiment) -> None:
                                               seed=config.seed, mesh=_mesh(experiment), rules=parallel.TRAINING_RULES)
     checkpoints = Checkpoints(workdir / "checkpoints")
     try:
-        state = checkpoints.restore(abstract)
+        weights = checkpoints.restore_weights(abstract, ema=config.export.use_ema, step=done)
     finally:
         checkpoints.close()
-    model = nnx.merge(graphdef, state.ema_params if config.export.use_ema else state.params)
     dtype = jnp.dtype(config.export.dtype)
-    tensors = {k: np.asarray(v).astype(dtype) for k, v in transformer.transformer_state_dict(model).items()}
+    # Cast where the weights lie, then gathered by every process (a collective); only the first writes.
+    weights = jax.tree.map(lambda value: parallel.to_host(value.astype(dtype)), weights)
     if jax.process_index() != 0:
         return
+    tensors = transformer.transformer_state_dict(nnx.merge(graphdef, weights))
     with atomic_directory(destination) as staging:
         for name in ENCODER_FOLDERS:
             shutil.copytree(components / name, staging / name, copy_function=_link_or_copy)

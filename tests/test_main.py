@@ -216,3 +216,17 @@ def test_training_from_precomputed_features_computes_the_losses_of_training_from
     result = run_main(tmp_path / "refused", TINY_SHAPES, stages, "--config.components.kind=pretrained",
                       f"--config.components.path={other}", f"--config.data.precomputed=('{precomputed}',)")
     assert result.returncode == 1 and "model fingerprints differ" in result.stderr
+
+
+def test_export_of_a_fully_sharded_ema_reads_no_optimizer_state(tmp_path):
+    """The export stage on 8 emulated devices (fsdp=8): the EMA weights gathered from their shards and written
+    exactly (float32), from a checkpoint that holds no optimizer state at all."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "export_sharded.py"), str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["kernel_shard"] == [1, 8, 128] and report["kernel_shape"] == [1, 64, 128]  # embed split 8 ways
+    assert report["max_difference"] == 0.0 and report["dtypes"] == ["float32"]
