@@ -321,7 +321,8 @@ def _update_with_content(digest, path: Path, size: int) -> None:
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
     """sha256 over the encoder components' files (VAE, text encoder, tokenizer; safetensors, Orbax or any
-    other layout): each file's name, size and content, large files sampled (see `_update_with_content`), so features of a retrained encoder of the same architecture do not match."""
+    other layout): each file's name, size and content, large files sampled (see `_update_with_content`),
+    so features of a retrained encoder of the same architecture do not match."""
     root = Path(model_dir)
     digest = hashlib.sha256()
     for component in ENCODER_COMPONENTS:
