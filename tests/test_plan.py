@@ -40,6 +40,7 @@ def test_train_plan_splits_parameters_and_adam_state():
     expected = two_block_parameters() * 4 / 8 / 2**30  # fp32 master weights split 8 ways
     assert abs(values["parameters"] - expected) <= 0.02 * expected
     assert abs(values["optimizer state"] - 2 * values["parameters"]) <= 0.02 * values["optimizer state"]
+    assert values["EMA weights"] == values["parameters"]  # the trainer's state keeps an fp32 EMA copy
     assert values["temporaries (activations, workspace)"] > 0
     assert "fits in 95.0 GiB" in output
 
@@ -75,3 +76,20 @@ def test_offloaded_block_outputs_leave_the_device_total():
     assert kept["offloaded to host"] == 0
     # XLA CPU ignores memory kinds: the same program, minus the offloaded bytes.
     assert offloaded["total"] == kept["total"] - offloaded["offloaded to host"]
+
+
+def test_train_plan_compiles_the_trainers_update():
+    """The trainer's step (training.step) on its state and batch: an EMA row, the float32 batch the frozen
+    encoders produce as input, and the microbatch scan (XLA's cost analysis counts a loop body once)."""
+    common = ("--mode", "train", "--preset", "tiny", "--num-layers", "1", "--resolution", "64", "--batch", "8",
+              "--text-len", "16", "--mesh", "fsdp=2")
+    whole, scanned = plan_json(*common), plan_json(*common, "--microbatches", "2")
+    config = PRESETS["tiny"]
+    assert scanned["EMA weights"] == scanned["parameters"] == whole["parameters"]
+    # Per device (fsdp=2): float32 latents [8, 128, 4, 4] and text [8, 16, D], int32 lengths; plus the
+    # state's step (int32) and RNG key (uint32[2]).
+    batch = 8 * 128 * 4 * 4 * 4 + 8 * 16 * config.text_in_dim * 4 + 8 * 4
+    assert scanned["inputs"] == batch // 2 + 4 + 8
+    assert scanned["total"] == sum(scanned[k] for k in ("parameters", "optimizer state", "EMA weights", "inputs",
+                                                      "temporaries (activations, workspace)", "outputs (not aliased)"))
+    assert 0.4 < scanned["flops"] / whole["flops"] < 0.6
