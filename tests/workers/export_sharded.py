@@ -1,15 +1,11 @@
 """The runner's export stage on a fully sharded EMA: a checkpoint of the tiny experiment's DiT written on an
 8-device fsdp mesh, whose optimizer state is left out (export must not read it), exported with
-`main.run_export`; prints as JSON the largest difference between the exported transformer and the EMA
-weights converted on the host, and how one EMA kernel was split.
-
-Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/export_sharded.py WORKDIR
+`main.run_export`; `run` reports the largest difference between the exported transformer and the EMA
+weights converted on the host, and how one EMA kernel was split. Run by tests/workers/sharded_runner.py.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import jax
@@ -60,6 +56,3 @@ def run(workdir: Path) -> dict:
             "dtypes": sorted({str(v.dtype) for v in exported.values()}),
             "kernel_shape": list(kernel.shape), "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape))}
 
-
-if __name__ == "__main__":
-    print(json.dumps(run(Path(sys.argv[1]))))

@@ -1,16 +1,12 @@
 """The runner's sample-grid and eval-loss callbacks on an 8-device fsdp mesh, against the same computations
-on one device from the gathered EMA weights. Prints as JSON: the largest pixel difference of the grids,
-the relative difference of the eval losses, and whether each program took the EMA weights in their
-training shardings (split, never gathered).
-
-Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/sharded_callbacks.py WORKDIR
+on one device from the gathered EMA weights. `run` reports the largest pixel difference of the grids,
+the eval losses, and whether each program took the EMA weights in their training shardings (split, never
+gathered). Run by tests/workers/sharded_runner.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 import jax
@@ -112,6 +108,3 @@ def run(workdir: Path) -> dict:
             "eval_batch_split": [list(a.sharding.shard_shape(a.shape)) for a in jax.tree.leaves(batch)][0],
             "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape))}
 
-
-if __name__ == "__main__":
-    print(json.dumps(run(Path(sys.argv[1]))))
