@@ -257,7 +257,7 @@ def test_sigkill_mid_run_resumes_with_exactly_the_same_losses_and_log(tmp_path):
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     # Killed once it has logged an update after its newest checkpoint: the resumed run redoes that update.
-    while (newest := _newest_checkpoint(checkpoints)) is None or max(_logged_steps(log)) < newest:
+    while (newest := _newest_checkpoint(checkpoints)) is None or max(_logged_steps(log), default=-1) < newest:
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
