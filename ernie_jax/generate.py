@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(model=str(args.model), negative_prompt=args.negative_prompt, height=args.height,
                     width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                    use_pe=not args.no_pe, dtype=args.dtype, mesh=args.mesh)
+                    dtype=args.dtype, mesh=args.mesh)
     for prompt_index, prompt in enumerate(tqdm(args.prompt, desc="generating", unit="prompt")):
         seed = args.seed + prompt_index
         start = time.perf_counter()
@@ -92,8 +92,9 @@ def main(argv=None) -> None:
         revised = result.revised_prompts[0] if result.revised_prompts else None
         for image_index, image in enumerate(result.images):
             stem = out / f"{prompt_index:03d}_{image_index:02d}"
-            record = dict(settings, prompt=prompt, revised_prompt=revised, seed=seed, image_index=image_index,
-                          seconds=round(seconds, 3))
+            # What ran: a pipeline without a prompt enhancer ignores use_pe.
+            record = dict(settings, use_pe=result.revised_prompts is not None, prompt=prompt,
+                          revised_prompt=revised, seed=seed, image_index=image_index, seconds=round(seconds, 3))
             write_atomically(f"{stem}.png", lambda path, image=image: image.save(path, format="PNG"))
             write_atomically(f"{stem}.json", lambda path, record=record: Path(path).write_text(
                 json.dumps(record, indent=2, ensure_ascii=False)))

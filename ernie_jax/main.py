@@ -267,14 +267,18 @@ def _due(step: int, every: int, num_steps: int) -> bool:
 class SampleGrids:
     """A `loop.train` callback: every `every` updates (and after the last), the EMA transformer samples
     `prompts` (seed `seed`, at the current stage's first bucket) into `folder/step_NNNNNN.png` and the
-    TensorBoard image `samples`."""
+    TensorBoard image `samples`. The denoising loop runs on the training `mesh` with the training `rules`,
+    over the EMA weights where they lie (never gathered); the VAE decodes on the mesh too."""
 
-    def __init__(self, experiment: Experiment, encoders, graphdef, shift: float, folder: Path, writer):
+    def __init__(self, experiment: Experiment, encoders, graphdef, shift: float, folder: Path, writer, *, mesh,
+                 rules):
         self.prompts = list(experiment.config.logging.sample_prompts)
-        self.experiment, self.encoders, self.graphdef, self.shift = experiment, encoders, graphdef, shift
-        self.folder, self.writer = folder, writer
+        self.experiment, self.graphdef, self.shift = experiment, graphdef, shift
+        self.folder, self.writer, self.mesh, self.rules = folder, writer, mesh, rules
         self.positive = encoders.encode_prompt(self.prompts)
         self.negative = encoders.encode_prompt([""]) * len(self.prompts)
+        # The pipeline places its VAE on the mesh: a copy, so the frozen encoders' stays where training uses it.
+        self.vae = nnx.clone(encoders.vae)
 
     def __call__(self, step: int, metrics: dict, state) -> None:
         from ernie_jax.evaluation.grid import image_grid, save_grid
@@ -284,8 +288,8 @@ class SampleGrids:
         if not self.prompts or not _due(step, log.sample_every, num_steps):
             return
         bucket = self.experiment.curriculum.stage_at(step).buckets[0]
-        pipe = ErnieImagePipeline(nnx.merge(self.graphdef, state.ema_params), self.encoders.vae, None, None,
-                                  shift=self.shift)
+        pipe = ErnieImagePipeline(nnx.merge(self.graphdef, state.ema_params), self.vae, None, None, shift=self.shift,
+                                  mesh=self.mesh, rules={"transformer": self.rules})
         images = pipe(prompt_embeds=self.positive, negative_prompt_embeds=self.negative, height=bucket.height,
                       width=bucket.width, num_inference_steps=log.sample_steps, guidance_scale=log.sample_guidance,
                       seed=log.sample_seed, output_type="np").images
@@ -298,12 +302,17 @@ class SampleGrids:
 class EvalLoss:
     """A `loop.train` callback: every `every` updates (and after the last), the flow-matching loss of the EMA
     weights on `num_eval_records` held-out records at the current stage's first bucket, with fixed noise
-    (so values at different steps compare), written as `eval/loss`."""
+    (so values at different steps compare), written as `eval/loss`. The loss is compiled for the training
+    `mesh` and `rules`: the EMA weights in their training shardings, the batch split as a training batch."""
 
-    def __init__(self, experiment: Experiment, source, frozen: FrozenEncoders, graphdef, writer):
+    def __init__(self, experiment: Experiment, source, frozen: FrozenEncoders, graphdef, writer, *, mesh, rules):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from ernie_jax import parallel
         from ernie_jax.training import objectives
 
         self.experiment, self.source, self.frozen, self.writer = experiment, source, frozen, writer
+        self.mesh, self.rules = mesh, rules
         self._batches = {}
         objective = dataclasses.replace(experiment.train.objective, text_dropout=0.0)
 
@@ -313,11 +322,14 @@ class EvalLoss:
                                                      batch["text_lens"], draw, weighting=objective.weighting)
             return value
 
-        self._loss = jax.jit(loss)
+        # The arguments' own shardings: the EMA weights as the train state holds them, the batch split as
+        # `batches` puts it.
+        self._loss = parallel.jit_sharded(loss, mesh, rules, None, NamedSharding(mesh, PartitionSpec()))
 
     def batches(self, bucket) -> list[dict]:
         """The held-out records at `bucket`, encoded once, in batches of `logging.eval_batch_size`."""
         if bucket not in self._batches:
+            from ernie_jax import parallel
             from ernie_jax.data.buckets import resize_and_crop
             from ernie_jax.data.sources import decode_image, record_caption
 
@@ -327,7 +339,10 @@ class EvalLoss:
             for first in range(0, len(records) - size + 1, size):
                 chunk = records[first:first + size]
                 images = np.stack([resize_and_crop(decode_image(r["image"]), bucket) for r in chunk])
-                batches.append(self.frozen({"images": images, "captions": [record_caption(r) for r in chunk]}))
+                batch = self.frozen({"images": images, "captions": [record_caption(r) for r in chunk]})
+                # The same rows in every process: each builds its shards of the global batch.
+                batches.append({k: parallel.put_array(v, parallel.batch_sharding(self.mesh, self.rules, v.shape))
+                                for k, v in batch.items()})
             if not batches:
                 raise ValueError(f"the eval source has {len(records)} records, fewer than one batch of {size}")
             self._batches[bucket] = batches
@@ -484,19 +499,20 @@ def run_train(experiment: Experiment) -> None:
     writer = progress = None
     callbacks = []
     if jax.process_index() == 0:
-        writer = TensorBoardWriter(workdir / "logs")
+        writer = TensorBoardWriter(workdir / "logs", purge_step=done + 1)  # update `done` logs at done + 1
         progress = ProgressBar(num_steps, lambda step: experiment.curriculum.stage_at(step).batch_size,
                                start_step=done)
         callbacks += [progress, writer.train_callback(config.logging.log_every, data_stats),
                       loop.JsonlMetrics(workdir / "metrics.jsonl")]
+    rules = parallel.TRAINING_RULES
     callbacks.append(SampleGrids(experiment, encoders, graphdef, _scheduler_shift(experiment.components_dir),
-                                 workdir / "samples", writer))
+                                 workdir / "samples", writer, mesh=mesh, rules=rules))
     if config.data.eval_source:
         callbacks.append(EvalLoss(experiment, open_source(config.data.eval_source, experiment, "heldout"), frozen,
-                                  graphdef, writer))
+                                  graphdef, writer, mesh=mesh, rules=rules))
     try:
         loop.train(experiment.train, model_fn, data.iterator(), checkpoint_dir, mesh=mesh,
-                   rules=parallel.TRAINING_RULES, empty_prompt=empty if experiment.train.objective.text_dropout > 0
+                   rules=rules, empty_prompt=empty if experiment.train.objective.text_dropout > 0
                    else None, prepare_batch=prepare_batch, callbacks=callbacks)
     finally:
         for log in (progress, writer):
@@ -540,14 +556,15 @@ def run_export(experiment: Experiment) -> None:
                                               seed=config.seed, mesh=_mesh(experiment), rules=parallel.TRAINING_RULES)
     checkpoints = Checkpoints(workdir / "checkpoints")
     try:
-        state = checkpoints.restore(abstract)
+        weights = checkpoints.restore_weights(abstract, ema=config.export.use_ema, step=done)
     finally:
         checkpoints.close()
-    model = nnx.merge(graphdef, state.ema_params if config.export.use_ema else state.params)
     dtype = jnp.dtype(config.export.dtype)
-    tensors = {k: np.asarray(v).astype(dtype) for k, v in transformer.transformer_state_dict(model).items()}
+    # Cast where the weights lie, then gathered by every process (a collective); only the first writes.
+    weights = jax.tree.map(lambda value: parallel.to_host(value.astype(dtype)), weights)
     if jax.process_index() != 0:
         return
+    tensors = transformer.transformer_state_dict(nnx.merge(graphdef, weights))
     with atomic_directory(destination) as staging:
         for name in ENCODER_FOLDERS:
             shutil.copytree(components / name, staging / name, copy_function=_link_or_copy)

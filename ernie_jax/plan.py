@@ -2,10 +2,12 @@
 --device-memory 95GiB`: will it fit? Per-device memory of the real-size model on a device mesh.
 
 Compiles ahead of time, on emulated CPU devices and with abstract inputs (nothing is allocated), one
-CFG denoising step (`--mode sample`: bf16 weights and activations) or one training step (`--mode
-train`: flow-matching loss, AdamW with fp32 master weights and bf16 compute, the chosen remat policy),
-then prints per-device bytes for parameters, optimizer state, inputs and XLA's temporaries (activations
-and workspace, from the compiled `memory_analysis`) and whether their sum fits `--device-memory`.
+CFG denoising step (`--mode sample`: bf16 weights and activations) or the trainer's own update (`--mode
+train`: `training.step`'s flow-matching loss over `--microbatches` scanned microbatches, gradient
+clipping, AdamW and the EMA, on the train state of fp32 master weights, Adam moments and EMA weights,
+bf16 compute, the chosen remat policy), then prints per-device bytes for parameters, optimizer state,
+EMA weights, inputs and XLA's temporaries (activations and workspace, from the compiled
+`memory_analysis`) and whether their sum fits `--device-memory`.
 `--with-text-encoder` (sampling) also compiles the real-size text encoder's encoding of the prompts and
 negative prompts: the pipeline keeps both models on the devices, so the plan is the larger of the two
 programs' peaks, each with the other model's weights added. Weights follow the inference rules for
@@ -50,6 +52,8 @@ def parse_args(argv):
     parser.add_argument("--mode", choices=MODES, default="sample")
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     parser.add_argument("--batch", type=int, default=1, help="global batch (images; CFG doubles it when sampling)")
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="--mode train: the update's batch is scanned in this many microbatches")
     parser.add_argument("--text-len", type=int, default=256, help="padded text tokens per sample")
     parser.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
     parser.add_argument("--with-text-encoder", action="store_true",
@@ -69,6 +73,8 @@ def parse_args(argv):
         parser.error(f"--resolution must be a positive multiple of 16, got {args.resolution}")
     if args.with_text_encoder and args.mode != "sample":
         parser.error("--with-text-encoder plans sampling: use it with --mode sample")
+    if args.microbatches < 1 or args.batch % args.microbatches:
+        parser.error(f"--microbatches must be >= 1 and divide --batch {args.batch}, got {args.microbatches}")
     return args
 
 
@@ -92,8 +98,8 @@ def main(argv=None) -> None:
         print(json.dumps(report))
         return
     print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}"
-          + (f", remat {args.remat}" if args.mode == "train" else ""))
-    for name in ("parameters", "optimizer state", "inputs", "temporaries (activations, workspace)",
+          + (f", remat {args.remat}, {args.microbatches} microbatch(es)" if args.mode == "train" else ""))
+    for name in ("parameters", "optimizer state", "EMA weights", "inputs", "temporaries (activations, workspace)",
                  "outputs (not aliased)"):
         print(f"  {name:38s} {report[name] / 2**30:8.2f} GiB per device")
     if report["offloaded to host"]:
@@ -117,12 +123,10 @@ def plan(args, sizes: dict[str, int]) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from ernie_jax import parallel
-    from ernie_jax.models.dit import PRESETS, abstract_transformer
+    from ernie_jax.models.dit import PRESETS, ErnieImageTransformer, abstract_transformer
 
     mesh = parallel.make_mesh(sizes)
     rules = parallel.INFERENCE_RULES if args.mode == "sample" else parallel.TRAINING_RULES
@@ -134,66 +138,68 @@ def plan(args, sizes: dict[str, int]) -> dict:
 
         config = dataclasses.replace(config, num_layers=args.num_layers)
     training = args.mode == "train"
-    abstract = abstract_transformer(config, dtype=jnp.bfloat16,
-                                    param_dtype=jnp.float32 if training else jnp.bfloat16,
-                                    remat=args.remat if training else "none", attention_impl=args.attention)
-    graphdef, state = nnx.split(abstract)
-    state_sharding = parallel.state_shardings(state, mesh, rules)
-    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, state_sharding,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    model_kwargs = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32 if training else jnp.bfloat16,
+                        remat=args.remat if training else "none", attention_impl=args.attention)
     latent = args.resolution // 16
     batch = args.batch * (1 if training else 2)  # CFG runs negative and positive prompts together
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, rules, shape))
 
-    latents = spec((batch, config.in_channels, latent, latent), jnp.bfloat16)
-    timesteps = spec((batch,), jnp.float32)
-    text = spec((batch, args.text_len, config.text_in_dim), jnp.bfloat16)
-    text_lens = spec((batch,), jnp.int32)
-    optimizer_bytes = 0
+    optimizer_bytes = ema_bytes = 0
     if training:
-        optimizer = optax.adamw(1e-4)
-        opt_state = _shard_like_parameters(jax.eval_shape(optimizer.init, params), params,
-                                           NamedSharding(mesh, PartitionSpec()))
-        optimizer_bytes = _per_device_bytes(opt_state)
+        # The trainer's step on the trainer's state, as `training.loop.train` compiles them.
+        from ernie_jax.training.objectives import FlowMatchingConfig
+        from ernie_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+        from ernie_jax.training.state import abstract_train_state, shardings_of
+        from ernie_jax.training.step import jit_train_step, make_train_step
 
-        def step(params, opt_state, latents, timesteps, text, text_lens):
-            def loss_fn(p):
-                model = nnx.merge(graphdef, p)
-                noise = jnp.zeros_like(latents)
-                prediction = model(latents, timesteps, text, text_lens)
-                return jnp.mean(jnp.square(prediction.astype(jnp.float32) - (noise - latents).astype(jnp.float32)))
-
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        arguments = (params, opt_state, latents, timesteps, text, text_lens)
-        # A training loop donates the old state, so the new one reuses its buffers.
-        function = parallel.jit_sharded(step, mesh, rules, None, None, donate_argnums=(0, 1))
+        settings = OptimizerConfig()
+        optimizer = make_optimizer(settings)
+        graphdef, train_state = abstract_train_state(
+            lambda rngs: ErnieImageTransformer(config, rngs=rngs, **model_kwargs), optimizer, seed=0, mesh=mesh,
+            rules=rules)
+        params = train_state.params
+        optimizer_bytes = _per_device_bytes(train_state.opt_state)
+        ema_bytes = _per_device_bytes(train_state.ema_params)
+        # The trainer's batch: float32 latents and text features (the frozen encoders' outputs).
+        inputs = {"latents": spec((batch, config.in_channels, latent, latent), jnp.float32),
+                  "text": spec((batch, args.text_len, config.text_in_dim), jnp.float32),
+                  "text_lens": spec((batch,), jnp.int32)}
+        train_step = make_train_step(graphdef, optimizer, FlowMatchingConfig(), ema_decay=0.999,
+                                     microbatches=args.microbatches, learning_rate_fn=learning_rate_schedule(settings))
+        arguments = (train_state, inputs)
+        function = jit_train_step(train_step, mesh, rules, shardings_of(train_state),
+                                  {k: v.sharding for k, v in inputs.items()})
     else:
-        def step(params, latents, timesteps, text, text_lens):
+        graphdef, weights = nnx.split(abstract_transformer(config, **model_kwargs))
+        params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), weights,
+                              parallel.state_shardings(weights, mesh, rules),
+                              is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+        def forward(params, latents, timesteps, text, text_lens):
             return nnx.merge(graphdef, params)(latents, timesteps, text, text_lens)
 
-        arguments = (params, latents, timesteps, text, text_lens)
-        function = parallel.jit_sharded(step, mesh, rules, None, None)
+        arguments = (params, spec((batch, config.in_channels, latent, latent), jnp.bfloat16),
+                     spec((batch,), jnp.float32), spec((batch, args.text_len, config.text_in_dim), jnp.bfloat16),
+                     spec((batch,), jnp.int32))
+        function = parallel.jit_sharded(forward, mesh, rules, None, None)
     start = time.perf_counter()
     compiled = function.lower(*arguments).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     parameter_bytes = _per_device_bytes(params)
     argument_bytes = memory.argument_size_in_bytes
-    input_bytes = max(argument_bytes - parameter_bytes - optimizer_bytes, 0)
+    input_bytes = max(argument_bytes - parameter_bytes - optimizer_bytes - ema_bytes, 0)
     output_bytes = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
     offloaded = memory.host_temp_size_in_bytes
     # A compiler that ignores memory kinds (XLA CPU) keeps the offloaded tensors in its device temporaries.
     device_temporaries = memory.temp_size_in_bytes
     if training and not offloaded:
-        offloaded = _offloaded_bytes(args.remat, config, mesh, rules, batch,
+        offloaded = _offloaded_bytes(args.remat, config, mesh, rules, batch // args.microbatches,
                                      (latent // config.patch_size) ** 2 + args.text_len)
         device_temporaries -= offloaded
-    report = {"parameters": parameter_bytes, "optimizer state": optimizer_bytes,
+    report = {"parameters": parameter_bytes, "optimizer state": optimizer_bytes, "EMA weights": ema_bytes,
               "inputs": input_bytes, "temporaries (activations, workspace)": device_temporaries,
               "outputs (not aliased)": output_bytes, "offloaded to host": offloaded,
               "flops": compiled.cost_analysis().get("flops", 0.0), "compile_seconds": seconds}
@@ -272,22 +278,6 @@ def _per_device_bytes(tree) -> int:
         shard = leaf.sharding.shard_shape(leaf.shape)
         total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
     return total
-
-
-def _shard_like_parameters(opt_state, params, replicated):
-    """Adam's moments take the sharding of the parameter whose path they end with; scalars (the step
-    count) are replicated."""
-    import jax
-
-    by_path = {jax.tree_util.keystr(path): leaf.sharding
-               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-    def place(path, leaf):
-        key = jax.tree_util.keystr(path)
-        sharding = next((s for p, s in by_path.items() if key.endswith(p)), replicated)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    return jax.tree_util.tree_map_with_path(place, opt_state)
 
 
 if __name__ == "__main__":

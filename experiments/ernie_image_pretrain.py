@@ -126,9 +126,10 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
 def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = None,
                  stages: tuple[int, ...] | None = None, timeout: float = 1800) -> list[dict]:
     """For each curriculum stage (or those in `stages`), `ernie_jax.plan`'s per-device memory of one training
-    step of `config`'s DiT on its mesh (square images of the stage side, the stage's batch per microbatch,
-    `config.plan.attention` standing in for the accelerator's flash kernel), with the EMA copy of the
-    float32 weights added to its total and `fits` against `config.plan.device_memory`. `num_layers`
+    step of `config`'s DiT on its mesh (the trainer's update: square images of the stage side, the stage's
+    batch in `config.train.microbatches` microbatches, `config.plan.attention` standing in for the
+    accelerator's flash kernel; parameters, Adam moments and EMA weights) and `fits` against
+    `config.plan.device_memory`. `num_layers`
     shrinks the model for a quick check. Each plan runs in its own process (it emulates the mesh's devices)."""
     from ernie_jax.plan import parse_bytes
 
@@ -150,7 +151,8 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
             raise ValueError(f"stage {index}: batch {batch} is not divisible by microbatches "
                              f"{config.train.microbatches}")
         argv = [sys.executable, "-m", "ernie_jax.plan", "--mode", "train", "--resolution", str(side),
-                "--batch", str(batch // config.train.microbatches), "--text-len", str(config.data.max_text_len),
+                "--batch", str(batch), "--microbatches", str(config.train.microbatches),
+                "--text-len", str(config.data.max_text_len),
                 "--mesh", mesh, "--remat", config.model.remat, "--preset", "full", "--num-layers", str(layers),
                 "--attention", config.plan.attention, "--device-memory", config.plan.device_memory, "--json"]
         env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -158,9 +160,7 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
         if done.returncode:
             raise RuntimeError(f"plan of stage {index} failed: {done.stderr.strip().splitlines()[-1:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        report.update(stage=index, side=side, batch=batch, num_layers=layers,
-                      ema=report["parameters"], total=report["total"] + report["parameters"])
-        report["fits"] = report["total"] <= budget
+        report.update(stage=index, side=side, batch=batch, num_layers=layers, fits=report["total"] <= budget)
         report["total_gib"] = round(report["total"] / 2**30, 2)
         reports.append(report)
     if not reports:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,15 @@ def test_generate_writes_images_and_settings(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "error: height must be a positive multiple of" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+    # A pipeline without a prompt enhancer records that none ran, whatever --no-pe says.
+    without_pe = tmp_path / "pipe-jax-no-pe"
+    shutil.copytree(tmp_path / "pipe-jax", without_pe)
+    index = json.loads((without_pe / "model_index.json").read_text())
+    (without_pe / "model_index.json").write_text(json.dumps({**index, "pe": [None, None], "pe_tokenizer": [None, None]}))
+    run("ernie_jax.generate", "--model", str(without_pe), "--prompt", "a red circle", "--height", "32", "--width", "32",
+        "--steps", "1", "--dtype", "float32", "--out", str(tmp_path / "no_pe"))
+    record = json.loads((tmp_path / "no_pe" / "000_00.json").read_text())
+    assert record["use_pe"] is False and record["revised_prompt"] is None
 
 
 def test_denoise_rejects_bad_sizes(tmp_path):

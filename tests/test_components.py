@@ -95,7 +95,6 @@ def test_folder_loads_in_ernie_jax_and_diffusers(built):
     assert expected.std() > 0.01
 
 
-@pytest.mark.slow
 def test_full_vae_stage_keeps_what_the_detector_reads(tmp_path):
     config = shapes.ShapesConfig()
     built = components.build_components(tmp_path / "pipeline", shapes_config=config)

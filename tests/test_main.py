@@ -116,14 +116,16 @@ def test_tiny_shapes_trains_exports_evaluates_and_resumes(tmp_path):
     check_exported_pipeline(work / "pipeline", image_side=64, hidden_size=64)
 
 
-@pytest.mark.slow
 def test_pretrain_tiny_runs_its_curriculum(tmp_path):
     work = tmp_path / "run"
+    # Without the eval loss (test_tiny_shapes_trains_exports_evaluates_and_resumes covers it): two programs
+    # fewer to compile per stage, in each invocation.
+    no_eval = "--config.data.eval_source="
     # Stopped after the first stage's update, then run whole: training resumes in the second stage.
     ok(run_main(work, f"{PRETRAIN}:tiny", "--config.stages=('components','train')", "--config.data.stage_steps=(1,)",
-                "--config.data.batch_sizes=(2,)", "--config.data.sides=(64,)"))
+                "--config.data.batch_sizes=(2,)", "--config.data.sides=(64,)", no_eval))
     assert metric_steps(work) == [0]
-    out = ok(run_main(work, f"{PRETRAIN}:tiny"))
+    out = ok(run_main(work, f"{PRETRAIN}:tiny", no_eval))
     assert "components: done" in out and "export: wrote" in out and "evaluate: wrote" in out
     assert metric_steps(work) == [0, 1]
     scalars = read_scalars(work / "logs")
@@ -156,15 +158,15 @@ def test_pretrain_variants_build(tmp_path):
         module.get_config("v4-8")
 
 
-@pytest.mark.slow
 def test_pretrain_memory_plan_fits():
     """The plan tool's per-device memory of the 8xh100 variant's first stage, on a 1-layer model."""
     module = load_experiment("ernie_image_pretrain")
     (report,) = module.memory_plans(module.get_config("8xh100"), num_layers=1, stages=(0,))
     assert report["fits"] and report["side"] == 256 and report["batch"] == 512
-    assert report["total"] == report["ema"] + sum(
-        report[k] for k in ("parameters", "optimizer state", "inputs", "temporaries (activations, workspace)",
-                            "outputs (not aliased)"))
+    assert report["EMA weights"] == report["parameters"]
+    assert report["total"] == sum(
+        report[k] for k in ("parameters", "optimizer state", "EMA weights", "inputs",
+                            "temporaries (activations, workspace)", "outputs (not aliased)"))
 
 
 @pytest.mark.parametrize("config, override, message", [
@@ -216,3 +218,37 @@ def test_training_from_precomputed_features_computes_the_losses_of_training_from
     result = run_main(tmp_path / "refused", TINY_SHAPES, stages, "--config.components.kind=pretrained",
                       f"--config.components.path={other}", f"--config.data.precomputed=('{precomputed}',)")
     assert result.returncode == 1 and "model fingerprints differ" in result.stderr
+
+
+
+@pytest.fixture(scope="module")
+def sharded_runner(tmp_path_factory) -> dict:
+    """tests/workers/sharded_runner.py's reports: the export and the training callbacks on fsdp=8."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_runner.py"),
+                             str(tmp_path_factory.mktemp("sharded_runner"))], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_export_of_a_fully_sharded_ema_reads_no_optimizer_state(sharded_runner):
+    """The export stage on 8 emulated devices (fsdp=8): the EMA weights gathered from their shards and written
+    exactly (float32), from a checkpoint that holds no optimizer state at all."""
+    report = sharded_runner["export"]
+    assert report["kernel_shard"] == [1, 8, 128] and report["kernel_shape"] == [1, 64, 128]  # embed split 8 ways
+    assert report["max_difference"] == 0.0 and report["dtypes"] == ["float32"]
+
+
+def test_sample_grids_and_eval_loss_run_on_the_training_mesh(sharded_runner):
+    """On 8 emulated devices (fsdp=8), the sample-grid and eval-loss programs take the EMA weights in their
+    training shardings (split 8 ways, not gathered) and compute what one device computes from the gathered
+    weights: measured 1/255 (grid pixels, rounding) and 8.5e-8 (loss) relative."""
+    report = sharded_runner["callbacks"]
+    assert report["kernel_shard"] == [1, 8, 128]
+    assert report["denoise_programs"] == 1 and report["denoise_weights_as_trained"]
+    assert report["eval_weights_as_trained"] and report["eval_batch_split"][0] == 1  # 8 rows split 8 ways
+    assert report["grid_difference"] <= 1 and report["images_std"] > 0.01
+    assert abs(report["eval_loss"] / report["reference_loss"] - 1) < 1e-5

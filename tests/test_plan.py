@@ -40,6 +40,7 @@ def test_train_plan_splits_parameters_and_adam_state():
     expected = two_block_parameters() * 4 / 8 / 2**30  # fp32 master weights split 8 ways
     assert abs(values["parameters"] - expected) <= 0.02 * expected
     assert abs(values["optimizer state"] - 2 * values["parameters"]) <= 0.02 * values["optimizer state"]
+    assert values["EMA weights"] == values["parameters"]  # the trainer's state keeps an fp32 EMA copy
     assert values["temporaries (activations, workspace)"] > 0
     assert "fits in 95.0 GiB" in output
 
@@ -99,3 +100,20 @@ def test_plan_with_the_text_encoder_is_for_sampling():
     result = subprocess.run([sys.executable, "-m", "ernie_jax.plan", "--mode", "train", "--with-text-encoder"],
                             check=False, cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "--with-text-encoder plans sampling" in result.stderr
+
+
+def test_train_plan_compiles_the_trainers_update():
+    """The trainer's step (training.step) on its state and batch: an EMA row, the float32 batch the frozen
+    encoders produce as input, and the microbatch scan (XLA's cost analysis counts a loop body once)."""
+    common = ("--mode", "train", "--preset", "tiny", "--num-layers", "1", "--resolution", "64", "--batch", "8",
+              "--text-len", "16", "--mesh", "fsdp=2")
+    whole, scanned = plan_json(*common), plan_json(*common, "--microbatches", "2")
+    config = PRESETS["tiny"]
+    assert scanned["EMA weights"] == scanned["parameters"] == whole["parameters"]
+    # Per device (fsdp=2): float32 latents [8, 128, 4, 4] and text [8, 16, D], int32 lengths; plus the
+    # state's step (int32) and RNG key (uint32[2]).
+    batch = 8 * 128 * 4 * 4 * 4 + 8 * 16 * config.text_in_dim * 4 + 8 * 4
+    assert scanned["inputs"] == batch // 2 + 4 + 8
+    assert scanned["total"] == sum(scanned[k] for k in ("parameters", "optimizer state", "EMA weights", "inputs",
+                                                      "temporaries (activations, workspace)", "outputs (not aliased)"))
+    assert 0.4 < scanned["flops"] / whole["flops"] < 0.6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import jax.numpy as jnp
@@ -335,3 +336,61 @@ def test_open_source_reads_tfds_folders_and_rejects_empty_ones(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no records"):
         open_source(tmp_path / "empty")
+
+
+def retrain(weights) -> None:
+    """Rewrites a safetensors file with every tensor changed (same names, dtypes and shapes, so the same
+    file size): what a retrained encoder of the same architecture looks like on disk."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(weights, "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    save_file({name: (value * 0.5 + 0.25).astype(value.dtype) if value.dtype.kind == "f" else value
+               for name, value in tensors.items()}, weights, metadata=metadata)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["whole", "sampled"])
+def test_fingerprint_refuses_a_retrained_vae(pipeline_folder, tmp_path, monkeypatch, sampled):
+    from ernie_jax.data import precompute as precompute_module
+
+    if sampled:  # the tiny VAE's weights read as a multi-GB file's are: header and strided blocks
+        monkeypatch.setattr(precompute_module, "FINGERPRINT_CONTENT_BYTES", 1 << 10)
+        monkeypatch.setattr(precompute_module, "FINGERPRINT_SAMPLE_BYTES", 64)
+    retrained = tmp_path / "retrained"
+    shutil.copytree(pipeline_folder, retrained)
+    (weights,) = (retrained / "vae").glob("*.safetensors")
+    size = weights.stat().st_size
+    retrain(weights)
+    assert weights.stat().st_size == size
+    assert model_fingerprint(retrained) != model_fingerprint(pipeline_folder)
+    # The transformer is not an encoder: retraining it leaves the features valid.
+    shutil.rmtree(retrained)
+    shutil.copytree(pipeline_folder, retrained)
+    for weights in (retrained / "transformer").glob("*.safetensors"):
+        retrain(weights)
+    assert model_fingerprint(retrained) == model_fingerprint(pipeline_folder)
+
+
+def read_bytes_of_this_process() -> int:
+    return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+
+def test_fingerprint_of_multi_gb_weights_reads_their_header_and_256_kib(tmp_path):
+    """A sparse 8 GiB safetensors file (nothing on disk): the fingerprint reads its header and 64 blocks of
+    4 KiB (measured 270,469 bytes with Python's read buffering), and a change in a sampled block changes it."""
+    header = json.dumps({"weight": {"dtype": "F32", "shape": [2, 2**30], "data_offsets": [0, 2**33]}}).encode()
+    weights = tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    with open(weights, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 2**33)
+    before = read_bytes_of_this_process()
+    fingerprint = model_fingerprint(tmp_path / "model")
+    read = read_bytes_of_this_process() - before
+    assert 64 * 4096 <= read <= 64 * 4096 + 8 + len(header) + 16384, read  # 16 KiB: buffering slack
+    with open(weights, "r+b") as f:  # the last block is one of the samples
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")
+    assert model_fingerprint(tmp_path / "model") != fingerprint

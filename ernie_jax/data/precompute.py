@@ -68,8 +68,17 @@ from ernie_jax.models import vae as vae_lib
 
 # Components the fingerprint covers: what the stored features depend on.
 ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer")
-# Files up to this size are hashed by content (configs, tokenizer); larger ones (weights) by name and size.
-FINGERPRINT_CONTENT_BYTES = 1 << 26
+# Configs and tokenizer files are hashed whole (up to FINGERPRINT_TEXT_BYTES), other files up to
+# FINGERPRINT_CONTENT_BYTES too. A larger one (weights, in any layout) is hashed by its head (a safetensors
+# file's whole header) and FINGERPRINT_SAMPLES blocks spread evenly over the rest: a multi-GB weight file
+# costs its header plus 256 KiB of reads.
+FINGERPRINT_TEXT_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+FINGERPRINT_TEXT_BYTES = 1 << 26
+FINGERPRINT_CONTENT_BYTES = 1 << 20
+FINGERPRINT_HEAD_BYTES = 1 << 16
+FINGERPRINT_SAMPLES = 64
+FINGERPRINT_SAMPLE_BYTES = 1 << 12
+SAFETENSORS_MAX_HEADER_BYTES = 100 << 20  # the format's own bound
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: cheap random access
 CROP_SKIP = "beyond the crop bound"
 PREPARE_WINDOW_PER_WORKER = 8  # records decoded ahead per thread; bounds the memory of cropped images
@@ -280,17 +289,47 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
     return metadata
 
 
+def _head_bytes(path: Path, size: int) -> int:
+    """How much of a large file's start is hashed whole: a safetensors file's length field and JSON header
+    (every tensor's name, dtype, shape and offsets), else FINGERPRINT_HEAD_BYTES."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+        if header_length <= SAFETENSORS_MAX_HEADER_BYTES and 8 + header_length <= size:
+            return 8 + header_length
+    return min(FINGERPRINT_HEAD_BYTES, size)
+
+
+def _update_with_content(digest, path: Path, size: int) -> None:
+    """A file's bytes into `digest`: all of them for a small file, else its head and FINGERPRINT_SAMPLES
+    evenly strided blocks of the rest (retrained weights change every block)."""
+    whole = FINGERPRINT_TEXT_BYTES if path.suffix in FINGERPRINT_TEXT_SUFFIXES else FINGERPRINT_CONTENT_BYTES
+    with open(path, "rb") as f:
+        if size <= whole:
+            digest.update(f.read())
+            return
+        head = _head_bytes(path, size)
+        digest.update(f.read(head))
+        if size - head <= FINGERPRINT_SAMPLES * FINGERPRINT_SAMPLE_BYTES:
+            digest.update(f.read())
+            return
+        stride = (size - head - FINGERPRINT_SAMPLE_BYTES) / (FINGERPRINT_SAMPLES - 1)
+        for sample in range(FINGERPRINT_SAMPLES):
+            f.seek(head + int(sample * stride))
+            digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+
+
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 over the encoder components' files: content for configs and tokenizer files, name and size
-    for weights (so a changed config, tokenizer or weight layout changes it without reading the weights)."""
+    """sha256 over the encoder components' files (VAE, text encoder, tokenizer; safetensors, Orbax or any
+    other layout): each file's name, size and content, large files sampled (see `_update_with_content`),
+    so features of a retrained encoder of the same architecture do not match."""
     root = Path(model_dir)
     digest = hashlib.sha256()
     for component in ENCODER_COMPONENTS:
         for path in sorted(p for p in (root / component).rglob("*") if p.is_file()):
             size = path.stat().st_size
             digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
-            if size <= FINGERPRINT_CONTENT_BYTES and path.suffix in (".json", ".txt", ".model", ".jinja"):
-                digest.update(path.read_bytes())
+            _update_with_content(digest, path, size)
     return digest.hexdigest()
 
 

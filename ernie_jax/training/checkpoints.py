@@ -57,6 +57,20 @@ class Checkpoints:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
+    def restore_weights(self, abstract_state: TrainState, *, ema: bool = True, step: int | None = None):
+        """Only the EMA parameters (or, `ema=False`, the trained ones) of `step` (default: the latest), in
+        `abstract_state`'s shardings: what an export needs, without reading the optimizer state (twice the
+        weights) or the other copy of the weights."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        field = "ema_params" if ema else "params"
+        # A checkpointer of its own: the manager's item handler is the StandardCheckpointHandler of save/restore.
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(os.path.join(self.directory, str(step), STATE), args=ocp.args.PyTreeRestore(
+                item={field: getattr(abstract_state, field)}, partial_restore=True))
+        return restored[field]
+
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save (if any) is on disk."""
         self._manager.wait_until_finished()

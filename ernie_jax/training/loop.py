@@ -71,12 +71,31 @@ class Callback(Protocol):
 
 
 class JsonlMetrics:
-    """A callback appending `{"step": s, **metrics}` as one JSON line per update to `path` (flushed)."""
+    """A callback appending `{"step": s, **metrics}` as one JSON line per update to `path` (flushed).
+
+    A resumed run redoes the updates after its checkpoint, which a killed run may already have logged: its
+    first call drops the lines of that step and later ones (atomically), so the file reads as an
+    uninterrupted run's."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = path
+        self._started = False
+
+    def _drop_from(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            # A line without its newline is one the killed run did not finish writing.
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < step]
+        staging = f"{self.path}.tmp-{os.getpid()}"
+        with open(staging, "w") as f:
+            f.writelines(kept)
+        os.replace(staging, self.path)
 
     def __call__(self, step: int, metrics: dict[str, float], state: TrainState) -> None:
+        if not self._started:
+            self._drop_from(step)
+            self._started = True
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 

@@ -25,12 +25,15 @@ EVENT_FILE_MARKER = "tfevents"
 
 
 class TensorBoardWriter:
-    """Scalars and images as TensorBoard event files under `logdir` (tensorboardX's writer)."""
+    """Scalars and images as TensorBoard event files under `logdir` (tensorboardX's writer).
 
-    def __init__(self, logdir: str | os.PathLike):
+    `purge_step`: the first step this writer logs. A resumed run passes it, so that TensorBoard (and
+    `read_scalars`) hide what an earlier, killed run logged from that step on, which this run logs again."""
+
+    def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(logdir))
+        self._writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
@@ -100,8 +103,9 @@ def _records(path: Path):
 
 
 def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under `logdir`: tag -> [(step, value)] in file order."""
-    from tensorboardX.proto.event_pb2 import Event
+    """Every scalar in the event files under `logdir`: tag -> [(step, value)] in file order, less what a
+    later writer's `purge_step` hides (as TensorBoard shows them)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     files = sorted(p for p in Path(logdir).rglob("*") if EVENT_FILE_MARKER in p.name and p.is_file())
     if not files:
@@ -110,6 +114,9 @@ def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
     for path in files:
         for payload in _records(path):
             event = Event.FromString(payload)
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars = {tag: [(step, value) for step, value in values if step < event.step]
+                           for tag, values in scalars.items()}
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))

@@ -1,0 +1,110 @@
+"""The runner's sample-grid and eval-loss callbacks on an 8-device fsdp mesh, against the same computations
+on one device from the gathered EMA weights. `run` reports the largest pixel difference of the grids,
+the eval losses, and whether each program took the EMA weights in their training shardings (split, never
+gathered). Run by tests/workers/sharded_runner.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from conversions.random_checkpoint import write_random_pipeline
+from ernie_jax import main, parallel
+from ernie_jax.data.precompute import load_encoders
+from ernie_jax.evaluation.grid import image_grid
+from ernie_jax.pipeline import ErnieImagePipeline
+from ernie_jax.training import objectives
+from ernie_jax.training.optimizer import make_optimizer
+from ernie_jax.training.state import create_train_state
+from experiments.tiny_shapes import get_config
+
+RULES = parallel.TRAINING_RULES
+
+
+class Writer:
+    def __init__(self):
+        self.images, self.values = {}, {}
+
+    def image(self, step, tag, image):
+        self.images[tag] = np.asarray(image)
+
+    def scalars(self, step, values):
+        self.values.update(values)
+
+
+def record_programs(programs: list):
+    """parallel.jit_sharded, recording each program's function and input shardings."""
+    jit_sharded = parallel.jit_sharded
+
+    def recording(fn, mesh, rules, in_shardings, *args, **kwargs):
+        programs.append((getattr(fn, "func", fn), in_shardings))
+        return jit_sharded(fn, mesh, rules, in_shardings, *args, **kwargs)
+
+    parallel.jit_sharded = recording
+
+
+def same_shardings(shardings, arrays) -> bool:
+    return all(s == a.sharding for s, a in zip(jax.tree.leaves(shardings), jax.tree.leaves(arrays), strict=True))
+
+
+def run(workdir: Path) -> dict:
+    components = workdir / "components"
+    write_random_pipeline(components, "tiny")
+    encoders = load_encoders(components)
+    config = get_config("tiny")
+    config.components.update(kind="pretrained", path=str(components))
+    config.mesh.ici.fsdp = 8
+    config.logging.update(eval_batch_size=8, sample_steps=2)  # both batches split 8 ways (4 prompts x CFG)
+    experiment = main.resolve(config, workdir)
+    transformer_config = experiment.transformer_config(encoders.text_encoder.config.hidden_size,
+                                                       encoders.vae.config.packed_channels)
+    mesh = main._mesh(experiment)
+    graphdef, state = create_train_state(experiment.model_fn(transformer_config),
+                                         make_optimizer(experiment.train.optimizer), seed=0, mesh=mesh, rules=RULES)
+    host_ema = jax.device_get(state.ema_params)
+    shift = main._scheduler_shift(components)
+    programs = []
+    record_programs(programs)
+    writer = Writer()
+    last = experiment.train.num_steps - 1
+    main.SampleGrids(experiment, encoders, graphdef, shift, workdir / "samples", writer, mesh=mesh,
+                     rules=RULES)(last, {}, state)
+    frozen = main.FrozenEncoders(encoders, config.data.max_text_len)
+    evaluation = main.EvalLoss(experiment, main.open_source("shapes", experiment, "heldout"), frozen, graphdef,
+                               writer, mesh=mesh, rules=RULES)
+    evaluation(last, {}, state)
+
+    # One device, the gathered EMA: the grid and the loss as the callbacks computed them before.
+    log = config.logging
+    prompts = list(log.sample_prompts)
+    pipe = ErnieImagePipeline(nnx.merge(graphdef, host_ema), encoders.vae, None, None, shift=shift)
+    images = pipe(prompt_embeds=encoders.encode_prompt(prompts), negative_prompt_embeds=encoders.encode_prompt(
+        [""]) * len(prompts), height=64, width=64, num_inference_steps=log.sample_steps,
+        guidance_scale=log.sample_guidance, seed=log.sample_seed, output_type="np").images
+    objective = dataclasses.replace(experiment.train.objective, text_dropout=0.0)
+    (batch,) = evaluation.batches(experiment.curriculum.stage_at(last).buckets[0])
+    host_batch = {k: np.asarray(v) for k, v in batch.items()}
+    draw = objectives.draw_noise(jax.random.fold_in(jax.random.key(config.seed + 1), 0), host_batch["latents"].shape,
+                                 objective)
+    loss, _ = jax.jit(lambda p: objectives.flow_matching_loss(
+        nnx.merge(graphdef, p), host_batch["latents"], host_batch["text"], host_batch["text_lens"], draw,
+        weighting=objective.weighting))(host_ema)
+
+    denoise = [shardings for fn, shardings in programs if getattr(fn, "__name__", "") == "denoise_loop"]
+    compiled = evaluation._loss.lower(state.ema_params, batch, jax.random.key(0)).compile()
+    kernel = state.ema_params["layers"]["mlp"]["gate_proj"]["kernel"][...]
+    return {"grid_difference": int(np.abs(writer.images["samples"].astype(int)
+                                          - image_grid(images, prompts).astype(int)).max()),
+            "images_std": float(images.std()),
+            "eval_loss": writer.values["eval/loss"], "reference_loss": float(loss),
+            "denoise_programs": len(denoise),
+            "denoise_weights_as_trained": len(denoise) == 1 and same_shardings(denoise[0][0], state.ema_params),
+            "eval_weights_as_trained": same_shardings(compiled.input_shardings[0][0], state.ema_params),
+            "eval_batch_split": [list(a.sharding.shard_shape(a.shape)) for a in jax.tree.leaves(batch)][0],
+            "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape))}
+
