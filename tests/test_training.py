@@ -205,16 +205,16 @@ def test_gradient_accumulation_ema_and_bf16_over_float32_master_weights():
 
 def test_sharded_train_step_equals_single_device():
     """Two updates (fp32, 2 microbatches, text dropout) on 8 emulated devices, fsdp x tensor and data x fsdp
-    (the split the XLA workaround in parallel.py exists for), against one device, in one worker process:
-    measured 2e-7 (loss), 3.7e-6 (params, through Adam's first steps), 3.6e-7 (EMA), 1.3e-6 (Adam moments)
-    relative."""
+    (the split the XLA workaround in parallel.py exists for), and fsdp x tensor made by jax.make_mesh (Explicit
+    axes), against one device, in one worker process: measured 2e-7 (loss), 3.7e-6 (params, through Adam's
+    first steps), 3.6e-7 (EMA), 1.3e-6 (Adam moments) relative."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_training.py"),
-                             "fsdp=4,tensor=2", "data=2,fsdp=4"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=900, check=False)
+                             "fsdp=4,tensor=2", "data=2,fsdp=4", "fsdp=4,tensor=2,explicit"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
-    assert sorted(results) == ["data=2,fsdp=4", "fsdp=4,tensor=2"]
+    assert sorted(results) == ["data=2,fsdp=4", "fsdp=4,tensor=2", "fsdp=4,tensor=2,explicit"]
     for name, r in results.items():
         assert r["step"] == 2
         for part in ("loss", "params", "ema_params", "opt_state"):
@@ -222,8 +222,9 @@ def test_sharded_train_step_equals_single_device():
         # The weights and their Adam moments are split, not replicated: [1, 256, 512] gate_proj (layers,
         # embed -> fsdp, mlp -> tensor); the batch is split over data x fsdp.
         assert r["kernel_shard"] == r["moment_shard"]
-        assert r["kernel_shard"] == {"fsdp=4,tensor=2": [1, 64, 256], "data=2,fsdp=4": [1, 64, 512]}[name]
-        assert r["latents_shard"][0] == {"fsdp=4,tensor=2": 2, "data=2,fsdp=4": 1}[name]
+        mesh = name.removesuffix(",explicit")
+        assert r["kernel_shard"] == {"fsdp=4,tensor=2": [1, 64, 256], "data=2,fsdp=4": [1, 64, 512]}[mesh]
+        assert r["latents_shard"][0] == {"fsdp=4,tensor=2": 2, "data=2,fsdp=4": 1}[mesh]
 
 
 def _read_log(path):

@@ -40,6 +40,7 @@ def _is_variable(x) -> bool:
 def with_shardings(tree, mesh: Mesh, rules: parallel.Rules):
     """`tree` (abstract or concrete) as `jax.ShapeDtypeStruct`s with shardings: an nnx.Variable's from its
     logical names (the Variable wrapper and its metadata kept), any other leaf replicated."""
+    mesh = parallel.normalize_mesh(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(leaf):

@@ -21,7 +21,10 @@ from ernie_jax.training import optimizer, state, step
 from tests.workers.common import relative_error
 from tests.workers.training_run import dataset, empty_prompt, tiny_model, train_config
 
-MESHES = {"fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2}, "data=2,fsdp=4": {"data": 2, "fsdp": 4}}
+# Name -> the mesh; "explicit" is made the standard JAX way (jax.make_mesh: Explicit axes).
+MESHES = {"fsdp=4,tensor=2": lambda: parallel.make_mesh({"fsdp": 4, "tensor": 2}),
+          "data=2,fsdp=4": lambda: parallel.make_mesh({"data": 2, "fsdp": 4}),
+          "fsdp=4,tensor=2,explicit": lambda: jax.make_mesh((1, 4, 1, 2), parallel.MESH_AXES)}
 BATCH = 8
 STEPS = 2
 
@@ -56,7 +59,7 @@ def main(names):
     expected_losses, expected, _ = run(parallel.make_mesh({}, devices=jax.devices()[:1]))
     results = {}
     for name in names:
-        losses, actual, shards = run(parallel.make_mesh(MESHES[name]))
+        losses, actual, shards = run(MESHES[name]())
         errors = {part: max(relative_error(a, e) for a, e in zip(jax.tree.leaves(getattr(actual, part)),
                                                                   jax.tree.leaves(getattr(expected, part))))
                   for part in ("params", "ema_params", "opt_state")}
