@@ -349,11 +349,11 @@ class ErnieImagePipeline:
 
     # -------------------------------------------------------------------------------------------- call
 
-    def _check_embeds(self, embeds, name: str) -> list[jax.Array]:
+    def _check_embeds(self, embeds, name: str) -> list[np.ndarray]:
         width = self.transformer.config.text_in_dim
         checked = []
         for i, e in enumerate(embeds):
-            e = jnp.asarray(e)
+            e = np.asarray(e)  # through the host: see __call__'s latents
             if e.ndim == 3 and e.shape[0] == 1:
                 e = e[0]
             if e.ndim != 2 or e.shape[1] != width or e.shape[0] == 0:
@@ -403,7 +403,9 @@ class ErnieImagePipeline:
         latent_shape = (total, self.transformer.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
         if latents is not None:
-            latents = jnp.asarray(latents)
+            # The caller's arrays go through the host: one committed to a single device would clash with the
+            # pipeline's mesh, which is the context mesh of the eager steps below.
+            latents = np.asarray(latents)
             if latents.shape != latent_shape:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {latent_shape}")
         if seed is None:

@@ -7,10 +7,6 @@ run in a subprocess (tests/workers/sharded_pipeline.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -23,6 +19,7 @@ from ernie_jax.models import mistral
 from ernie_jax.models.dit import PRESETS, abstract_transformer
 from ernie_jax.models.vae import VAE_PRESETS, abstract_vae
 from ernie_jax.pipeline import ErnieImagePipeline
+from tests.conftest import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 # fsdp=4,tensor=2 is made by jax.make_mesh (Explicit axes); data=2,fsdp=4 by parallel.make_mesh.
@@ -40,13 +37,8 @@ def pipeline_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded_results(pipeline_folder, tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
     images = tmp_path_factory.mktemp("generate_with_mesh")
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_pipeline.py"),
-                             str(pipeline_folder), str(images)], cwd=REPO, env=env, capture_output=True, text=True, check=False,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("sharded_pipeline.py", str(pipeline_folder), str(images))
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -54,6 +46,8 @@ def test_sharded_stages_equal_single_device(sharded_results, mesh):
     result = sharded_results[mesh]
     # Text features, VAE decode of 3 latents on 8 batch shards (padded), 2 prompts x 4 images with CFG.
     assert result["text"] <= 1e-5 and result["vae"] <= 1e-5 and result["images"] <= 1e-5, result
+    # The same from text features and noise committed to one device (as the trainer's sample grids pass them).
+    assert result["images_from_embeds"] <= 1e-5, result
     # The greedy rewrites of a batch of 2 prompts (32 new tokens each), token for token.
     assert result["pe_tokens_equal"] and result["pe_tokens"] == [32, 32], result
 
