@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_worker(script: str, *args, devices: int = 8, timeout: float = 900):
+    """Runs `tests/workers/SCRIPT ARGS...` in a fresh process with `devices` emulated CPU devices and returns
+    the JSON its last line of output holds; a failing worker fails the test with the end of its stderr."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / script), *map(str, args)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 TINY = dict(hidden_size=256, num_attention_heads=2, num_layers=2, ffn_hidden_size=512, in_channels=128,
             out_channels=128, patch_size=1, text_in_dim=64, rope_theta=256, rope_axes_dim=(32, 48, 48), eps=1e-6,

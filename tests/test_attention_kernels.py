@@ -8,10 +8,6 @@ they run in a subprocess (tests/workers/sharded_attention.py).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -22,7 +18,7 @@ from flax import nnx
 
 from ernie_jax.models import layers, splash
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer, init_transformer
-from tests.conftest import relative_error
+from tests.conftest import relative_error, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 2e-6  # fp32; measured 2e-7 to 5e-7
@@ -98,11 +94,7 @@ def test_attention_errors():
 
 @pytest.fixture(scope="module")
 def sharded_attention():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_attention.py")], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("sharded_attention.py")
 
 
 @pytest.mark.parametrize("case,output_spec,pallas_calls", [

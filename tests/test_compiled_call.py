@@ -8,10 +8,6 @@ code: a plain call that reuses its compiled program does not run it again.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -27,7 +23,7 @@ from conversions.vae import load_vae
 from ernie_jax.models import layers, mistral
 from ernie_jax.models import vae as V
 from ernie_jax.models.compiled import compiled_method
-from tests.conftest import TINY, relative_error
+from tests.conftest import TINY, relative_error, run_worker
 from tests.test_dit import make_inputs
 from tests.test_lora import diffusers_with_lora, peft_lora, write_lora
 from tests.test_vae import reference_vae
@@ -229,12 +225,7 @@ def test_text_encoder_plain_calls_compile_once_per_shape(monkeypatch):
 
 
 def test_dit_plain_call_under_a_mesh_and_activation_sharding(tiny_folder):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_plain_call.py"),
-                             str(tiny_folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_worker("sharded_plain_call.py", str(tiny_folder), timeout=600)
     assert report["gate_proj_shard"] == [2, 64, 256]  # the parameters really are split (fsdp=4, tensor=2)
     assert report["sharded"] <= 1e-5 and report["constrained"] <= 1e-5, report
     # Sharded parameters compile anew; inside activation_sharding (another trace context) anew again; back

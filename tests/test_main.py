@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from ernie_jax.training.metrics import read_scalars
+from tests.conftest import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPES = "experiments/tiny_shapes.py:tiny"
@@ -224,14 +225,8 @@ def test_training_from_precomputed_features_computes_the_losses_of_training_from
 @pytest.fixture(scope="module")
 def sharded_runner(tmp_path_factory) -> dict:
     """tests/workers/sharded_runner.py's reports: the export and the training callbacks on fsdp=8."""
-    import os
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_runner.py"),
-                             str(tmp_path_factory.mktemp("sharded_runner"))], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("sharded_runner.py", str(tmp_path_factory.mktemp("sharded_runner")))
 
 
 def test_export_of_a_fully_sharded_ema_reads_no_optimizer_state(sharded_runner):

@@ -6,10 +6,6 @@ they run in a subprocess (tests/workers/sharded_equivalence.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +13,14 @@ from flax import nnx
 
 from ernie_jax import parallel
 from ernie_jax.models.dit import PRESETS, abstract_transformer
+from tests.conftest import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def sharded_results(tiny_folder):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_equivalence.py"),
-                             str(tiny_folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("sharded_equivalence.py", str(tiny_folder))
 
 
 @pytest.mark.parametrize("mesh", [

@@ -27,6 +27,7 @@ from ernie_jax.training import loop, objectives, optimizer, state, step
 from ernie_jax.training.checkpoints import Checkpoints
 from ernie_jax.training.metrics import TensorBoardWriter, read_scalars
 from tests.workers import training_run
+from tests.conftest import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,12 +209,7 @@ def test_sharded_train_step_equals_single_device():
     (the split the XLA workaround in parallel.py exists for), and fsdp x tensor made by jax.make_mesh (Explicit
     axes), against one device, in one worker process: measured 2e-7 (loss), 3.7e-6 (params, through Adam's
     first steps), 3.6e-7 (EMA), 1.3e-6 (Adam moments) relative."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "sharded_training.py"),
-                             "fsdp=4,tensor=2", "data=2,fsdp=4", "fsdp=4,tensor=2,explicit"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_worker("sharded_training.py", "fsdp=4,tensor=2", "data=2,fsdp=4", "fsdp=4,tensor=2,explicit")
     assert sorted(results) == ["data=2,fsdp=4", "fsdp=4,tensor=2", "fsdp=4,tensor=2,explicit"]
     for name, r in results.items():
         assert r["step"] == 2
@@ -281,13 +277,13 @@ def test_sigkill_mid_run_resumes_with_exactly_the_same_losses_and_log(tmp_path):
 
 def test_tensorboard_logs_of_a_resumed_run_hide_the_killed_runs_repeated_steps(tmp_path):
     first = TensorBoardWriter(tmp_path)
-    for step in range(1, 6):
-        first.scalars(step, {"train/loss": float(step)})
+    for update in range(1, 6):
+        first.scalars(update, {"train/loss": float(update)})
     first.close()
     time.sleep(1.1)  # event files are named by the second they are opened
     resumed = TensorBoardWriter(tmp_path, purge_step=4)
-    for step in range(4, 7):
-        resumed.scalars(step, {"train/loss": 10.0 * step})
+    for update in range(4, 7):
+        resumed.scalars(update, {"train/loss": 10.0 * update})
     resumed.close()
     assert read_scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
 

@@ -9,10 +9,6 @@ run in a subprocess (tests/workers/user_meshes.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -23,6 +19,7 @@ from jax.sharding import Mesh
 import ernie_jax
 from ernie_jax import parallel
 from ernie_jax.pipeline import ErnieImagePipeline
+from tests.conftest import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = ("data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2")
@@ -31,11 +28,7 @@ KINDS = ("parallel.make_mesh", "jax.make_mesh", "Mesh(devices, names)")
 
 @pytest.fixture(scope="module")
 def user_mesh_results(tiny_folder):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "user_meshes.py"), str(tiny_folder)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("user_meshes.py", str(tiny_folder))
 
 
 @pytest.mark.parametrize("mesh", MESHES)
