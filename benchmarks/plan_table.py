@@ -4,10 +4,11 @@ for training, the cheapest remat policy) whose `python -m ernie_jax.plan` estima
     python benchmarks/plan_table.py [--cache plans.json] [--preset full] [--attention xla|splash]
 
 Sampling is a CFG step (16 rows for 8 images) with the weights split over `fsdp`, and for the chips of
-PIPELINE_PLANS also with the text encoder resident (`--with-text-encoder`); training is one AdamW
-step (fp32 master weights, bf16 compute) at global batch 8. Meshes are tried from 1 to 8 chips, then
-16 (fsdp=8,tensor=2); at each, the policies from the least recompute to the least device memory. Each plan is an AOT
-compilation (tens of seconds at real size), so the search skips what monotonicity settles: a plan that
+PIPELINE_PLANS also with the text encoder resident (`--with-text-encoder`); training is the trainer's
+update (AdamW on fp32 master weights with clipping and the EMA, bf16 compute) at global batch 8. Meshes
+are tried from 1 to 8 chips, then 16 (fsdp=8,tensor=2); at each, the policies from the least recompute to
+the least device memory. Each plan is an AOT compilation (seconds to tens of seconds at real size), so the
+search skips what monotonicity settles: a plan that
 does not fit does not fit on fewer chips, at a higher resolution or on a smaller chip. `--cache` keeps
 the compiled plans in a JSON file, so a rerun only compiles what is missing. Prints markdown: the
 answer table, then every plan it compiled.
@@ -169,12 +170,12 @@ def main() -> None:
         print(f"| {chip} | {resolution} | {mesh} | {plan['denoising peak'] / GIB:.2f} | "
               f"{plan['encoding peak'] / GIB:.2f} | {plan['total'] / GIB:.2f} | "
               f"{'yes' if plan['total'] <= budget else 'no'} (90% of {dict(CHIPS)[chip]} GiB) |")
-    print("\n| mode | resolution | mesh | remat | parameters | optimizer | temporaries | offloaded to host "
-          "| total |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | resolution | mesh | remat | parameters | optimizer | EMA | temporaries | offloaded to host "
+          "| total |\n|---|---|---|---|---|---|---|---|---|---|")
     for p in sorted(planner.dit_plans(), key=lambda p: (p["mode"], p["resolution"], chips(p["mesh"]), p["mesh"],
                                                           TRAIN_POLICIES.index(p["remat"]) if p["remat"] else 0)):
         print(f"| {p['mode']} | {p['resolution']} | {p['mesh']} | {p['remat'] or '-'} | "
-              f"{p['parameters'] / GIB:.2f} | {p['optimizer state'] / GIB:.2f} | "
+              f"{p['parameters'] / GIB:.2f} | {p['optimizer state'] / GIB:.2f} | {p['EMA weights'] / GIB:.2f} | "
               f"{p['temporaries (activations, workspace)'] / GIB:.2f} | {p['offloaded to host'] / GIB:.2f} | "
               f"{p['total'] / GIB:.2f} |")
 
