@@ -306,8 +306,6 @@ class EvalLoss:
     `mesh` and `rules`: the EMA weights in their training shardings, the batch split as a training batch."""
 
     def __init__(self, experiment: Experiment, source, frozen: FrozenEncoders, graphdef, writer, *, mesh, rules):
-        from jax.sharding import NamedSharding, PartitionSpec
-
         from ernie_jax import parallel
         from ernie_jax.training import objectives
 
@@ -324,7 +322,7 @@ class EvalLoss:
 
         # The arguments' own shardings: the EMA weights as the train state holds them, the batch split as
         # `batches` puts it.
-        self._loss = parallel.jit_sharded(loss, mesh, rules, None, NamedSharding(mesh, PartitionSpec()))
+        self._loss = parallel.jit_sharded(loss, mesh, rules, None, parallel.replicated(mesh))
 
     def batches(self, bucket) -> list[dict]:
         """The held-out records at `bucket`, encoded once, in batches of `logging.eval_batch_size`."""

@@ -262,6 +262,11 @@ def activation_sharding(mesh: Mesh, rules: Rules):
         layers.ACTIVATION_CONSTRAINT.reset(token)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of `mesh` (any mesh with the four axes; see `normalize_mesh`)."""
+    return NamedSharding(normalize_mesh(mesh), PartitionSpec())
+
+
 def data_sharding(mesh: Mesh, rules: Rules, names: Iterable[str | None], shape: Sequence[int]) -> NamedSharding:
     """The sharding of an input/output array with logical axis `names`."""
     mesh = normalize_mesh(mesh)

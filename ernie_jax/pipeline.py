@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from ernie_jax import parallel, sampling
 from ernie_jax.models import mistral as mistral_lib
@@ -246,7 +246,7 @@ class ErnieImagePipeline:
 
         def loop(graphdef, params, prompt_ids, lengths, key, *scalars, max_new_tokens: int):
             def build():
-                replicated = NamedSharding(mesh, PartitionSpec())
+                replicated = parallel.replicated(mesh)
                 in_shardings = (*self._in_shardings("pe", params, prompt_ids.shape, lengths.shape),
                                 *(replicated,) * (1 + len(scalars)))
                 program = functools.partial(mistral_lib._generate_loop, graphdef, max_new_tokens=max_new_tokens)

@@ -168,7 +168,7 @@ def _sharded_denoise_loop(graphdef, params, use_cfg: bool, mesh, rules, shapes):
     key = (graphdef, use_cfg, mesh, rules, shapes)
     if key not in _SHARDED_LOOPS:
         batch = [parallel.batch_sharding(mesh, rules, shape) for shape in shapes]
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        replicated = parallel.replicated(mesh)
         in_shardings = (parallel.state_shardings(params, mesh, rules), *batch, replicated, replicated)
         loop = functools.partial(denoise_loop, graphdef, use_cfg=use_cfg)
         _SHARDED_LOOPS[key] = parallel.jit_sharded(loop, mesh, rules, in_shardings, batch[0]), in_shardings

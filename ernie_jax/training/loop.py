@@ -135,7 +135,6 @@ def train(config: TrainConfig, model_fn: Callable[[nnx.Rngs], nnx.Module], data_
     if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
         raise TypeError(f"data_iterator must be a grain iterator (with get_state/set_state, so that its position is "
                         f"checkpointed), got {type(data_iterator).__name__}")
-    mesh = parallel.normalize_mesh(mesh)  # any mesh with the four axes, Explicit ones included
     optimizer = make_optimizer(config.optimizer)
     graphdef, abstract = abstract_train_state(model_fn, optimizer, seed=config.seed, mesh=mesh, rules=rules)
     state_shardings = shardings_of(abstract)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from ernie_jax import parallel
 
@@ -40,8 +40,7 @@ def _is_variable(x) -> bool:
 def with_shardings(tree, mesh: Mesh, rules: parallel.Rules):
     """`tree` (abstract or concrete) as `jax.ShapeDtypeStruct`s with shardings: an nnx.Variable's from its
     logical names (the Variable wrapper and its metadata kept), any other leaf replicated."""
-    mesh = parallel.normalize_mesh(mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = parallel.replicated(mesh)
 
     def place(leaf):
         if _is_variable(leaf):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from ernie_jax import parallel
 from ernie_jax.training import objectives
@@ -107,6 +107,6 @@ def batch_shardings(mesh: Mesh, rules: parallel.Rules, batch: dict) -> dict[str,
 def jit_train_step(step, mesh: Mesh, rules: parallel.Rules, state_shardings, batch_sharding: dict):
     """`step` compiled with the state in `state_shardings` (donated: the new state reuses its buffers), the
     batch in `batch_sharding`, replicated metrics, and activations pinned by `rules`."""
-    replicated = NamedSharding(parallel.normalize_mesh(mesh), PartitionSpec())
-    return parallel.jit_sharded(step, mesh, rules, (state_shardings, batch_sharding), (state_shardings, replicated),
+    return parallel.jit_sharded(step, mesh, rules, (state_shardings, batch_sharding),
+                                (state_shardings, parallel.replicated(mesh)),
                                 donate_argnums=(0,))
