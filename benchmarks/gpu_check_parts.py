@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 from benchmarks.common import (alternating_times, forward_flops, jax_matmul_seconds, median_seconds,  # noqa: E402
                                torch_matmul_seconds)
 from benchmarks.gpu_check import PARTS, Settings, budget_refusal, log  # noqa: E402
-from conversions.key_table import TRANSFORMS, get_path  # noqa: E402
+from conversions.key_table import to_state_dict  # noqa: E402
 from conversions.transformer import diffusers_config, key_table  # noqa: E402
 from ernie_jax import parallel, sampling  # noqa: E402
 from ernie_jax.models import layers  # noqa: E402
@@ -226,14 +226,8 @@ def torch_state_dict(model: ErnieImageTransformer) -> dict[str, torch.Tensor]:
     transposes run on jax's device, one tensor at a time, and each crosses by `jax_to_torch` (copied, so
     torch's memory counters see it and jax frees its buffer). On a CPU this is the host path."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state_dict = {}
-    for rule in key_table(model.config):
-        to_torch = TRANSFORMS[rule.transform][1]
-        value = get_path(params, rule.path)
-        tensors = zip(rule.torch_keys(model.config.num_layers), value) if rule.stacked else [(rule.torch_key, value)]
-        for key, tensor in tensors:
-            state_dict[key] = jax_to_torch(to_torch(tensor))
-    return state_dict
+    return to_state_dict(key_table(model.config), params, model.config.num_layers,
+                         convert=jax_to_torch)
 
 
 def torch_reference(model: ErnieImageTransformer):

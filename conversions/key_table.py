@@ -151,15 +151,23 @@ def read_params(source: TensorSource, rules: Iterable[KeyRule], target: dict, nu
     return values
 
 
-def to_state_dict(rules: Iterable[KeyRule], params: dict, num_layers: int) -> dict[str, np.ndarray]:
-    """The reference state dict `{key: np.ndarray}` of a pure-dict parameter tree."""
+def _host_tensor(value) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(jax.device_get(value)))
+
+
+def to_state_dict(rules: Iterable[KeyRule], params: dict, num_layers: int,
+                  convert: Callable = _host_tensor) -> dict:
+    """The reference state dict `{key: convert(tensor)}` of a pure-dict parameter tree: each tensor in the
+    reference layout, one stacked layer at a time. The default `convert` gives contiguous host arrays;
+    another can keep the layout change on the parameters' device and hand the result elsewhere (e.g. to
+    torch on the same GPU)."""
     state_dict = {}
     for rule in rules:
         to_torch = TRANSFORMS[rule.transform][1]
-        value = np.asarray(jax.device_get(get_path(params, rule.path)))
+        value = get_path(params, rule.path)
         if rule.stacked:
             for i, key in enumerate(rule.torch_keys(num_layers)):
-                state_dict[key] = np.ascontiguousarray(to_torch(value[i]))
+                state_dict[key] = convert(to_torch(value[i]))
         else:
-            state_dict[rule.torch_key] = np.ascontiguousarray(to_torch(value))
+            state_dict[rule.torch_key] = convert(to_torch(value))
     return state_dict
