@@ -47,7 +47,7 @@ from conversions.transformer import diffusers_config, key_table  # noqa: E402
 from ernie_jax import parallel, sampling  # noqa: E402
 from ernie_jax.models import layers  # noqa: E402
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer, abstract_transformer, init_transformer  # noqa: E402
-from ernie_jax.training import objectives  # noqa: E402
+from ernie_jax.training.objectives import flow_matching  # noqa: E402
 from ernie_jax.training import optimizer as optimizers  # noqa: E402
 from ernie_jax.training import step as train_step  # noqa: E402
 from ernie_jax.training.state import abstract_train_state, create_train_state, shardings_of  # noqa: E402
@@ -403,7 +403,7 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
                                                       attention_impl=implementation, remat=settings.train_remat,
                                                       rngs=rngs)
         graphdef, abstract = abstract_train_state(model_fn, optimizer, seed=0, mesh=mesh, rules=rules)
-        step = train_step.make_train_step(graphdef, optimizer, objectives.FlowMatchingConfig(), ema_decay=EMA_DECAY,
+        step = train_step.make_train_step(graphdef, optimizer, flow_matching.FlowMatchingConfig(), ema_decay=EMA_DECAY,
                                           learning_rate_fn=optimizers.learning_rate_schedule(optimizer_config))
         jitted = train_step.jit_train_step(step, mesh, rules, shardings_of(abstract),
                                            train_step.batch_shardings(mesh, rules, batch))

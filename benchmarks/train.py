@@ -49,7 +49,7 @@ from conversions.transformer import diffusers_config, transformer_state_dict  # 
 from ernie_jax import parallel  # noqa: E402
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer  # noqa: E402
 from ernie_jax.models.layers import REMAT_POLICIES  # noqa: E402
-from ernie_jax.training import objectives  # noqa: E402
+from ernie_jax.training.objectives import flow_matching  # noqa: E402
 from ernie_jax.training import optimizer as optimizers  # noqa: E402
 from ernie_jax.training import step as train_step  # noqa: E402
 from ernie_jax.training.state import create_train_state, shardings_of  # noqa: E402
@@ -58,7 +58,7 @@ TEXT_LEN = 64
 LATENT_DOWNSAMPLE = 16  # pixels per latent cell: the FLUX.2 VAE's 8x, then 2x2 patchified into 128 channels
 EMA_DECAY = 0.9999
 OPTIMIZER = optimizers.OptimizerConfig(weight_decay=0.01)
-OBJECTIVE = objectives.FlowMatchingConfig()
+OBJECTIVE = flow_matching.FlowMatchingConfig()
 CHECKED_STEPS = 2
 
 
@@ -97,9 +97,9 @@ class JaxTrainer:
         model = nnx.merge(self.graphdef, self.state.params)
         return {k: torch.tensor(v) for k, v in transformer_state_dict(model).items()}
 
-    def next_draw(self) -> objectives.NoiseDraw:
+    def next_draw(self) -> flow_matching.NoiseDraw:
         """The noise and sigmas that the next step will draw."""
-        return objectives.draw_noise(train_step.step_key(self.state), self.batch["latents"].shape, OBJECTIVE)
+        return flow_matching.draw_noise(train_step.step_key(self.state), self.batch["latents"].shape, OBJECTIVE)
 
     def step(self) -> dict[str, jax.Array]:
         """One update; returns the step's metrics (loss, mse, grad_norm, learning_rate)."""

@@ -123,7 +123,8 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     from ernie_jax.data.curriculum import Curriculum, Stage
     from ernie_jax.data.pipeline import PipelineConfig
     from ernie_jax.models import layers
-    from ernie_jax.training import loop, objectives
+    from ernie_jax.training import loop
+    from ernie_jax.training.objectives import flow_matching
     from ernie_jax.training.optimizer import OptimizerConfig
 
     unknown = [s for s in config.stages if s not in STAGES]
@@ -159,7 +160,7 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     t = config.train
     train = loop.TrainConfig(
         num_steps=curriculum.total_steps, seed=config.seed, microbatches=t.microbatches, ema_decay=t.ema_decay,
-        objective=objectives.FlowMatchingConfig(**t.objective), optimizer=OptimizerConfig(**t.optimizer),
+        objective=flow_matching.FlowMatchingConfig(**t.objective), optimizer=OptimizerConfig(**t.optimizer),
         checkpoint_every=t.checkpoint_every, max_to_keep=t.max_to_keep, async_checkpoints=t.async_checkpoints)
     layers.remat_policy(config.model.remat)
     if config.model.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -250,7 +251,7 @@ class FrozenEncoders:
         return {"latents": self.latents(batch["images"]), "text": text, "text_lens": lengths}
 
     def empty_prompt(self):
-        from ernie_jax.training.objectives import EmptyPrompt
+        from ernie_jax.training.objectives.flow_matching import EmptyPrompt
 
         text, lengths = self.text([""])
         return EmptyPrompt(text[0, : lengths[0]], int(lengths[0]))
@@ -307,7 +308,7 @@ class EvalLoss:
 
     def __init__(self, experiment: Experiment, source, frozen: FrozenEncoders, graphdef, writer, *, mesh, rules):
         from ernie_jax import parallel
-        from ernie_jax.training import objectives
+        from ernie_jax.training.objectives import flow_matching
 
         self.experiment, self.source, self.frozen, self.writer = experiment, source, frozen, writer
         self.mesh, self.rules = mesh, rules
@@ -315,8 +316,8 @@ class EvalLoss:
         objective = dataclasses.replace(experiment.train.objective, text_dropout=0.0)
 
         def loss(params, batch, key):
-            draw = objectives.draw_noise(key, batch["latents"].shape, objective)
-            value, _ = objectives.flow_matching_loss(nnx.merge(graphdef, params), batch["latents"], batch["text"],
+            draw = flow_matching.draw_noise(key, batch["latents"].shape, objective)
+            value, _ = flow_matching.flow_matching_loss(nnx.merge(graphdef, params), batch["latents"], batch["text"],
                                                      batch["text_lens"], draw, weighting=objective.weighting)
             return value
 
@@ -465,7 +466,7 @@ def run_train(experiment: Experiment) -> None:
     from ernie_jax.data.precomputed import build_precomputed_pipeline
     from ernie_jax.training import loop
     from ernie_jax.training.metrics import ProgressBar, TensorBoardWriter
-    from ernie_jax.training.objectives import EmptyPrompt
+    from ernie_jax.training.objectives.flow_matching import EmptyPrompt
 
     config, workdir, num_steps = experiment.config, experiment.workdir, experiment.train.num_steps
     checkpoint_dir = workdir / "checkpoints"

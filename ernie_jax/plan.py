@@ -149,7 +149,7 @@ def plan(args, sizes: dict[str, int]) -> dict:
     optimizer_bytes = ema_bytes = 0
     if training:
         # The trainer's step on the trainer's state, as `training.loop.train` compiles them.
-        from ernie_jax.training.objectives import FlowMatchingConfig
+        from ernie_jax.training.objectives.flow_matching import FlowMatchingConfig
         from ernie_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
         from ernie_jax.training.state import abstract_train_state, shardings_of
         from ernie_jax.training.step import jit_train_step, make_train_step

@@ -23,7 +23,8 @@ from flax import nnx
 
 from ernie_jax import parallel, sampling
 from ernie_jax.models import dit
-from ernie_jax.training import loop, objectives, optimizer, state, step
+from ernie_jax.training import loop, optimizer, state, step
+from ernie_jax.training.objectives import flow_matching
 from ernie_jax.training.checkpoints import Checkpoints
 from ernie_jax.training.metrics import TensorBoardWriter, read_scalars
 from tests.workers import training_run
@@ -47,7 +48,7 @@ class ExactVelocity(nnx.Module):
 
 
 def _draw(batch_shape, seed=0, **config):
-    return objectives.draw_noise(jax.random.key(seed), batch_shape, objectives.FlowMatchingConfig(**config))
+    return flow_matching.draw_noise(jax.random.key(seed), batch_shape, flow_matching.FlowMatchingConfig(**config))
 
 
 def test_exact_velocity_has_zero_loss_and_samples_its_data_point():
@@ -60,13 +61,13 @@ def test_exact_velocity_has_zero_loss_and_samples_its_data_point():
         seen.append(np.asarray(timestep))
         return ExactVelocity(x0)(x, timestep, text, text_lens)
 
-    loss, _ = objectives.flow_matching_loss(exact, x0, text, text_lens, draw)
+    loss, _ = flow_matching.flow_matching_loss(exact, x0, text, text_lens, draw)
     target = np.asarray(draw.noise) - x0
     assert float(loss) < 1e-9 * float(np.mean(target ** 2))
     # The model is fed timestep = 1000 sigma.
     np.testing.assert_allclose(seen[0], 1000.0 * np.asarray(draw.sigmas), rtol=1e-7)
     # The opposite sign scores |2 v*|^2.
-    flipped, _ = objectives.flow_matching_loss(ExactVelocity(x0, sign=-1.0), x0, text, text_lens, draw)
+    flipped, _ = flow_matching.flow_matching_loss(ExactVelocity(x0, sign=-1.0), x0, text, text_lens, draw)
     np.testing.assert_allclose(float(flipped), 4 * np.mean(target ** 2), rtol=1e-5)
 
     # The reference sampler (Euler from sigma = 1 to 0) driven by the zero-loss model lands on x0.
@@ -82,9 +83,9 @@ def test_exact_velocity_has_zero_loss_and_samples_its_data_point():
 def test_text_dropout_uses_the_empty_prompt():
     text = np.random.default_rng(0).standard_normal((4, 5, 8)).astype(np.float32)
     lens = np.array([5, 3, 4, 2], np.int32)
-    empty = objectives.EmptyPrompt(np.full((1, 8), 7.0, np.float32), 1)
+    empty = flow_matching.EmptyPrompt(np.full((1, 8), 7.0, np.float32), 1)
     drop = jnp.array([True, False, True, False])
-    new_text, new_lens = objectives.drop_text(jnp.asarray(text), jnp.asarray(lens), drop, empty)
+    new_text, new_lens = flow_matching.drop_text(jnp.asarray(text), jnp.asarray(lens), drop, empty)
     np.testing.assert_array_equal(new_lens, [1, 3, 1, 2])
     np.testing.assert_array_equal(new_text[1], text[1])
     np.testing.assert_array_equal(new_text[0, 0], np.full(8, 7.0))
@@ -92,33 +93,33 @@ def test_text_dropout_uses_the_empty_prompt():
     fraction = float(jnp.mean(_draw((20000, 1, 1, 1), text_dropout=0.25).drop_text))
     assert abs(fraction - 0.25) < 0.01
     with pytest.raises(ValueError, match="empty-prompt features"):
-        objectives.drop_text(jnp.asarray(text), jnp.asarray(lens), drop, objectives.EmptyPrompt(np.zeros((6, 8)), 6))
+        flow_matching.drop_text(jnp.asarray(text), jnp.asarray(lens), drop, flow_matching.EmptyPrompt(np.zeros((6, 8)), 6))
 
 
 def test_sigma_sampler_moments_and_shift():
     key, n, mean, std = jax.random.key(3), 200_000, 0.5, 0.8
-    sigmas = np.asarray(objectives.sample_sigmas(key, n, mean=mean, std=std))
+    sigmas = np.asarray(flow_matching.sample_sigmas(key, n, mean=mean, std=std))
     logits = np.log(sigmas / (1 - sigmas))
     assert abs(np.median(sigmas) - 1 / (1 + np.exp(-mean))) < 3e-3  # median = sigmoid(mean): mean > 0 is noisier
     assert abs(logits.mean() - mean) < 1e-2 and abs(logits.std() - std) < 1e-2
-    shifted = np.asarray(objectives.sample_sigmas(key, n, mean=mean, std=std, shift=3.0))
+    shifted = np.asarray(flow_matching.sample_sigmas(key, n, mean=mean, std=std, shift=3.0))
     np.testing.assert_allclose(shifted, 3 * sigmas / (1 + 2 * sigmas), rtol=1e-6)
     assert shifted.mean() > sigmas.mean() + 0.1  # shift > 1 moves mass towards noise
     # The same shift as the inference scheduler's (flow_match_sigmas is checked against diffusers).
-    np.testing.assert_allclose(objectives.shift_sigmas(sampling.flow_match_sigmas(50, 1.0)[:-1], 4.0),
+    np.testing.assert_allclose(flow_matching.shift_sigmas(sampling.flow_match_sigmas(50, 1.0)[:-1], 4.0),
                                sampling.flow_match_sigmas(50, 4.0)[:-1], rtol=1e-6)
-    uniform = np.asarray(objectives.sample_sigmas(key, n, scheme="uniform"))
+    uniform = np.asarray(flow_matching.sample_sigmas(key, n, scheme="uniform"))
     assert abs(uniform.mean() - 0.5) < 3e-3 and uniform.min() >= 0 and uniform.max() < 1
-    mode = np.asarray(objectives.sample_sigmas(key, n, scheme="mode"))
+    mode = np.asarray(flow_matching.sample_sigmas(key, n, scheme="mode"))
     assert mode.min() >= 0 and mode.max() <= 1
     with pytest.raises(ValueError, match="sigma_scheme"):
-        objectives.FlowMatchingConfig(sigma_scheme="lognorm")
+        flow_matching.FlowMatchingConfig(sigma_scheme="lognorm")
 
 
 def test_loss_weightings():
     sigmas = jnp.array([0.25, 0.5])
-    np.testing.assert_allclose(objectives.loss_weights(sigmas, "sigma_sqrt"), [16.0, 4.0])
-    np.testing.assert_allclose(objectives.loss_weights(sigmas, "cosmap"),
+    np.testing.assert_allclose(flow_matching.loss_weights(sigmas, "sigma_sqrt"), [16.0, 4.0])
+    np.testing.assert_allclose(flow_matching.loss_weights(sigmas, "cosmap"),
                                2 / (np.pi * (1 - 2 * np.array([0.25, 0.5]) + 2 * np.array([0.25, 0.5]) ** 2)))
 
 
@@ -161,7 +162,7 @@ def test_gradient_accumulation_ema_and_bf16_over_float32_master_weights():
     tx = optax.sgd(0.1)
     graphdef, initial = state.create_train_state(training_run.tiny_model, tx, seed=0, mesh=mesh,
                                                  rules=parallel.TRAINING_RULES)
-    objective = objectives.FlowMatchingConfig(shift=3.0, text_dropout=0.5)
+    objective = flow_matching.FlowMatchingConfig(shift=3.0, text_dropout=0.5)
     results = {}
     for k in (1, 4):
         step_fn = step.make_train_step(graphdef, tx, objective, ema_decay=0.9, microbatches=k,

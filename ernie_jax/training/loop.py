@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ernie_jax import parallel
-from ernie_jax.training import objectives
+from ernie_jax.training.objectives import flow_matching
 from ernie_jax.training.checkpoints import Checkpoints
 from ernie_jax.training.optimizer import (
     OptimizerConfig,
@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     microbatches: int = 1
     ema_decay: float = 0.999
-    objective: objectives.FlowMatchingConfig = dataclasses.field(default_factory=objectives.FlowMatchingConfig)
+    objective: flow_matching.FlowMatchingConfig = dataclasses.field(default_factory=flow_matching.FlowMatchingConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint_every: int = 1000
     max_to_keep: int = 3
@@ -120,7 +120,7 @@ def _to_device(batch: dict, shardings: dict) -> dict:
 
 def train(config: TrainConfig, model_fn: Callable[[nnx.Rngs], nnx.Module], data_iterator: Iterator[dict],
           checkpoint_dir: str | os.PathLike, *, mesh: Mesh, rules: parallel.Rules = parallel.TRAINING_RULES,
-          empty_prompt: objectives.EmptyPrompt | None = None, prepare_batch: Callable[[dict], dict] | None = None,
+          empty_prompt: flow_matching.EmptyPrompt | None = None, prepare_batch: Callable[[dict], dict] | None = None,
           callbacks: Sequence[Callback] = ()) -> TrainState:
     """Trains until `config.num_steps` updates are done and returns the final state.
 

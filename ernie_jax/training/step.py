@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ernie_jax import parallel
-from ernie_jax.training import objectives
+from ernie_jax.training.objectives import flow_matching
 from ernie_jax.training.state import TrainState, ema_update
 
 BATCH_KEYS = ("latents", "text", "text_lens")
@@ -47,8 +47,8 @@ def _microbatches(tree, count: int):
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    objective: objectives.FlowMatchingConfig, *, ema_decay: float, microbatches: int = 1,
-                    empty_prompt: objectives.EmptyPrompt | None = None,
+                    objective: flow_matching.FlowMatchingConfig, *, ema_decay: float, microbatches: int = 1,
+                    empty_prompt: flow_matching.EmptyPrompt | None = None,
                     learning_rate_fn: optax.Schedule | None = None) -> Callable[[TrainState, dict], tuple]:
     """The pure step `(state, batch) -> (new state, metrics)`.
 
@@ -65,7 +65,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def loss_fn(params, micro, draw):
         model = nnx.merge(graphdef, params)
-        return objectives.flow_matching_loss(model, micro["latents"], micro["text"], micro["text_lens"], draw,
+        return flow_matching.flow_matching_loss(model, micro["latents"], micro["text"], micro["text_lens"], draw,
                                              weighting=objective.weighting, empty_prompt=empty_prompt)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -78,7 +78,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         size = inputs["latents"].shape[0]
         if size % microbatches:
             raise ValueError(f"batch size {size} is not divisible by microbatches={microbatches}")
-        draw = objectives.draw_noise(step_key(state), inputs["latents"].shape, objective)
+        draw = flow_matching.draw_noise(step_key(state), inputs["latents"].shape, objective)
 
         def accumulate(total, micro):
             (_, metrics), grads = grad_fn(state.params, *micro)

@@ -18,7 +18,7 @@ from ernie_jax import main, parallel
 from ernie_jax.data.precompute import load_encoders
 from ernie_jax.evaluation.grid import image_grid
 from ernie_jax.pipeline import ErnieImagePipeline
-from ernie_jax.training import objectives
+from ernie_jax.training.objectives import flow_matching
 from ernie_jax.training.optimizer import make_optimizer
 from ernie_jax.training.state import create_train_state
 from experiments.tiny_shapes import get_config
@@ -89,9 +89,9 @@ def run(workdir: Path) -> dict:
     objective = dataclasses.replace(experiment.train.objective, text_dropout=0.0)
     (batch,) = evaluation.batches(experiment.curriculum.stage_at(last).buckets[0])
     host_batch = {k: np.asarray(v) for k, v in batch.items()}
-    draw = objectives.draw_noise(jax.random.fold_in(jax.random.key(config.seed + 1), 0), host_batch["latents"].shape,
+    draw = flow_matching.draw_noise(jax.random.fold_in(jax.random.key(config.seed + 1), 0), host_batch["latents"].shape,
                                  objective)
-    loss, _ = jax.jit(lambda p: objectives.flow_matching_loss(
+    loss, _ = jax.jit(lambda p: flow_matching.flow_matching_loss(
         nnx.merge(graphdef, p), host_batch["latents"], host_batch["text"], host_batch["text_lens"], draw,
         weighting=objective.weighting))(host_ema)
 

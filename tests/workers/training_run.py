@@ -20,7 +20,8 @@ import numpy as np
 
 from ernie_jax import parallel
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer
-from ernie_jax.training import loop, objectives
+from ernie_jax.training import loop
+from ernie_jax.training.objectives import flow_matching
 from ernie_jax.training.optimizer import OptimizerConfig
 
 BATCH = 4
@@ -52,14 +53,14 @@ def dataset(num_steps: int, batch: int = BATCH, nan_at_step: int | None = None) 
     return grain.MapDataset.range(num_steps * batch).map(make).batch(batch)
 
 
-def empty_prompt() -> objectives.EmptyPrompt:
-    return objectives.EmptyPrompt(np.random.default_rng(1234).standard_normal((1, TEXT_DIM), np.float32), 1)
+def empty_prompt() -> flow_matching.EmptyPrompt:
+    return flow_matching.EmptyPrompt(np.random.default_rng(1234).standard_normal((1, TEXT_DIM), np.float32), 1)
 
 
 def train_config(num_steps: int, checkpoint_every: int, max_to_keep: int = 3) -> loop.TrainConfig:
     return loop.TrainConfig(
         num_steps=num_steps, seed=0, ema_decay=0.9, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-        objective=objectives.FlowMatchingConfig(shift=3.0, text_dropout=0.25),
+        objective=flow_matching.FlowMatchingConfig(shift=3.0, text_dropout=0.25),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2, decay_steps=100, weight_decay=0.01))
 
 
