@@ -147,7 +147,7 @@ def test_loss_and_metrics_match_torch(models, inputs, reduction):
     assert min(abs(a - b) for i, a in enumerate(margins) for b in margins[i + 1:]) > 0.01
 
 
-GRADIENT_CASES = [(variant, "mean") for variant in dpo.VARIANTS] + [("ernie", "sum")]
+GRADIENT_CASES = [("diffusion_dpo", "mean"), ("article", "mean"), ("ernie", "sum")]
 
 
 def test_policy_gradients_match_torch(models, inputs):
@@ -167,3 +167,219 @@ def test_policy_gradients_match_torch(models, inputs):
         assert actual.keys() == expected.keys()
         for name in expected:
             assert relative_error(actual[name], expected[name]) <= GRADIENT_TOLERANCE, (variant, reduction, name)
+
+
+class SmallVelocity(nnx.Module):
+    """A small analytic velocity model with the DiT's call signature: `scale tanh(x) + bias + time t/1000 +
+    (mean of the valid text tokens) @ text`, for the properties below (cheap, and any callable of that shape
+    is a valid policy)."""
+
+    def __init__(self, seed: int, channels: int = 3, height: int = 2, width: int = 3, text_dim: int = 4):
+        rng = np.random.default_rng(seed)
+        param = lambda *shape, mean=0.0: nnx.Param(jnp.asarray(rng.normal(mean, 0.5, shape), jnp.float32))
+        self.scale = param(channels, 1, 1, mean=1.0)
+        self.bias = param(channels, height, width)
+        self.time = param(channels, 1, 1)
+        self.text = param(text_dim, channels)
+
+    def __call__(self, x, timestep, text_bth, text_lens):
+        valid = jnp.arange(text_bth.shape[1])[None, :] < text_lens[:, None]
+        pooled = jnp.sum(text_bth * valid[..., None], 1) / jnp.maximum(text_lens, 1)[:, None]
+        conditioning = self.time[...] * (timestep / 1000.0)[:, None, None, None] + (pooled @ self.text[...])[..., None, None]
+        return self.scale[...] * jnp.tanh(x) + self.bias[...] + conditioning
+
+
+def small_inputs(pairs=3, seed=0, shape=(3, 2, 3), text_dim=4):
+    rng = np.random.default_rng(seed)
+    draw = lambda *s: rng.standard_normal(s).astype(np.float32)
+    return dict(latents_chosen=draw(pairs, *shape), latents_rejected=draw(pairs, *shape),
+                text_bth=draw(pairs, 5, text_dim), text_lens=rng.integers(1, 6, pairs),
+                noise=draw(pairs, *shape), sigmas=rng.uniform(0.05, 0.95, pairs).astype(np.float32),
+                pair_weights=rng.uniform(0.2, 1.0, pairs).astype(np.float32))
+
+
+def small(policy, reference, inputs, weighted=False, **options):
+    keys = dpo.PAIR_KEYS + (("pair_weights",) if weighted else ())
+    loss, metrics = dpo.dpo_loss(policy, reference, {k: inputs[k] for k in keys}, inputs["noise"], inputs["sigmas"],
+                                 **options)
+    return float(loss), {name: float(value) for name, value in metrics.items()}
+
+
+@pytest.mark.parametrize("reduction", dpo.REDUCTIONS)
+def test_policy_equal_to_reference_gives_logit_zero_and_log_two_plus_anchors(reduction):
+    model, inputs = SmallVelocity(0), small_inputs()
+    for variant in dpo.VARIANTS:
+        loss, metrics = small(model, model, inputs, beta=3.0, lambda_win=0.35, lambda_lose=0.15, variant=variant,
+                              reduction=reduction)
+        assert metrics["reward_margin"] == 0.0 and metrics["implicit_accuracy"] == 0.0
+        assert metrics["velocity_norm_ratio"] == pytest.approx(1.0, rel=1e-6)
+        assert metrics["dpo_loss"] == pytest.approx(math.log(2), rel=1e-6)
+        anchors = 0.35 * metrics["policy_chosen_error"] + 0.15 * metrics["policy_rejected_error"]
+        assert loss == pytest.approx(math.log(2) + anchors, rel=1e-6)
+        assert metrics["policy_chosen_error"] == metrics["reference_chosen_error"]
+
+
+def test_sum_reduction_keeps_the_dpo_term_and_scales_errors_and_anchors_by_the_element_count():
+    policy, reference, inputs = SmallVelocity(0), SmallVelocity(1), small_inputs()
+    elements = inputs["latents_chosen"][0].size
+    for variant in dpo.VARIANTS:
+        options = dict(beta=2.0, lambda_win=0.35, lambda_lose=0.15, variant=variant)
+        _, mean = small(policy, reference, inputs, reduction="mean", **options)
+        loss, summed = small(policy, reference, inputs, reduction="sum", **options)
+        assert abs(mean["reward_margin"]) > 0.05  # a real logit, not zero
+        for name in ("dpo_loss", "reward_margin", "implicit_accuracy", "velocity_norm_ratio"):
+            assert summed[name] == pytest.approx(mean[name], rel=1e-5, abs=1e-7), (variant, name)
+        for name in METRICS:
+            if name.endswith("_error"):
+                assert summed[name] == pytest.approx(elements * mean[name], rel=1e-5), (variant, name)
+        anchors = 0.35 * summed["policy_chosen_error"] + 0.15 * summed["policy_rejected_error"]
+        assert loss == pytest.approx(summed["dpo_loss"] + anchors, rel=1e-6)
+
+
+def test_variants_are_related_by_their_factors():
+    """flow_dpo(beta) = ernie(beta / 2); with one sigma s for every pair, diffusion_dpo(beta) =
+    flow_dpo((1 - s)^2 beta) (the epsilon error is (1 - s)^2 times the velocity error)."""
+    policy, reference = SmallVelocity(0), SmallVelocity(1)
+    inputs = small_inputs()
+    _, flow = small(policy, reference, inputs, beta=4.0, variant="flow_dpo")
+    _, ernie = small(policy, reference, inputs, beta=2.0, variant="ernie")
+    assert abs(flow["reward_margin"]) > 0.05
+    for name in METRICS:
+        assert ernie[name] == pytest.approx(flow[name], rel=1e-6), name
+    inputs["sigmas"] = np.full_like(inputs["sigmas"], 0.6)
+    _, diffusion = small(policy, reference, inputs, beta=4.0, variant="diffusion_dpo")
+    _, flow = small(policy, reference, inputs, beta=4.0 * 0.4 ** 2, variant="flow_dpo")
+    _, unscaled = small(policy, reference, inputs, beta=4.0, variant="flow_dpo")
+    assert abs(unscaled["reward_margin"] - diffusion["reward_margin"]) > 0.05
+    for name in METRICS:
+        assert diffusion[name] == pytest.approx(flow[name], rel=1e-5), name
+
+
+def test_weighted_loss_is_linear_in_the_pair_weights():
+    """`mean_b(w_b loss_b)`, not normalised by the weights' sum (which would not change when every weight is
+    halved): the sum of one-hot-weighted losses is the weighted loss, and unit weights are no weights."""
+    policy, reference, inputs = SmallVelocity(0), SmallVelocity(1), small_inputs()
+    options = dict(beta=2.0, lambda_win=0.35, lambda_lose=0.15, variant="ernie")
+
+    def weighted(weights):
+        return small(policy, reference, dict(inputs, pair_weights=np.asarray(weights, np.float32)), weighted=True,
+                     **options)
+
+    loss, metrics = weighted(inputs["pair_weights"])
+    one_hot = [weighted(np.eye(3)[i]) for i in range(3)]
+    assert loss == pytest.approx(sum(w * l for w, (l, _) in zip(inputs["pair_weights"], one_hot)), rel=1e-6)
+    assert metrics["dpo_loss"] == pytest.approx(
+        sum(w * m["dpo_loss"] for w, (_, m) in zip(inputs["pair_weights"], one_hot)), rel=1e-6)
+    assert weighted(inputs["pair_weights"] / 2)[0] == pytest.approx(loss / 2, rel=1e-6)
+    unweighted, plain = small(policy, reference, inputs, **options)
+    assert weighted(np.ones(3))[0] == pytest.approx(unweighted, rel=1e-6)
+    assert abs(unweighted - loss) > 0.05
+    # The other metrics are plain batch means, whatever the weights.
+    for name in ("reward_margin", "implicit_accuracy", "policy_chosen_error", "velocity_norm_ratio"):
+        assert metrics[name] == pytest.approx(plain[name], rel=1e-6), name
+
+
+def fm_gradient(model, latents, inputs):
+    """The gradient of flow_matching.py's loss (an independent path) on `latents` with the pairs' noise and
+    sigmas."""
+    graphdef, params = nnx.split(model)
+    draw = flow_matching.NoiseDraw(jnp.asarray(inputs["noise"]), jnp.asarray(inputs["sigmas"]),
+                                   jnp.zeros(len(latents), bool))
+    return jax.grad(lambda p: flow_matching.flow_matching_loss(
+        nnx.merge(graphdef, p), jnp.asarray(latents), inputs["text_bth"], inputs["text_lens"], draw)[0])(params)
+
+
+@pytest.mark.parametrize("variant, dpo_factor", [("ernie", 0.5), ("flow_dpo", 0.25), ("article", 0.0)])
+def test_gradient_at_the_reference_is_a_mix_of_the_two_flow_matching_gradients(variant, dpo_factor):
+    """At policy = reference the logit is 0 and d(-log sigmoid z)/dz = -1/2, so the DPO term's gradient is
+    (1/2) x beta (ernie; beta/2 for flow_dpo) x (grad E^w - grad E^l), E the flow-matching losses on the chosen and
+    the rejected images; article's distances to the reference are at their minimum, so its DPO gradient is 0.
+    The same module is passed as policy and reference: without the reference's stop_gradient the DPO term
+    would be identically 0 and its gradient too. With the report's beta 0.05, lambda_win 0.35 and
+    lambda_lose 0.15, the ernie loss starts as 0.375 grad E^w + 0.125 grad E^l: supervised learning on both
+    images, the rejected included, when beta is in per-element-mean units (analysis section 8.4)."""
+    model, inputs = SmallVelocity(0), small_inputs()
+    beta, lambda_win, lambda_lose = 0.8, 0.35, 0.15
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        merged = nnx.merge(graphdef, p)
+        batch = {k: inputs[k] for k in dpo.PAIR_KEYS}
+        return dpo.dpo_loss(merged, merged, batch, inputs["noise"], inputs["sigmas"], beta=beta,
+                            lambda_win=lambda_win, lambda_lose=lambda_lose, variant=variant)[0]
+
+    grad = jax.grad(loss)(params)
+    chosen = fm_gradient(model, inputs["latents_chosen"], inputs)
+    rejected = fm_gradient(model, inputs["latents_rejected"], inputs)
+    expected = jax.tree.map(lambda w, l: (dpo_factor * beta + lambda_win) * w + (lambda_lose - dpo_factor * beta) * l,
+                            chosen, rejected)
+    for actual_leaf, expected_leaf in zip(jax.tree.leaves(grad), jax.tree.leaves(expected), strict=True):
+        assert relative_error(actual_leaf, expected_leaf) <= 1e-5
+
+
+def test_article_variant_never_sees_the_targets():
+    """Moving each pair's clean images by sigma d and its noise by -(1 - sigma) d leaves every model input
+    x_sigma as it was but moves every target eps - x0 by -d. The article's loss does not change (it compares
+    the policy with the reference, never with the data's targets), so nothing in it says which image was
+    preferred beyond the inputs themselves; flow_dpo's does."""
+    policy, reference, inputs = SmallVelocity(0), SmallVelocity(1), small_inputs()
+    shift = np.random.default_rng(5).standard_normal(inputs["noise"].shape).astype(np.float32)
+    sigma = inputs["sigmas"][:, None, None, None]
+    moved = dict(inputs, latents_chosen=inputs["latents_chosen"] + sigma * shift,
+                 latents_rejected=inputs["latents_rejected"] + sigma * shift,
+                 noise=inputs["noise"] - (1 - sigma) * shift)
+    for variant, changes in (("article", False), ("flow_dpo", True)):
+        before = small(policy, reference, inputs, beta=4.0, variant=variant)[1]
+        after = small(policy, reference, moved, beta=4.0, variant=variant)[1]
+        if changes:
+            assert abs(after["reward_margin"] - before["reward_margin"]) > 0.1
+        else:
+            assert after["reward_margin"] == pytest.approx(before["reward_margin"], rel=1e-4, abs=1e-6)
+            assert after["dpo_loss"] == pytest.approx(before["dpo_loss"], rel=1e-5)
+
+
+def test_bad_options_and_inputs_raise():
+    model, inputs = SmallVelocity(0), small_inputs()
+    for options, message in ((dict(variant="dpo"), "variant"), (dict(reduction="max"), "reduction"),
+                             (dict(beta=0.0), "beta"), (dict(lambda_win=-0.1), "lambda_win"),
+                             (dict(lambda_lose=-1.0), "lambda_lose")):
+        with pytest.raises(ValueError, match=message):
+            small(model, model, inputs, **{"beta": 1.0, **options})
+        with pytest.raises(ValueError, match=message):
+            dpo.DPOConfig(**{"beta": 1.0, **options})
+    for key, value, message in (("latents_rejected", inputs["latents_rejected"][:, :2], "latents_rejected"),
+                                ("noise", inputs["noise"][:2], "noise"), ("sigmas", inputs["sigmas"][:2], "sigmas"),
+                                ("text_lens", inputs["text_lens"][:1], "text_lens"),
+                                ("pair_weights", inputs["pair_weights"][:2], "pair_weights")):
+        with pytest.raises(ValueError, match=message):
+            small(model, model, dict(inputs, **{key: value}), weighted=True, beta=1.0)
+    with pytest.raises(ValueError, match="batch lacks \\['text_lens'\\]"):
+        dpo.dpo_loss(model, model, {k: inputs[k] for k in dpo.PAIR_KEYS[:3]}, inputs["noise"], inputs["sigmas"],
+                     beta=1.0)
+
+
+def test_objective_draws_from_each_pairs_key_and_splits_into_microbatches():
+    objective = dpo.make({"name": "dpo", "beta": 2.0, "lambda_win": 0.35, "lambda_lose": 0.15, "variant": "flow_dpo",
+                          "weighted_pairs": True, "sigmas": {"sigma_scheme": "uniform", "shift": 3.0}})
+    assert objective.config.sigmas == flow_matching.SigmaSampling(sigma_scheme="uniform", shift=3.0)
+    assert objective.batch_keys == dpo.PAIR_KEYS + ("pair_weights",)
+    assert (objective.trains, objective.reads) == (("transformer",), ("reference",))
+    assert dpo.make({"beta": 1.0}).batch_keys == dpo.PAIR_KEYS
+    inputs = small_inputs(pairs=4)
+    batch = {k: jnp.asarray(inputs[k]) for k in objective.batch_keys}
+    models = dict(trainable={"transformer": SmallVelocity(0)}, frozen={"reference": SmallVelocity(1)})
+    keys = example_keys(jax.random.key(7), 4)
+    loss, metrics = objective.loss(batch=batch, keys=keys, **models)
+    halves = [objective.loss(batch={k: v[part] for k, v in batch.items()}, keys=keys[part], **models)
+              for part in (slice(0, 2), slice(2, 4))]
+    assert float(loss) == pytest.approx(np.mean([float(l) for l, _ in halves]), rel=1e-6)
+    for name in METRICS:
+        assert float(metrics[name]) == pytest.approx(np.mean([float(m[name]) for _, m in halves]), rel=1e-5), name
+    other, _ = objective.loss(batch=batch, keys=example_keys(jax.random.key(8), 4), **models)
+    assert abs(float(other) - float(loss)) > 1e-3
+    with pytest.raises(ValueError, match="unknown DPO config fields \\['betta'\\]"):
+        dpo.make({"betta": 1.0})
+    with pytest.raises(ValueError, match="unknown DPO sigmas fields \\['scheme'\\]"):
+        dpo.make({"beta": 1.0, "sigmas": {"scheme": "uniform"}})
+    with pytest.raises(ValueError, match="sigma_scheme"):
+        dpo.make({"beta": 1.0, "sigmas": {"sigma_scheme": "lognorm"}})
