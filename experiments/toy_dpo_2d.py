@@ -75,8 +75,9 @@ class Settings:
     methods: tuple[str, ...] = ("sft", "diffusion_dpo", "flow_dpo", "ernie", "article", "article_perturbed")
 
 
-SMALL = Settings(seeds=2, hidden=32, base_steps=400, base_batch=256, pairs=512, held_out_pairs=128, steps=200, batch=128,
-                 learning_rate=1e-3, samples=300, sampling_steps=16, betas=(1.0,), methods=("flow_dpo", "ernie", "article"))
+SMALL = Settings(seeds=2, hidden=32, base_steps=400, base_batch=256, pairs=512, held_out_pairs=128, steps=200,
+                 batch=128, learning_rate=1e-3, samples=300, sampling_steps=16, betas=(1.0,),
+                 methods=("flow_dpo", "ernie", "article"))
 
 
 def mode_centres() -> jax.Array:
@@ -157,7 +158,8 @@ def train_base(key: jax.Array, settings: Settings):
         updates, state = optimizer.update(grads, state)
         return (optax.apply_updates(params, updates), state), None
 
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(loop_key, settings.base_steps))
+    keys = jax.random.split(loop_key, settings.base_steps)
+    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), keys)
     return params
 
 
@@ -333,19 +335,35 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def trajectory_table(results: dict, settings: Settings, points: int = 5) -> str:
+    """The held-out error ratios l_w / l_w,ref and l_l / l_l,ref (seed means) at `points` steps of training."""
+    logged = settings.steps // settings.log_every + 1
+    indices = np.unique(np.linspace(0, logged - 1, points).round().astype(int))
+    lines = ["| method | " + " | ".join(f"step {i * settings.log_every}" for i in indices) + " |",
+             "|---|" + "---|" * len(indices)]
+    for label, row in results.items():
+        if "log" not in row:
+            continue
+        ratios = [(row["log"][f"policy_{side}_error"] / row["log"][f"reference_{side}_error"]).mean(axis=0)
+                  for side in ("chosen", "rejected")]
+        lines.append(f"| {label} | " + " | ".join(f"{ratios[0][i]:.2f} / {ratios[1][i]:.2f}" for i in indices) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, help=f"(default {Settings.seeds}, {SMALL.seeds} with --small)")
     parser.add_argument("--steps", type=int, help=f"fine-tuning steps per method (default {Settings.steps}, "
                                                   f"{SMALL.steps} with --small)")
     parser.add_argument("--small", action="store_true", help="the seconds-long test version")
-    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
     settings = SMALL if args.small else Settings()
     overrides = {name: value for name, value in (("seeds", args.seeds), ("steps", args.steps)) if value is not None}
     settings = dataclasses.replace(settings, **overrides)
     results = run(settings=settings, log=lambda line: print(line, file=sys.stderr))
-    text = table(results)
+    text = (table(results) + "\n\nl_w / l_w,ref and l_l / l_l,ref over training:\n\n"
+            + trajectory_table(results, settings))
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

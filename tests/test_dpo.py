@@ -185,8 +185,8 @@ class SmallVelocity(nnx.Module):
     def __call__(self, x, timestep, text_bth, text_lens):
         valid = jnp.arange(text_bth.shape[1])[None, :] < text_lens[:, None]
         pooled = jnp.sum(text_bth * valid[..., None], 1) / jnp.maximum(text_lens, 1)[:, None]
-        conditioning = self.time[...] * (timestep / 1000.0)[:, None, None, None] + (pooled @ self.text[...])[..., None, None]
-        return self.scale[...] * jnp.tanh(x) + self.bias[...] + conditioning
+        time = self.time[...] * (timestep / 1000.0)[:, None, None, None]
+        return self.scale[...] * jnp.tanh(x) + self.bias[...] + time + (pooled @ self.text[...])[..., None, None]
 
 
 def small_inputs(pairs=3, seed=0, shape=(3, 2, 3), text_dim=4):
@@ -375,6 +375,8 @@ def test_objective_draws_from_each_pairs_key_and_splits_into_microbatches():
     assert float(loss) == pytest.approx(np.mean([float(l) for l, _ in halves]), rel=1e-6)
     for name in METRICS:
         assert float(metrics[name]) == pytest.approx(np.mean([float(m[name]) for _, m in halves]), rel=1e-5), name
+    with pytest.raises(ValueError, match="batch lacks \\['pair_weights'\\]"):
+        objective.loss(batch={k: batch[k] for k in dpo.PAIR_KEYS}, keys=keys, **models)
     other, _ = objective.loss(batch=batch, keys=example_keys(jax.random.key(8), 4), **models)
     assert abs(float(other) - float(loss)) > 1e-3
     with pytest.raises(ValueError, match="unknown DPO config fields \\['betta'\\]"):

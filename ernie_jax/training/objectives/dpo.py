@@ -198,7 +198,7 @@ class DPOConfig:
     variant: str = "ernie"
     reduction: str = "mean"
     weighted_pairs: bool = False
-    sigmas: SigmaSampling = SigmaSampling()
+    sigmas: SigmaSampling = dataclasses.field(default_factory=SigmaSampling)
 
     def __post_init__(self):
         check_options(beta=self.beta, lambda_win=self.lambda_win, lambda_lose=self.lambda_lose,
@@ -225,6 +225,9 @@ class DPO:
     def loss(self, trainable: Mapping[str, nnx.Module], frozen: Mapping[str, nnx.Module],
              batch: Mapping[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, Metrics]:
         config = self.config
+        missing = [key for key in self.batch_keys if key not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing}; this DPO objective reads {self.batch_keys}")
         latent_shape = tuple(batch["latents_chosen"].shape[1:])
         noise, sigmas = jax.vmap(lambda key: draw_example(key, latent_shape, config.sigmas))(keys)
         return dpo_loss(trainable["transformer"], frozen["reference"], {k: batch[k] for k in self.batch_keys},
