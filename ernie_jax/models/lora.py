@@ -91,7 +91,12 @@ class LoRAConfig:
         """Whether module `name` is a target (PEFT's rule, see the class docstring)."""
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, name) is not None
-        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+        return any(_is_named(name, target) for target in self.target_modules)
+
+
+def _is_named(name: str, target: str) -> bool:
+    """PEFT's rule for one name of a target list: the module name is it or ends with "." + it."""
+    return name == target or name.endswith("." + target)
 
 
 class LoRA(nnx.Module):
@@ -182,8 +187,7 @@ def add_lora(model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs,
             selected.append(linear)
             matched_names += hits
     if not isinstance(config.target_modules, str):
-        unmatched = [t for t in config.target_modules
-                     if not any(n == t or n.endswith("." + t) for n in matched_names)]
+        unmatched = [t for t in config.target_modules if not any(_is_named(n, t) for n in matched_names)]
         if unmatched:
             raise ValueError(f"LoRA target_modules {unmatched} match no Linear layer; module names are like "
                              f"{_examples(names)}")
