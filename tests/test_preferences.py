@@ -15,8 +15,9 @@ from conversions.common import run_command
 from ernie_jax.data import shapes
 from ernie_jax.data.buckets import as_buckets, assign_buckets, resize_and_crop
 from ernie_jax.data.curriculum import Curriculum, Stage
-from ernie_jax.data.generated_pairs import generate_pairs, select_pairs
+from ernie_jax.data.generated_pairs import generate_pairs, select_pairs, shapes_prompts
 from ernie_jax.data.pipeline import PipelineConfig
+from ernie_jax.data.precompute import model_fingerprint
 from ernie_jax.data.preferences import PreferenceSource, build_preference_pipeline, main, read_manifest
 from ernie_jax.data.sources import decode_image
 from ernie_jax.evaluation.rewards import load_reward, shapes_reward
@@ -209,6 +210,25 @@ def test_preference_batches_are_the_records_deterministic_and_resumable(preferen
     assert [b["captions"].tolist() for b in made] != [b["captions"].tolist() for b in batches(other_seed, 6)]
 
 
+def test_preference_batches_are_sharded_by_host(preference_folder):
+    source = PreferenceSource(preference_folder)
+    records = [source[position] for position in range(len(source))]
+    config = PipelineConfig(Curriculum((Stage(0, None, BUCKETS, 4),)), seed=3)
+    # Both hosts hold pairs of the same two buckets, so this stands in for the mean over hosts.
+    hosts = [build_preference_pipeline(source, config, shard_index=index, shard_count=2,
+                                       host_mean=lambda mass: (mass > 0).astype(np.float64)) for index in range(2)]
+    for index, host in enumerate(hosts):
+        assert set(host.catalog.indices.tolist()) == {r["source_index"] for r in records} & set(range(index, 7, 2))
+    for step in range(6):
+        made = [host.dataset[step] for host in hosts]
+        assert made[0]["bucket"] == made[1]["bucket"]
+        for index, batch in enumerate(made):
+            assert batch["latents_chosen"].shape[0] == 2
+            for latents in batch["latents_chosen"]:
+                (record,) = [r for r in records if np.array_equal(r["latents"][0], latents)]
+                assert record["source_index"] % 2 == index
+
+
 def test_preference_pipeline_refuses_other_sources(preference_folder, tmp_path):
     from ernie_jax.data.precomputed import PrecomputedSource
 
@@ -276,6 +296,22 @@ def test_generated_pairs_keep_the_best_and_worst_samples_and_the_pipelines_laten
                                      shard_index=0, shard_count=1)
     batch = next(data.iterator())
     assert batch["latents_chosen"].shape == (2, 128, 2, 2) and batch["text_bth"].shape == (2, MAX_TEXT_LEN, 64)
+
+
+def test_generated_pairs_command(random_pipeline_folder, tmp_path):
+    from ernie_jax.data.generated_pairs import main as generate_main
+
+    out = tmp_path / "pairs"
+    # GENERATION's settings: the programs the test above compiled are reused.
+    argv = ["--model", str(random_pipeline_folder), "--shapes-prompts", "2", "--out", str(out),
+            "--reward", "tests.test_preferences:mean_brightness", "--samples-per-prompt", "3", "--height", "32",
+            "--width", "32", "--steps", "2", "--guidance-scale", "2.0", "--seed", "5",
+            "--max-text-len", str(MAX_TEXT_LEN)]
+    assert run_command(generate_main, argv) == 0
+    source = PreferenceSource(out)
+    assert len(source) == 2 and {source[p]["caption"] for p in range(2)} == set(shapes_prompts(2))
+    assert source.metadata["model_fingerprint"] == model_fingerprint(random_pipeline_folder)
+    assert run_command(generate_main, argv) == 1  # the folder exists
 
 
 def test_shapes_reward_is_one_on_true_scenes_and_lower_on_others():
