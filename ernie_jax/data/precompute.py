@@ -296,14 +296,14 @@ def encode_in_buckets(prepare, indices: np.ndarray, config: PrecomputeConfig, fl
         for start in range(0, len(indices), window):
             for item in pool.map(prepare, indices[start:start + window].tolist()):
                 bar.update()
-                if item == CROP_SKIP:
-                    dropped_for_crop += 1
-                elif isinstance(item, str):
-                    unreadable[item] += 1
-                else:
+                if not isinstance(item, str):
                     pending[item.bucket_index].append(item)
                     if len(pending[item.bucket_index]) == config.batch_size:
                         flush(item.bucket_index, pending.pop(item.bucket_index))
+                elif item == CROP_SKIP:
+                    dropped_for_crop += 1
+                else:
+                    unreadable[item] += 1
     bar.close()
     for bucket_index, items in sorted(pending.items()):
         flush(bucket_index, items)

@@ -36,7 +36,8 @@ A preference folder has the precomputed layout (precomputed.py) with format "ern
 - index.npz: the precomputed index fields plus `pair_weight` float32;
 - metadata.json: the precomputed fields (`source` names the manifest or the generating model), plus
   `pairs` (counts of what the manifest held).
-`build_preference_pipeline` batches them as the DPO step reads them (`LoadPreferenceBatch`).
+`build_preference_pipeline` batches them as the DPO step reads them (`LoadPreferenceBatch`); its
+bucket assignment and crop bound see image 0's original size, as the precomputation did.
 """
 
 from __future__ import annotations
