@@ -85,7 +85,7 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     sigmas = {"sigma_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "shift": 4.0,
               "weighting": "none"}
     config.objective = ml_collections.ConfigDict({"name": "flow_matching", **sigmas, "text_dropout": 0.1})
-    config.init = ml_collections.ConfigDict({"path": ""})
+    config.init = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
     config.frozen = ml_collections.ConfigDict({})
     config.train = ml_collections.ConfigDict({
         "microbatches": 1, "ema_decay": 0.9999, "checkpoint_every": 2000, "max_to_keep": 3, "async_checkpoints": True,
@@ -106,7 +106,8 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         "samples": {"type": "sample_grid", "every": 5000, "prompts": SAMPLE_PROMPTS, "seed": 0, "steps": 50,
                     "guidance": 4.0}})
     config.evaluation = ml_collections.ConfigDict({
-        "num_prompts": 0, "prompts": SAMPLE_PROMPTS, "num_inference_steps": 50, "guidance_scale": 4.0, "batch_size": 4, "seed": 0})
+        "num_prompts": 0, "prompts": SAMPLE_PROMPTS, "num_inference_steps": 50, "guidance_scale": 4.0, "batch_size": 4,
+        "seed": 0})
     config.export = ml_collections.ConfigDict({"dtype": "bfloat16", "use_ema": True})
 
     if variant in MESH_PRESETS:

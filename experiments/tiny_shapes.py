@@ -106,7 +106,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.objective = ml_collections.ConfigDict({"name": "flow_matching", **sigmas, "text_dropout": 0.1})
     # Where the transformer starts (a pipeline or transformer folder; "" = random weights), and the frozen
     # models an objective reads (NAME: {"path", "dtype"}; flow matching reads none).
-    config.init = ml_collections.ConfigDict({"path": ""})
+    config.init = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
     config.frozen = ml_collections.ConfigDict({})
 
     config.train = ml_collections.ConfigDict({

@@ -51,6 +51,13 @@ class Experiment:
         return named_module(OBJECTIVES_PACKAGE, self.config.objective.name, "config.objective.name")
 
     @property
+    def init_path(self) -> str:
+        """Where the trained transformer starts: `config.init.path`, with "components" meaning the frozen
+        components' pipeline folder (its transformer); "" for random weights."""
+        path = self.config.init.path
+        return str(self.components_dir) if path == "components" else path
+
+    @property
     def components_dir(self) -> Path:
         c = self.config.components
         return Path(c.path) if c.kind == "pretrained" else self.workdir / "components"
@@ -91,12 +98,23 @@ class Experiment:
         return [[str(self.precompute_folder(side, i, count)) for i in range(count)] for side, _ in
                 self.precompute_plan()]
 
-    def model_fn(self, transformer_config):
+    def model_fn(self, transformer_config, param_dtype=jnp.float32):
         from ernie_jax.models.dit import ErnieImageTransformer
 
         m = self.config.model
-        return lambda rngs: ErnieImageTransformer(transformer_config, dtype=jnp.dtype(m.dtype), param_dtype=jnp.float32,
+        return lambda rngs: ErnieImageTransformer(transformer_config, dtype=jnp.dtype(m.dtype), param_dtype=param_dtype,
                                                   remat=m.remat, attention_impl=m.attention_impl, rngs=rngs)
+
+    @property
+    def lora(self):
+        """The `models.lora.LoRAConfig` of `config.lora` (None when its rank is 0: the whole DiT trains)."""
+        from ernie_jax.models.lora import LoRAConfig
+
+        settings = self.config.get("lora", {})
+        if not settings or not settings.get("rank", 0):
+            return None
+        return LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()
+                             if k != "base_dtype"})
 
     def mesh(self):
         from ernie_jax import parallel
@@ -194,6 +212,9 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     experiment = Experiment(config, Path(workdir), train, optimizer, objective, curriculum, pipeline,
                             check_rules(config.sharding.rules), dict(config.mesh.ici), dict(config.mesh.dcn))
     experiment.transformer_config(text_in_dim=8, channels=128)  # checks the model fields on their own
+    experiment.lora  # checks the LoRA settings
+    if experiment.lora is not None and not config.init.path:
+        raise ValueError("config.lora.rank > 0 trains adapters on a pretrained DiT: set config.init.path")
     sources = [data.source, *(e.get("source") for e in config.evals.values())]
     if SHAPES_SOURCE in sources:
         experiment.shapes_config()  # checks the shapes settings

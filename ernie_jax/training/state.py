@@ -33,6 +33,8 @@ class TrainablePart:
 
     `build(rngs)` makes it: its `trained` variables in float32 (`param_dtype`), any other variables (a
     frozen base) in the dtype they are kept in. `trained` is an nnx filter (default: every `nnx.Param`).
+    `stochastic(model, key)`, if given, puts the model into training mode with randomness from `key` (e.g.
+    LoRA dropout's `models.lora.set_training`); the step calls it on every microbatch's model.
     """
 
     build: Callable[[nnx.Rngs], nnx.Module]
@@ -40,6 +42,7 @@ class TrainablePart:
     ema_decay: float = 0.999
     trained: Any = nnx.Param
     learning_rate: optax.Schedule | None = None  # only reported as a metric
+    stochastic: Callable[[nnx.Module, jax.Array], Any] | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay <= 1.0:

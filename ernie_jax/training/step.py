@@ -81,6 +81,10 @@ def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, 
 
     def loss_fn(params, frozen, micro, keys):
         trainable = {name: _merge(graphdefs[name], params[name], frozen.get(name)) for name in parts}
+        for index, (name, part) in enumerate(parts.items()):
+            if part.stochastic is not None:
+                # The first example's key, folded away from what the objective draws from it.
+                part.stochastic(trainable[name], jax.random.fold_in(keys[0], 2**31 - 1 - index))
         read = {name: nnx.merge(graphdefs[name], frozen[name]) for name in objective.reads}
         return objective.loss(trainable, read, micro, keys)
 

@@ -1,6 +1,9 @@
 """Stage `export`: the trained transformer (EMA unless `export.use_ema` is False) with the frozen
 components, in the diffusers layout, in WORKDIR/pipeline: `ErnieImagePipeline.from_pretrained` and
-`python -m ernie_jax.generate --model WORKDIR/pipeline` load it."""
+`python -m ernie_jax.generate --model WORKDIR/pipeline` load it. With LoRA (`config.lora.rank > 0`) the
+transformer there is the base with the adapters merged, and WORKDIR/pipeline/lora/
+pytorch_lora_weights.safetensors holds the adapters in the diffusers/PEFT format (diffusers:
+`pipe.load_lora_weights(WORKDIR / "pipeline" / "lora")` on the base pipeline)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from ernie_jax.runner.config import Experiment
 from ernie_jax.runner.stages import latest_step, say
 
 ENCODER_FOLDERS = ("vae", "text_encoder", "tokenizer")
+# The file name diffusers' `load_lora_weights(folder)` looks for.
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -29,11 +34,13 @@ def _link_or_copy(source: str, destination: str) -> None:
 def run(experiment: Experiment) -> None:
     from conversions import mistral, transformer, vae
     from conversions.common import atomic_directory
+    from conversions.lora import save_lora
     from conversions.safetensors_io import write_sharded
     from ernie_jax import parallel
+    from ernie_jax.models import lora
+    from ernie_jax.runner.stages.train import initial_models, trainable_parts
     from ernie_jax.training.checkpoints import Checkpoints
-    from ernie_jax.runner.stages.train import trainable_parts
-    from ernie_jax.training.state import abstract_train_state
+    from ernie_jax.training.state import abstract_train_state, split_part
 
     config, workdir, num_steps = experiment.config, experiment.workdir, experiment.train.num_steps
     destination = workdir / "pipeline"
@@ -48,22 +55,38 @@ def run(experiment: Experiment) -> None:
     text_width = mistral.open_text_encoder(components / "text_encoder").config.hidden_size
     channels = vae.open_vae(components / "vae").config.packed_channels
     transformer_config = experiment.transformer_config(text_width, channels)
+    mesh = experiment.mesh()
     graphdefs, abstract = abstract_train_state(trainable_parts(experiment, transformer_config), seed=config.seed,
-                                               mesh=experiment.mesh(), rules=experiment.rules)
+                                               mesh=mesh, rules=experiment.rules)
     checkpoints = Checkpoints(workdir / "checkpoints")
     try:
         weights = checkpoints.restore_weights(abstract, ema=config.export.use_ema, step=done)["transformer"]
     finally:
         checkpoints.close()
+    if experiment.lora is None:
+        model = nnx.merge(graphdefs["transformer"], weights)
+    else:
+        # The trained adapters on the frozen base they were trained on.
+        base = initial_models(experiment, transformer_config, mesh, experiment.rules, fresh=True)["transformer"]
+        model = nnx.merge(graphdefs["transformer"], weights, split_part(base, lora.LoRAParam)[2])
     dtype = jnp.dtype(config.export.dtype)
-    # Cast where the weights lie, then gathered by every process (a collective); only the first writes.
-    weights = jax.tree.map(lambda value: parallel.to_host(value.astype(dtype)), weights)
+
+    def on_host(module: nnx.Module, cast) -> nnx.Module:
+        # Cast where the weights lie, then gathered by every process (a collective); only the first writes.
+        graphdef, state = nnx.split(module)
+        return nnx.merge(graphdef, jax.tree.map(lambda value: parallel.to_host(cast(value)), state))
+
+    adapted = None if experiment.lora is None else on_host(model, lambda value: value)
+    merged = on_host(model if adapted is None else lora.merge_lora(model), lambda value: value.astype(dtype))
     if jax.process_index() != 0:
         return
-    tensors = transformer.transformer_state_dict(nnx.merge(graphdefs["transformer"], weights))
+    tensors = transformer.transformer_state_dict(merged)
     with atomic_directory(destination) as staging:
         for name in ENCODER_FOLDERS:
             shutil.copytree(components / name, staging / name, copy_function=_link_or_copy)
+        if adapted is not None:
+            (staging / "lora").mkdir()
+            save_lora(adapted, staging / "lora" / LORA_FILE)
         (staging / "transformer").mkdir()
         write_sharded(staging / "transformer", "diffusion_pytorch_model", tensors, 5 * 10**9)
         (staging / "transformer" / "config.json").write_text(

@@ -5,8 +5,9 @@ trained variables, optimizer state, EMA, step, RNG and the data position), WORKD
 train/* metrics, data/*, and what `config.evals` log), WORKDIR/metrics.jsonl (one line per update) and the
 evaluators' files.
 
-The transformer starts from `config.init.path` (a pipeline or transformer folder) when set, else from
-random weights. Frozen models an objective reads (`objective.reads`, e.g. a DPO reference) are loaded from
+The transformer starts from `config.init.path` (a pipeline or transformer folder; "components": the
+components' pipeline) when set, else from random weights; `config.lora.rank > 0` trains LoRA adapters on
+it instead of the whole DiT. Frozen models an objective reads (`objective.reads`, e.g. a DPO reference) are loaded from
 `config.frozen.NAME.path` in `config.frozen.NAME.dtype`.
 """
 
@@ -31,13 +32,26 @@ class ObjectiveContext:
 
 
 def trainable_parts(experiment: Experiment, transformer_config) -> dict:
-    """{"transformer": its `TrainablePart`}: the experiment's DiT, AdamW and EMA decay."""
+    """{"transformer": its `TrainablePart`}: the experiment's DiT (with `config.lora`: its LoRA adapters on a
+    frozen base in `config.lora.base_dtype`, dropout drawn afresh at every step), AdamW and EMA decay."""
     from ernie_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from ernie_jax.training.state import TrainablePart
 
-    return {"transformer": TrainablePart(experiment.model_fn(transformer_config), make_optimizer(experiment.optimizer),
-                                         ema_decay=experiment.config.train.ema_decay,
-                                         learning_rate=learning_rate_schedule(experiment.optimizer))}
+    settings = dict(optimizer=make_optimizer(experiment.optimizer), ema_decay=experiment.config.train.ema_decay,
+                    learning_rate=learning_rate_schedule(experiment.optimizer))
+    adapters = experiment.lora
+    if adapters is None:
+        return {"transformer": TrainablePart(experiment.model_fn(transformer_config), **settings)}
+    from conversions.lora import diffusers_names
+    from ernie_jax.models import lora
+
+    base = experiment.model_fn(transformer_config, jnp.dtype(experiment.config.lora.base_dtype))
+
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return lora.add_lora(base(rngs), adapters, rngs, diffusers_names(transformer_config))
+
+    return {"transformer": TrainablePart(build, trained=lora.LoRAParam,
+                                         stochastic=lora.set_training if adapters.dropout else None, **settings)}
 
 
 def load_frozen_transformer(experiment: Experiment, path: str, param_dtype: str, mesh, rules) -> nnx.Module:
@@ -53,6 +67,47 @@ def load_frozen_transformer(experiment: Experiment, path: str, param_dtype: str,
     m = experiment.config.model
     return load_transformer(folder, m.dtype, param_dtype=jnp.dtype(param_dtype), attention_impl=m.attention_impl,
                             remat=m.remat, mesh=mesh, axis_rules=rules)
+
+
+def initial_models(experiment: Experiment, transformer_config, mesh, rules, *, fresh: bool) -> dict:
+    """{"transformer": the model training starts from} when `config.init.path` is set: its weights in
+    `config.init.dtype` (with LoRA: the base in `config.lora.base_dtype` with fresh adapters, which a
+    resumed run needs as its frozen base; otherwise read only for a `fresh` start, as a checkpoint then holds
+    the trained weights)."""
+    config, path = experiment.config, experiment.init_path
+    if not path:
+        return {}
+    adapters = experiment.lora
+    if adapters is None:
+        return {"transformer": load_frozen_transformer(experiment, path, config.init.dtype, mesh, rules)
+                } if fresh else {}
+    from conversions.lora import diffusers_names
+    from ernie_jax.models import lora
+
+    base = load_frozen_transformer(experiment, path, config.lora.base_dtype, mesh, rules)
+    return {"transformer": lora.add_lora(base, adapters, nnx.Rngs(config.seed), diffusers_names(transformer_config))}
+
+
+def frozen_model(experiment: Experiment, name: str, initial: dict, mesh, rules) -> nnx.Module:
+    """The frozen model `name` an objective reads, from `config.frozen.NAME`: `path` "init" is the model
+    training starts from (with LoRA the base with its adapters switched off, on the same arrays: one copy of
+    the weights; otherwise `config.init.path` in `dtype`), any other path a pipeline or transformer folder."""
+    config = experiment.config
+    if name not in config.frozen:
+        raise ValueError(f"the objective reads the frozen model {name!r}: set config.frozen.{name}.path")
+    settings = config.frozen[name]
+    if settings.path == "init":
+        if not experiment.init_path:
+            raise ValueError(f"config.frozen.{name}.path is 'init' but config.init.path is empty")
+        if experiment.lora is not None:
+            from ernie_jax.models import lora
+
+            return lora.without_adapters(initial["transformer"])
+        model = initial.get("transformer")
+        if model is not None and jax.tree.leaves(nnx.state(model))[0].dtype == jnp.dtype(settings.dtype):
+            return model
+        return load_frozen_transformer(experiment, experiment.init_path, settings.dtype, mesh, rules)
+    return load_frozen_transformer(experiment, settings.path, settings.dtype, mesh, rules)
 
 
 def run(experiment: Experiment) -> None:
@@ -87,16 +142,8 @@ def run(experiment: Experiment) -> None:
         data = build_pipeline(open_source(config.data.source, experiment, "train"), experiment.pipeline)
         prepare_batch, empty = frozen, frozen.empty_prompt()
     objective = experiment.objective_module.make(experiment.objective, ObjectiveContext(empty))
-    # A checkpoint holds the trained weights: the initial ones are read only for a fresh start.
-    initial = {}
-    if config.init.path and not done:
-        initial["transformer"] = load_frozen_transformer(experiment, config.init.path, "float32", mesh, rules)
-    frozen_models = {}
-    for name in objective.reads:
-        if name not in config.frozen:
-            raise ValueError(f"the objective reads the frozen model {name!r}: set config.frozen.{name}.path")
-        settings = config.frozen[name]
-        frozen_models[name] = load_frozen_transformer(experiment, settings.path, settings.dtype, mesh, rules)
+    initial = initial_models(experiment, transformer_config, mesh, rules, fresh=not done)
+    frozen_models = {name: frozen_model(experiment, name, initial, mesh, rules) for name in objective.reads}
     graphdef = nnx.split(nnx.eval_shape(lambda: parts["transformer"].build(nnx.Rngs(0))), parts["transformer"].trained,
                          ...)[0]
     rest = part_rests(parts, seed=config.seed, mesh=mesh, rules=rules, initial=initial).get("transformer")
