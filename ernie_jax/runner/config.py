@@ -191,8 +191,11 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         raise ValueError(f"config.train.ema_decay must be in [0, 1], got {t.ema_decay}")
     optimizer = OptimizerConfig(**t.optimizer)
     settings = {k: v for k, v in config.objective.items() if k != "name"}
-    objective = named_module(OBJECTIVES_PACKAGE, config.objective.get("name", ""), "config.objective.name"
-                             ).Config(**settings)
+    module = named_module(OBJECTIVES_PACKAGE, config.objective.get("name", ""), "config.objective.name")
+    try:
+        objective = module.Config(**settings)
+    except TypeError as error:  # an unknown or missing field
+        raise ValueError(f"config.objective ({config.objective.name}): {error}") from None
     for name, evaluator in config.evals.items():
         named_module(EVALUATORS_PACKAGE, evaluator.get("type", ""), f"config.evals.{name}.type")
         if evaluator.get("every", 0) < 1:

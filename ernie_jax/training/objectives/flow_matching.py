@@ -26,11 +26,10 @@ VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowMatchingConfig:
-    """How sigma, the noise and the text dropout are drawn, and how the per-sample errors are weighted.
+class SigmaSampling:
+    """How the training noise levels are drawn (`sample_sigmas`); shared by every objective that noises data.
 
     `shift` is the scheduler's shift (4.0 in the released scheduler config); 1.0 leaves sigma unshifted.
-    `text_dropout` is the probability of replacing a sample's prompt by the empty prompt (for CFG).
     """
 
     sigma_scheme: str = "logit_normal"
@@ -38,18 +37,36 @@ class FlowMatchingConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     shift: float = 1.0
-    weighting: str = "none"
-    text_dropout: float = 0.0
 
     def __post_init__(self):
         if self.sigma_scheme not in SIGMA_SCHEMES:
             raise ValueError(f"sigma_scheme must be one of {SIGMA_SCHEMES}, got {self.sigma_scheme!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not self.shift > 0:
             raise ValueError(f"shift must be positive, got {self.shift!r}")
         if not self.logit_std > 0:
             raise ValueError(f"logit_std must be positive, got {self.logit_std!r}")
+
+    def sample(self, rng: jax.Array, batch: int) -> jax.Array:
+        """`[batch]` float32 noise levels in (0, 1)."""
+        return sample_sigmas(rng, batch, scheme=self.sigma_scheme, mean=self.logit_mean, std=self.logit_std,
+                             mode_scale=self.mode_scale, shift=self.shift)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchingConfig(SigmaSampling):
+    """How sigma (`SigmaSampling`'s fields), the noise and the text dropout are drawn, and how the per-sample
+    errors are weighted.
+
+    `text_dropout` is the probability of replacing a sample's prompt by the empty prompt (for CFG).
+    """
+
+    weighting: str = "none"
+    text_dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout!r}")
 
@@ -103,9 +120,7 @@ def draw_noise(keys: jax.Array, latent_shape: tuple[int, ...], config: FlowMatch
 
     def one(key):
         noise_key, sigma_key, drop_key = jax.random.split(key, 3)
-        sigma = sample_sigmas(sigma_key, 1, scheme=config.sigma_scheme, mean=config.logit_mean,
-                              std=config.logit_std, mode_scale=config.mode_scale, shift=config.shift)[0]
-        return (jax.random.normal(noise_key, latent_shape[1:], jnp.float32), sigma,
+        return (jax.random.normal(noise_key, latent_shape[1:], jnp.float32), config.sample(sigma_key, 1)[0],
                 jax.random.bernoulli(drop_key, config.text_dropout))
 
     return NoiseDraw(*jax.vmap(one)(keys))
