@@ -168,9 +168,11 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         raise ValueError("config.stages has 'precompute', which encodes config.data.source: set data.source and "
                          "leave config.data.precomputed empty (or drop the stage to train from "
                          "data.precomputed)")
-    if not config.data.source and not config.data.precomputed:
+    if not (config.data.source or config.data.precomputed or config.data.get("preferences")
+            or "pairs" in config.stages):
         raise ValueError("config.data.source is empty: set --config.data.source to 'shapes', a tfds dataset folder "
-                         "or an image folder (or --config.data.precomputed to precomputed folders)")
+                         "or an image folder (or --config.data.precomputed to precomputed folders, or "
+                         "--config.data.preferences to preference folders)")
     data = config.data
     if not len(data.stage_steps) == len(data.batch_sizes) == len(data.sides) >= 1:
         raise ValueError(f"config.data.stage_steps {tuple(data.stage_steps)}, batch_sizes {tuple(data.batch_sizes)} "

@@ -28,16 +28,16 @@ def open_source(spec: str, experiment: Experiment, split: str):
     return open_path(spec)
 
 
-def precomputed_sources(experiment: Experiment) -> list:
-    """`experiment.precomputed()` as PrecomputedSources, checked against the experiment's frozen components
-    (the features must come from the text encoder and VAE that sample grids, eval loss and export use)."""
+def checked_sources(experiment: Experiment, entries: list, source_class) -> list:
+    """Each entry (a folder, or a list of a side's host shards) as a `source_class` (a PrecomputedSource),
+    checked against the experiment's frozen components: the features must come from the text encoder and VAE
+    that sample grids, eval loss and export use, and keep no more text tokens than the step is compiled for."""
     from ernie_jax.data.precompute import model_fingerprint
-    from ernie_jax.data.precomputed import PrecomputedSource
 
     expected = model_fingerprint(experiment.components_dir)
     sources = []
-    for entry in experiment.precomputed():
-        source = PrecomputedSource(entry if isinstance(entry, str) else list(entry))
+    for entry in entries:
+        source = source_class(entry if isinstance(entry, str) else list(entry))
         if source.metadata["model_fingerprint"] != expected:
             raise ValueError(f"precomputed features {entry!r} were made with other encoders than "
                              f"{experiment.components_dir} (model fingerprints differ)")
@@ -47,6 +47,25 @@ def precomputed_sources(experiment: Experiment) -> list:
                              f"{experiment.config.data.max_text_len}")
         sources.append(source)
     return sources
+
+
+def precomputed_sources(experiment: Experiment) -> list:
+    """`experiment.precomputed()` as checked PrecomputedSources."""
+    from ernie_jax.data.precomputed import PrecomputedSource
+
+    return checked_sources(experiment, experiment.precomputed(), PrecomputedSource)
+
+
+def preference_sources(experiment: Experiment) -> list:
+    """The preference folders DPO reads, as checked PreferenceSources: `data.preferences` (entries as
+    `data.precomputed`'s), or the pairs stage's folders; empty for other training."""
+    from ernie_jax.data.preferences import PreferenceSource
+    from ernie_jax.runner.stages.pairs import folders
+
+    entries = list(experiment.config.data.get("preferences", ()))
+    if not entries and "pairs" in experiment.config.stages:
+        entries = [folders(experiment)]
+    return checked_sources(experiment, entries, PreferenceSource)
 
 
 class FrozenEncoders:

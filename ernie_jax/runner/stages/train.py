@@ -1,6 +1,7 @@
 """Stage `train`: the objective `config.objective.name` on the trainable parts (today the transformer),
 reading `data.source` through the frozen VAE and text encoder, or precomputed latents and text features
-(the precompute stage's, or the folders `data.precomputed` names). Writes WORKDIR/checkpoints/ (Orbax: the
+(the precompute stage's, or the folders `data.precomputed` names), or, for DPO, preference pairs (the pairs
+stage's, or the folders `data.preferences` names). Writes WORKDIR/checkpoints/ (Orbax: the
 trained variables, optimizer state, EMA, step, RNG and the data position), WORKDIR/logs/ (TensorBoard:
 train/* metrics, data/*, and what `config.evals` log), WORKDIR/metrics.jsonl (one line per update) and the
 evaluators' files.
@@ -114,8 +115,14 @@ def run(experiment: Experiment) -> None:
     from ernie_jax.data.pipeline import build_pipeline
     from ernie_jax.data.precompute import load_encoders
     from ernie_jax.data.precomputed import build_precomputed_pipeline
+    from ernie_jax.data.preferences import build_preference_pipeline
     from ernie_jax.runner import evaluators
-    from ernie_jax.runner.data import FrozenEncoders, open_source, precomputed_sources
+    from ernie_jax.runner.data import (
+        FrozenEncoders,
+        open_source,
+        precomputed_sources,
+        preference_sources,
+    )
     from ernie_jax.training import loop
     from ernie_jax.training.metrics import ProgressBar, TensorBoardWriter
     from ernie_jax.training.objectives.flow_matching import EmptyPrompt
@@ -133,7 +140,12 @@ def run(experiment: Experiment) -> None:
     parts = trainable_parts(experiment, transformer_config)
     mesh, rules = experiment.mesh(), experiment.rules
     frozen = FrozenEncoders(encoders, config.data.max_text_len)
-    if experiment.precomputed():
+    preferences = preference_sources(experiment)
+    if preferences:
+        data = build_preference_pipeline(preferences, experiment.pipeline)
+        empty_features = preferences[0].empty_prompt
+        prepare_batch, empty = None, EmptyPrompt(empty_features, len(empty_features))
+    elif experiment.precomputed():
         sources = precomputed_sources(experiment)
         # Text padded to max_text_len as FrozenEncoders pads it: the step compiles for the same shapes.
         data = build_precomputed_pipeline(sources, experiment.pipeline, text_multiple=config.data.max_text_len)
