@@ -3,7 +3,8 @@ ArrayRecord shards, so that training does not run the frozen encoders every step
 
     python -m ernie_jax.data.precompute --model PIPELINE_DIR --source SOURCE --stage-side 256 --out OUT_DIR \\
         [--max-text-len 256] [--batch-size 16] [--shard-size 4096] [--dtype float32|bfloat16] \\
-        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N]
+        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N] \\
+        [--caption-styles '{"keep_dense": 0.25, "rewriter": "rules"}']
 
 SOURCE is an image folder (`sources.FolderSource`) or a tfds dataset folder (`sources.TfdsSource`). Each
 host precomputes its shard (`catalog.shard_indices`) into its own OUT_DIR; `precomputed.PrecomputedSource`
@@ -18,6 +19,9 @@ pipeline's `encode_prompt` (hidden_states[-2]), cut to `max_text_len` tokens: th
 so this equals encoding the truncated tokens. Images are encoded in batches of one bucket and captions
 with them; every batch is padded to `batch_size`, so the VAE compiles once per bucket and the text
 encoder once per 64-token length bucket. Records that cannot be read or decoded are skipped and counted.
+With a caption style mix (`--caption-styles`, the JSON fields of `prompt_styles.StyleMix`), each record's
+caption is first rewritten into the style its index draws, as the training pipeline with the same mix
+rewrites it; the metadata records the mix and training checks it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from ernie_jax.data.precomputed import (
     STORAGE_DTYPES,
     encode_record,
 )
+from ernie_jax.data.prompt_styles import StyleMix, styled
 from ernie_jax.data.sources import (
     FolderSource,
     TfdsSource,
@@ -95,6 +100,8 @@ class PrecomputeConfig:
     batch_size: images (and captions) per encoder call. shard_size: records per ArrayRecord file.
     dtype: storage dtype of latents and features, "float32" or "bfloat16".
     workers: threads reading and decoding records.
+    caption_styles: the prompt-style mix whose captions are encoded (`prompt_styles.StyleMix`, the
+      training `PipelineConfig.caption_styles`); None encodes the captions as they are.
     """
 
     buckets: tuple
@@ -105,6 +112,7 @@ class PrecomputeConfig:
     shard_size: int = 4096
     dtype: str = "float32"
     workers: int = 8
+    caption_styles: StyleMix | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", as_buckets(self.buckets))
@@ -157,6 +165,7 @@ class _Pending:
     source_index: int
     image: np.ndarray
     caption: str
+    caption_style: str
     category: str
     aesthetic: float
     image_size: tuple[int, int]
@@ -180,7 +189,8 @@ class _ShardWriter:
             self._close_file()
             self.files.append({"name": f"records-{len(self.files):05d}.array_record", "records": 0})
             self._writer = ArrayRecordWriter(str(self.folder / self.files[-1]["name"]), ARRAY_RECORD_OPTIONS)
-        header = {"source_index": item.source_index, "caption": item.caption, "category": item.category,
+        header = {"source_index": item.source_index, "caption": item.caption, "caption_style": item.caption_style,
+                  "category": item.category,
                   "aesthetic": None if math.isnan(item.aesthetic) else item.aesthetic,
                   "image_size": list(item.image_size), "bucket": [bucket.height, bucket.width]}
         self._writer.write(encode_record(header, latents, text))
@@ -212,8 +222,8 @@ def _prepare(source, buckets: tuple[Bucket, ...], max_crop_fraction: float, inde
     try:
         record = source[index]
         image = decode_image(record["image"])
-        item = _Pending(index, image, record_caption(record), record_category(record), record_aesthetic(record),
-                        image.shape[:2])
+        item = _Pending(index, image, record_caption(record), record.get("caption_style", "dense"),
+                        record_category(record), record_aesthetic(record), image.shape[:2])
     except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted
         return type(error).__name__
     height, width = item.image_size
@@ -236,7 +246,8 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
         raise ValueError(f"{source!r} has no record in shard {shard_index} of {shard_count}")
     encoder = BatchEncoder(encoders, config)
     unreadable, dropped_for_crop, truncated = collections.Counter(), 0, 0
-    prepare = functools.partial(_prepare, source, config.buckets, config.max_crop_fraction)
+    prepare = functools.partial(_prepare, styled(source, config.caption_styles), config.buckets,
+                                config.max_crop_fraction)
     with atomic_directory(out_dir) as staging, ThreadPoolExecutor(config.workers) as pool:
         writer = _ShardWriter(staging, config.shard_size)
 
@@ -281,6 +292,7 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
             "latent_channels": encoders.vae.config.packed_channels, "text_dim": int(empty.shape[1]),
             "max_text_len": config.max_text_len, "source": repr(source), "source_records": len(source),
             "shard_index": shard_index, "shard_count": shard_count, "records": records,
+            "caption_styles": None if config.caption_styles is None else config.caption_styles.to_dict(),
             "skipped": {"unreadable": dict(unreadable), "crop": dropped_for_crop}, "truncated_texts": truncated,
             "files": writer.files,
             "empty_prompt": {"length": int(empty.shape[0]), "features": empty.astype(np.float32).tolist()},
@@ -372,6 +384,22 @@ def parse_buckets(text: str) -> tuple[Bucket, ...]:
     return as_buckets(sizes)
 
 
+def parse_style_mix(text: str | None) -> StyleMix | None:
+    """`--caption-styles` JSON (StyleMix's fields) -> a StyleMix; None without one."""
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--caption-styles {text!r} is not JSON ({error})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--caption-styles {text!r}: expected a JSON object of StyleMix fields")  # noqa: TRY004 - bad input: one `error:` line
+    try:
+        return StyleMix(**fields)
+    except TypeError as error:
+        raise ValueError(f"--caption-styles {text!r}: {error}") from None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.precompute", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -390,13 +418,14 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=PrecomputeConfig.workers, help="threads decoding images")
     parser.add_argument("--shard-index", type=int, default=0, help="this host's shard of the source")
     parser.add_argument("--shard-count", type=int, default=1)
+    parser.add_argument("--caption-styles", help="a prompt-style mix as JSON: the fields of prompt_styles.StyleMix")
     args = parser.parse_args(argv)
 
     if (args.stage_side is None) == (args.buckets is None):
         raise ValueError("give exactly one of --stage-side and --buckets")
     buckets = stage_buckets(args.stage_side) if args.buckets is None else parse_buckets(args.buckets)
     config = PrecomputeConfig(buckets, args.stage_side, args.max_crop_fraction, args.max_text_len, args.batch_size,
-                              args.shard_size, args.dtype, args.workers)
+                              args.shard_size, args.dtype, args.workers, parse_style_mix(args.caption_styles))
     shard_indices(0, args.shard_index, args.shard_count)  # validates the shard before any work
     if Path(args.out).exists():
         raise ValueError(f"{args.out}: already exists (refusing to overwrite)")
