@@ -17,7 +17,6 @@ from conversions.common import run_command
 from ernie_jax.data.buckets import as_buckets, assign_buckets, resize_and_crop
 from ernie_jax.data.curriculum import Curriculum, Stage
 from ernie_jax.data.pipeline import PipelineConfig, build_pipeline
-from ernie_jax.data.prompt_styles import STYLES, StyledSource, StyleMix
 from ernie_jax.data.precompute import (
     BatchEncoder,
     PrecomputeConfig,
@@ -32,6 +31,7 @@ from ernie_jax.data.precomputed import (
     decode_record,
     encode_record,
 )
+from ernie_jax.data.prompt_styles import STYLES, StyledSource, StyleMix
 from ernie_jax.data.sources import FolderSource, decode_image
 from ernie_jax.models.vae import encode_to_packed_latents
 from tests.conftest import relative_error
