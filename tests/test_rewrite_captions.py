@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +97,24 @@ def test_layout_and_resume_after_a_kill_writes_the_same_files(lm_folder, image_f
     with pytest.raises(KeyboardInterrupt):
         run(lm_folder, image_folder, out)
     assert sorted(files_of(out)) == [f"{shard}/chunk-000000.jsonl", f"{shard}/job.json"]
+    monkeypatch.setattr(rewrite_captions.Rewriter, "generate", generate)
+
+    # Resumed, then killed half-way through writing chunk 2's file: no chunk 2 appears.
+    write_text = Path.write_text
+
+    def dying_write(path, text, *args, **kwargs):
+        if "chunk-000002" in path.name:
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(lm_folder, image_folder, out)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert {f"{shard}/chunk-000000.jsonl", f"{shard}/chunk-000001.jsonl"} <= set(files_of(out))
+    assert f"{shard}/chunk-000002.jsonl" not in files_of(out)
+
     resumed_calls = []
 
     def counting(self, *args):
@@ -105,9 +124,9 @@ def test_layout_and_resume_after_a_kill_writes_the_same_files(lm_folder, image_f
     monkeypatch.setattr(rewrite_captions.Rewriter, "generate", counting)
     capsys.readouterr()
     assert run(lm_folder, image_folder, out) == 0
-    assert files_of(out) == expected
-    # Only chunks 1-3 were generated again: 6, 6 and 2 prompts in batches of 4.
-    assert len(resumed_calls) == 5
+    assert files_of(out) == expected  # no partial file left either
+    # Only chunks 2 and 3 were generated again: 6 and 2 prompts in batches of 4.
+    assert len(resumed_calls) == 3
     assert capsys.readouterr().out.strip().endswith("keywords 10, request 10")
 
     # The style mix reads the rewrites back by (record, style).
