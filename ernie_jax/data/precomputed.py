@@ -205,8 +205,8 @@ class LoadPrecomputedBatch(LoadBatch):
 
     The batch: `latents` float32 [B, C, h/16, w/16] (normalised packed latents), `text` float32 [B, T, D]
     zero-padded to T = the longest text rounded up to `text_multiple` (bounding the shapes the training
-    step compiles for), `text_lens` int32 [B], and `LoadBatch`'s `captions`, `category`, `aesthetic`,
-    `bucket`, `step`, `stage`, `num_skipped`.
+    step compiles for), `text_lens` int32 [B], and `LoadBatch`'s `captions`, `caption_style`, `category`,
+    `aesthetic`, `bucket`, `step`, `stage`, `num_skipped`.
     """
 
     def __init__(self, stage_sources: tuple[PrecomputedSource, ...], catalog: Catalog, sampler, stats,

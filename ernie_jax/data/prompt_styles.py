@@ -39,7 +39,7 @@ REWRITERS = ("rules", "shapes", "llm")
 # Separates the style draws from any other random stream seeded by the same (seed, index).
 _STREAM = 0x57E5
 
-# Rule rewriter vocabulary.
+# The rule rewriter's word lists and bounds.
 MAX_KEYWORDS = 8
 MAX_REQUEST_WORDS = 12
 STOPWORDS = frozenset(["a", "an", "the", "this", "that", "these", "those", "it", "its", "it's", "there", "their", "they", "them", "his", "her", "he", "she", "we", "our", "you", "your", "i", "my", "of", "in", "on", "at", "to", "for", "from", "by", "with", "without", "into", "onto", "over", "under", "above", "below", "near", "behind", "beside", "between", "through", "across", "along", "around", "among", "against", "toward", "towards", "upon", "within", "about", "as", "than", "and", "or", "but", "nor", "so", "yet", "while", "whereas", "which", "who", "whom", "whose", "where", "when", "that", "is", "are", "was", "were", "be", "been", "being", "am", "has", "have", "had", "do", "does", "did", "can", "could", "will", "would", "shall", "should", "may", "might", "must", "also", "very", "quite", "just", "some", "any", "each", "every", "all", "both", "either", "neither", "such", "shows", "depicts", "features", "showing", "depicting", "featuring", "appears", "seen", "visible"])
@@ -48,7 +48,7 @@ LAYOUT_WORDS = frozenset(["left", "right", "top", "bottom", "center", "centre", 
 LEAD_INS = tuple(re.compile(pattern, re.IGNORECASE) for pattern in (
     (r"^(the|this) (image|photo|photograph|picture|illustration|artwork|scene|painting|render(ing)?) "
     r"(shows|depicts|features|presents|captures|displays|is of|contains)\s+"),
-    r"^(in )?(the|this) (image|photo|picture|scene)(,)?\s+(we see\s+|there (is|are)\s+)?",
+    r"^in (the|this) (image|photo|picture|scene),?\s+(we see\s+|there (is|are)\s+)?",
     r"^(a|an) (photo|photograph|image|picture|illustration|rendering) (of|showing|depicting)\s+",
     r"^this is\s+",
 ))
@@ -141,7 +141,7 @@ def _sentences(text: str) -> list[str]:
 def _lower_first(text: str) -> str:
     """Lower-cases the first letter unless the first word is an acronym or a name-like "I"."""
     first = text.split(" ", 1)[0]
-    if len(first) > 1 and first[:2].isupper() or first == "I":
+    if (len(first) > 1 and first[:2].isupper()) or first == "I":
         return text
     return text[:1].lower() + text[1:]
 

@@ -582,9 +582,10 @@ def heldout_prompts(config: ShapesConfig, num: int) -> list[tuple[str, Scene]]:
 
 
 def heldout_style_prompts(config: ShapesConfig, num: int, style: str, seed: int = 0) -> list[Prompt]:
-    """The scenes of `heldout_prompts` as prompts of `style` (`styled_prompt`; the attributes of a short
-    style are drawn from (seed, index)): the evaluation prompts of experiment G, scored by
-    `shapes_detector.score_images` on the attributes each one names."""
+    """The scenes of `heldout_prompts` as prompts of `style` (`styled_prompt`): the evaluation prompts of
+    experiment G, scored by `shapes_detector.score_images` on the attributes each one names. The
+    attributes of a short style are drawn from (seed, index), so the keywords and request prompts of one
+    scene name the same attributes."""
     prompts = []
     for index in range(num):
         scene = sample_scene(scene_rng(config, "heldout", index), config, "heldout")
