@@ -247,3 +247,26 @@ def test_pipeline_rewrites_captions_by_record_and_counts_styles():
     assert not batch["caption_style"].any() and all(c in {r["caption"] for r in records} for c in batch["captions"])
     assert plain.stats.summary()["data/caption_style/dense"] == 4
     assert len(REWRITTEN_STYLES) == 4
+
+
+def test_shapes_records_get_scene_rewrites_in_the_pipeline():
+    from ernie_jax.data.curriculum import Curriculum, Stage
+
+    source = shapes.ShapesSource(shapes.ShapesConfig(), "train", 40)
+    mix = StyleMix(keep_dense=0.2, seed=1, rewriter="shapes")
+    data = build_pipeline(source, PipelineConfig(Curriculum((Stage(0, None, ((64, 64),), 8),)), caption_styles=mix),
+                          shard_index=0, shard_count=1)
+    styled = StyledSource(source, mix)
+    expected = {}
+    for index in range(len(source)):
+        record = styled[index]
+        scene = shapes.Scene.from_json(record["spec"])
+        rng = mix.rng(index)
+        assert mix.choose(rng) == record["caption_style"]  # the style draw comes first, then the rewrite's
+        assert record["caption"] == shapes.styled_prompt(scene, record["caption_style"], rng).text
+        expected.setdefault(record["caption"], set()).add(record["caption_style"])
+    vocabulary = set(shapes.prompt_vocabulary())
+    for step in range(6):
+        batch = data.dataset[step]
+        for caption, style in zip(batch["captions"], batch["caption_style"]):
+            assert STYLES[style] in expected[caption] and set(shapes.caption_tokens(caption)) <= vocabulary
