@@ -75,7 +75,7 @@ class DataStats:
     crop bound leaves out. category_counts: int64 [K] records delivered per category. style_counts:
     int64 [len(STYLES)] records delivered per prompt style (all "dense" without a style mix).
     Only batches made in this process are counted (not those of grain worker processes, nor those
-    before a restore); the batch fields `num_skipped` and `category` are exact in every case.
+    before a restore); the batch fields `num_skipped`, `category` and `caption_style` are exact in every case.
     """
 
     def __init__(self, catalog: Catalog, tables: tuple[StageTable, ...]):

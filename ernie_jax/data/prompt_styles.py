@@ -42,8 +42,18 @@ _STREAM = 0x57E5
 # The rule rewriter's word lists and bounds.
 MAX_KEYWORDS = 8
 MAX_REQUEST_WORDS = 12
-STOPWORDS = frozenset(["a", "an", "the", "this", "that", "these", "those", "it", "its", "it's", "there", "their", "they", "them", "his", "her", "he", "she", "we", "our", "you", "your", "i", "my", "of", "in", "on", "at", "to", "for", "from", "by", "with", "without", "into", "onto", "over", "under", "above", "below", "near", "behind", "beside", "between", "through", "across", "along", "around", "among", "against", "toward", "towards", "upon", "within", "about", "as", "than", "and", "or", "but", "nor", "so", "yet", "while", "whereas", "which", "who", "whom", "whose", "where", "when", "that", "is", "are", "was", "were", "be", "been", "being", "am", "has", "have", "had", "do", "does", "did", "can", "could", "will", "would", "shall", "should", "may", "might", "must", "also", "very", "quite", "just", "some", "any", "each", "every", "all", "both", "either", "neither", "such", "shows", "depicts", "features", "showing", "depicting", "featuring", "appears", "seen", "visible"])
-LAYOUT_WORDS = frozenset(["left", "right", "top", "bottom", "center", "centre", "middle", "corner", "foreground", "background", "behind", "front", "above", "below", "beside", "upper", "lower", "side", "edge", "frame", "foreground", "midground", "horizon", "centered", "centred"])
+STOPWORDS = frozenset("""
+a an the this that these those it its it's there their they them his her he she we our you your i my of in on
+at to for from by with without into onto over under above below near behind beside between through across
+along around among against toward towards upon within about as than and or but nor so yet while whereas which
+who whom whose where when is are was were be been being am has have had do does did can could will would shall
+should may might must also very quite just some any each every all both either neither such shows depicts
+features showing depicting featuring appears seen visible
+""".split())
+LAYOUT_WORDS = frozenset("""
+left right top bottom center centre middle corner foreground background behind front above below beside upper
+lower side edge frame midground horizon centered centred
+""".split())
 # Captioner lead-ins that no user types ("The image shows ...").
 LEAD_INS = tuple(re.compile(pattern, re.IGNORECASE) for pattern in (
     (r"^(the|this) (image|photo|photograph|picture|illustration|artwork|scene|painting|render(ing)?) "
@@ -53,7 +63,9 @@ LEAD_INS = tuple(re.compile(pattern, re.IGNORECASE) for pattern in (
     r"^this is\s+",
 ))
 INSTRUCTIONS = ("Generate an image of {}.", "Create a picture of {}.", "Draw {}.", "Make an image showing {}.")
-DETERMINERS = frozenset(["a", "an", "the", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "some", "several", "many"])
+DETERMINERS = frozenset("""
+a an the one two three four five six seven eight nine ten some several many
+""".split())
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _CLAUSE_BREAK = re.compile(r"\s*(?:[,;:(]|\s(?:while|which|where|who|that|as)\s)", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*|[^\sA-Za-z0-9]")
