@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -147,6 +148,15 @@ def test_shards_partition_the_records(lm_folder, image_folder, uninterrupted, tm
     assert {row["index"] for row in second} == set(range(1, RECORDS, 2))
     # Greedy rewrites do not depend on which rows share a batch.
     assert sorted(first + second, key=lambda r: (r["index"], r["style"])) == rows_of(uninterrupted)
+    # A style mix needs every record's rewrite in every style it can draw.
+    mix = StyleMix(weights={"keywords": 1, "request": 1}, rewriter="llm", rewrites=str(tmp_path / "out"))
+    StyledSource(FolderSource(image_folder), mix)
+    for missing, message in ((dataclasses.replace(mix, rewrites=str(tmp_path / "out" / "shard-00000-of-00002")),
+                              "5 of 10 records have no 'keywords' rewrite"),
+                             (dataclasses.replace(mix, weights={"keywords": 1, "instruction": 1}),
+                              "10 of 10 records have no 'instruction' rewrite")):
+        with pytest.raises(ValueError, match=message):
+            StyledSource(FolderSource(image_folder), missing)
 
 
 def test_a_rewrite_equals_transformers_greedy_decoding(lm_folder, image_folder, uninterrupted):

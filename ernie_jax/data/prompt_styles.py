@@ -258,7 +258,20 @@ class StyledSource:
     def __init__(self, source, mix: StyleMix):
         self.source = source
         self.mix = mix
-        self._rewrites = read_rewrites(mix.rewrites) if mix.rewriter == "llm" else None
+        self._rewrites = None
+        if mix.rewriter == "llm":
+            self._rewrites = read_rewrites(mix.rewrites)
+            self._check_coverage()
+
+    def _check_coverage(self) -> None:
+        """Every record needs a rewrite in every style it can draw: a missing one would make the record
+        fail to load, and the pipeline would replace it instead of training on it."""
+        for style, weight in self.mix.weights.items():
+            covered = {index for index, written in self._rewrites if written == style and index < len(self.source)}
+            if weight > 0 and self.mix.keep_dense < 1 and len(covered) < len(self.source):
+                raise ValueError(f"{self.mix.rewrites}: {len(self.source) - len(covered)} of {len(self.source)} "
+                                 f"records have no {style!r} rewrite (rewrite every shard with that style, or give "
+                                 f"it weight 0)")
 
     def __len__(self) -> int:
         return len(self.source)
