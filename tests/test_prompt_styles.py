@@ -17,6 +17,7 @@ from ernie_jax.data.pipeline import PipelineConfig, build_pipeline
 from ernie_jax.data.prompt_styles import (
     INSTRUCTIONS,
     REWRITTEN_STYLES,
+    STOPWORDS,
     STYLES,
     StyledSource,
     StyleMix,
@@ -107,21 +108,23 @@ def test_rule_rewriter_styles():
     assert rule_rewrite("of the and", "keywords", rng) == "of the and"  # nothing to keep: unchanged
 
 
-def test_rule_rewrites_are_shorter_than_dense_captions():
-    lengths = collections.defaultdict(list)
-    for i in range(200):
-        mix_rng = np.random.default_rng(i)
-        caption = FOX if i % 2 else "A poster with bold yellow title text at the top and a saxophone player in the center."
-        for style in STYLES:
-            lengths[style].append(len(rule_rewrite(caption, style, mix_rng).split()))
-    assert max(lengths["keywords"]) < min(lengths["dense"]) and max(lengths["request"]) < min(lengths["dense"])
+def test_short_rule_styles_are_shorter_and_composition_keeps_every_word():
+    poster = "A poster with bold yellow title text at the top and a saxophone player in the center. Dates below."
+    for caption, lead_in in ((FOX, "the image shows"), (poster, "")):
+        rng = np.random.default_rng(0)
+        words = {style: rule_rewrite(caption, style, rng).lower().split() for style in STYLES}
+        assert len(words["keywords"]) < len(words["dense"]) and len(words["request"]) < len(words["dense"]) / 2
+        assert not {w.strip(",") for w in words["keywords"]} & STOPWORDS
+        kept = collections.Counter(caption.lower().split()) - collections.Counter(lead_in.split())
+        assert collections.Counter(words["composition"]) == kept
 
 
 # --- the shapes rewriter --------------------------------------------------------------------------------
 
 
 def _scenes(count: int) -> list[shapes.Scene]:
-    return [shapes.sample_scene(shapes.scene_rng(FOUR_OBJECTS, "train", i), FOUR_OBJECTS, "train") for i in range(count)]
+    return [shapes.sample_scene(shapes.scene_rng(FOUR_OBJECTS, "train", i), FOUR_OBJECTS, "train")
+            for i in range(count)]
 
 
 def _named(text: str) -> set[str]:

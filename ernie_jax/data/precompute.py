@@ -393,7 +393,8 @@ def parse_style_mix(text: str | None) -> StyleMix | None:
     except json.JSONDecodeError as error:
         raise ValueError(f"--caption-styles {text!r} is not JSON ({error})") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"--caption-styles {text!r}: expected a JSON object of StyleMix fields")  # noqa: TRY004 - bad input: one `error:` line
+        # ValueError, not TypeError: bad input is reported as one `error:` line.
+        raise ValueError(f"--caption-styles {text!r}: expected a JSON object of StyleMix fields")  # noqa: TRY004
     try:
         return StyleMix(**fields)
     except TypeError as error:

@@ -67,7 +67,7 @@ DETERMINERS = frozenset("""
 a an the one two three four five six seven eight nine ten some several many
 """.split())
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_CLAUSE_BREAK = re.compile(r"\s*(?:[,;:(]|\s(?:while|which|where|who|that|as)\s)", re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(r"\s*(?:[,;:(]|\s(?:while|which|where|who|that|as|with)\s)", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*|[^\sA-Za-z0-9]")
 
 
@@ -204,7 +204,7 @@ def rule_rewrite(caption: str, style: str, rng: np.random.Generator) -> str:
       dense        unchanged.
       keywords     the first MAX_KEYWORDS `keyword_phrases` joined by ", " ("red fox, mossy log, dawn").
       request      the first sentence's subject clause: captioner lead-ins ("The image shows") removed, cut
-                   at the first clause break (, ; : and while/which/where/who/that/as) and to
+                   at the first clause break (, ; : ( and while/which/where/who/that/as/with) and to
                    MAX_REQUEST_WORDS words, led by a/an ("the dog" -> "a dog").
       instruction  one of INSTRUCTIONS (drawn from `rng`) around the first sentence without its lead-in
                    and end punctuation, led by a/an.

@@ -112,7 +112,8 @@ class Rewriter:
             for row, ids in zip(prompt_ids, encoded):
                 row[: len(ids)] = ids
             new_ids = self.generate(prompt_ids, lengths)
-            rewrites += [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids[: len(encoded)]]
+            rewrites += [self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                         for ids in new_ids[: len(encoded)]]
         return rewrites
 
 

@@ -224,7 +224,8 @@ def score(spec: Prompt | Scene | str, image: np.ndarray, config: DetectorConfig 
     if wanted:
         for attribute in attributes:
             field = _ATTRIBUTE_FIELDS[attribute]
-            result[attribute] = _matched_fraction([getattr(o, field) for o in wanted], [getattr(o, field) for o in found])
+            result[attribute] = _matched_fraction([getattr(o, field) for o in wanted],
+                                                  [getattr(o, field) for o in found])
         result["object"] = _matched_fraction(keys(wanted), keys(found))
     result["count"] = float(len(found) == len(wanted))
     word_ok = True
