@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from ernie_jax.data.precomputed import (
     decode_record,
     encode_record,
 )
+from ernie_jax.data.prompt_styles import STYLES, StyledSource, StyleMix
 from ernie_jax.data.sources import FolderSource, decode_image
 from ernie_jax.models.vae import encode_to_packed_latents
 from tests.conftest import relative_error
@@ -182,6 +184,42 @@ def test_precomputed_batches_follow_the_image_pipeline(precomputed_folder, image
                for step in range(5))
 
 
+def test_a_caption_style_mix_is_precomputed_as_the_image_pipeline_rewrites(precomputed_folder,
+                                                                          random_pipeline_folder, image_folder,
+                                                                          reference_pipeline, tmp_path):
+    mix = StyleMix(keep_dense=0.2, seed=2)
+    out = tmp_path / "styled"
+    argv = ["--model", str(random_pipeline_folder), "--source", str(image_folder), "--out", str(out), "--buckets",
+            ",".join(f"{h}x{w}" for h, w in BUCKETS), "--max-text-len", "64", "--batch-size", "4",
+            "--caption-styles", json.dumps({"keep_dense": 0.2, "seed": 2})]
+    assert run_command(main, argv) == 0
+    source = PrecomputedSource(out)
+    assert source.metadata["caption_styles"] == mix.to_dict()
+    styled = StyledSource(FolderSource(image_folder), mix)
+    for position in range(len(source)):
+        record = source[position]
+        want = styled[record["source_index"]]
+        assert (record["caption"], record["caption_style"]) == (want["caption"], want["caption_style"])
+        expected = np.asarray(reference_pipeline.encode_prompt([record["caption"]])[0])
+        assert relative_error(record["text"], expected) <= 1e-6
+    config = dataclasses.replace(tiny_config(), caption_styles=mix)
+    images = build_pipeline(FolderSource(image_folder), config, shard_index=0, shard_count=1)
+    precomputed = build_precomputed_pipeline(source, config, shard_index=0, shard_count=1)
+    styles = set()
+    for step in range(12):
+        want, got = images.dataset[step], precomputed.dataset[step]
+        assert list(got["captions"]) == list(want["captions"])
+        np.testing.assert_array_equal(got["caption_style"], want["caption_style"])
+        styles |= {STYLES[s] for s in got["caption_style"]}
+    assert len(styles) >= 3
+    # Features precomputed with one mix are refused for another (or for none), and the reverse.
+    for other in (tiny_config(), dataclasses.replace(tiny_config(), caption_styles=dataclasses.replace(mix, seed=3))):
+        with pytest.raises(ValueError, match="caption style mix"):
+            build_precomputed_pipeline(source, other, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="caption style mix None"):
+        build_precomputed_pipeline(PrecomputedSource(precomputed_folder), config, shard_index=0, shard_count=1)
+
+
 def test_a_stage_needs_a_source_with_its_buckets(precomputed_folder):
     source = PrecomputedSource(precomputed_folder)
     config = PipelineConfig(Curriculum((Stage(0, None, ((32, 32), (32, 48)), 4),)))
@@ -247,6 +285,9 @@ def test_records_round_trip_in_bfloat16():
     ({"--buckets": "32x40"}, "width 40 is not a positive multiple of 16"),
     ({"--buckets": "32,48"}, "expected HEIGHTxWIDTH pairs"),
     ({"--out": "exists"}, "already exists"),
+    ({"--caption-styles": "{keep_dense: 1}"}, "--caption-styles '{keep_dense: 1}' is not JSON"),
+    ({"--caption-styles": '{"keep": 1}'}, "unexpected keyword argument 'keep'"),
+    ({"--caption-styles": '{"keep_dense": 2}'}, "keep_dense must be in [0, 1]"),
 ])
 def test_cli_errors_are_one_line(tmp_path, image_folder, capsys, change, message):
     (tmp_path / "exists").mkdir()

@@ -17,8 +17,15 @@ from ernie_jax.data.buckets import as_buckets, assign_buckets, resize_and_crop
 from ernie_jax.data.curriculum import Curriculum, Stage
 from ernie_jax.data.generated_pairs import generate_pairs, select_pairs, shapes_prompts
 from ernie_jax.data.pipeline import PipelineConfig
-from ernie_jax.data.precompute import model_fingerprint
-from ernie_jax.data.preferences import PreferenceSource, build_preference_pipeline, main, read_manifest
+from ernie_jax.data.precompute import PrecomputeConfig, model_fingerprint
+from ernie_jax.data.preferences import (
+    PreferenceSource,
+    build_preference_pipeline,
+    main,
+    precompute_preferences,
+    read_manifest,
+)
+from ernie_jax.data.prompt_styles import StyleMix
 from ernie_jax.data.sources import decode_image
 from ernie_jax.evaluation.rewards import load_reward, shapes_reward
 from ernie_jax.models.vae import encode_to_packed_latents
@@ -186,6 +193,7 @@ def test_preference_batches_are_the_records_deterministic_and_resumable(preferen
         assert batch["latents_chosen"].shape == batch["latents_rejected"].shape == (4, 128, height // 16, width // 16)
         assert batch["text_bth"].shape == (4, MAX_TEXT_LEN, 64) and batch["text_bth"].dtype == np.float32
         assert batch["text_lens"].dtype == np.int32 and batch["pair_weights"].dtype == np.float32
+        assert batch["caption_style"].tolist() == [0] * 4  # "dense": pairs keep their captions
         for i in range(4):
             matches = [r for r in records if r["caption"] == batch["captions"][i]
                        and np.array_equal(r["latents"][0], batch["latents_chosen"][i])]
@@ -236,6 +244,17 @@ def test_preference_pipeline_refuses_other_sources(preference_folder, tmp_path):
         PrecomputedSource(preference_folder)
     with pytest.raises(ValueError, match="needs PreferenceSources"):
         build_preference_pipeline([], PipelineConfig(Curriculum((Stage(0, None, BUCKETS, 4),))))
+
+
+def test_preference_captions_are_never_restyled(preference_folder, manifest_path, tmp_path):
+    styled = PipelineConfig(Curriculum((Stage(0, None, BUCKETS, 4),)), caption_styles=StyleMix())
+    with pytest.raises(ValueError, match="keep the captions their images were judged against"):
+        build_preference_pipeline(PreferenceSource(preference_folder), styled, shard_index=0, shard_count=1)
+    # Checked before any encoder runs (there is none here) and before anything is written.
+    with pytest.raises(ValueError, match="keep the captions their images were judged against"):
+        precompute_preferences(None, read_manifest(manifest_path), tmp_path / "styled",
+                               PrecomputeConfig(BUCKETS, caption_styles=StyleMix()))
+    assert not (tmp_path / "styled").exists()
 
 
 def test_select_pairs_best_worst_and_margin():

@@ -3,7 +3,8 @@ ArrayRecord shards, so that training does not run the frozen encoders every step
 
     python -m ernie_jax.data.precompute --model PIPELINE_DIR --source SOURCE --stage-side 256 --out OUT_DIR \\
         [--max-text-len 256] [--batch-size 16] [--shard-size 4096] [--dtype float32|bfloat16] \\
-        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N]
+        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N] \\
+        [--caption-styles '{"keep_dense": 0.25, "rewriter": "rules"}']
 
 SOURCE is an image folder (`sources.FolderSource`) or a tfds dataset folder (`sources.TfdsSource`). Each
 host precomputes its shard (`catalog.shard_indices`) into its own OUT_DIR; `precomputed.PrecomputedSource`
@@ -18,6 +19,9 @@ pipeline's `encode_prompt` (hidden_states[-2]), cut to `max_text_len` tokens: th
 so this equals encoding the truncated tokens. Images are encoded in batches of one bucket and captions
 with them; every batch is padded to `batch_size`, so the VAE compiles once per bucket and the text
 encoder once per 64-token length bucket. Records that cannot be read or decoded are skipped and counted.
+With a caption style mix (`--caption-styles`, the JSON fields of `prompt_styles.StyleMix`), each record's
+caption is first rewritten into the style its index draws, as the training pipeline with the same mix
+rewrites it; the metadata records the mix and training checks it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from ernie_jax.data.precomputed import (
     STORAGE_DTYPES,
     encode_record,
 )
+from ernie_jax.data.prompt_styles import StyleMix, styled
 from ernie_jax.data.sources import (
     FolderSource,
     TfdsSource,
@@ -96,6 +101,9 @@ class PrecomputeConfig:
     batch_size: images (and captions) per encoder call. shard_size: records per ArrayRecord file.
     dtype: storage dtype of latents and features, "float32" or "bfloat16".
     workers: threads reading and decoding records.
+    caption_styles: the prompt-style mix whose captions are encoded (`prompt_styles.StyleMix`, the
+      training `PipelineConfig.caption_styles`); None encodes the captions as they are. Only image
+      records are restyled: preference pairs keep the captions their images were judged against.
     """
 
     buckets: tuple
@@ -106,6 +114,7 @@ class PrecomputeConfig:
     shard_size: int = 4096
     dtype: str = "float32"
     workers: int = 8
+    caption_styles: StyleMix | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", as_buckets(self.buckets))
@@ -158,6 +167,7 @@ class _Pending:
     source_index: int
     image: np.ndarray
     caption: str
+    caption_style: str
     category: str
     aesthetic: float
     image_size: tuple[int, int]
@@ -209,8 +219,8 @@ class ShardWriter:
 
 def _record_fields(item: _Pending, bucket: Bucket, text: np.ndarray) -> tuple[dict, dict]:
     """The stored header and the index row of a precomputed image record."""
-    header = {"source_index": item.source_index, "caption": item.caption, "category": item.category,
-              "aesthetic": None if math.isnan(item.aesthetic) else item.aesthetic,
+    header = {"source_index": item.source_index, "caption": item.caption, "caption_style": item.caption_style,
+              "category": item.category, "aesthetic": None if math.isnan(item.aesthetic) else item.aesthetic,
               "image_size": list(item.image_size), "bucket": [bucket.height, bucket.width]}
     row = {"source_index": item.source_index, "image_height": item.image_size[0],
            "image_width": item.image_size[1], "bucket_height": bucket.height, "bucket_width": bucket.width,
@@ -224,8 +234,8 @@ def _prepare(source, buckets: tuple[Bucket, ...], max_crop_fraction: float, inde
     try:
         record = source[index]
         image = decode_image(record["image"])
-        item = _Pending(index, image, record_caption(record), record_category(record), record_aesthetic(record),
-                        image.shape[:2])
+        item = _Pending(index, image, record_caption(record), record.get("caption_style", "dense"),
+                        record_category(record), record_aesthetic(record), image.shape[:2])
     except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted
         return type(error).__name__
     height, width = item.image_size
@@ -261,7 +271,8 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
                 text = text[: config.max_text_len]
                 writer.write(*_record_fields(item, bucket, text), item_latents, text)
 
-        prepare = functools.partial(_prepare, source, config.buckets, config.max_crop_fraction)
+        prepare = functools.partial(_prepare, styled(source, config.caption_styles), config.buckets,
+                                    config.max_crop_fraction)
         unreadable, dropped_for_crop = encode_in_buckets(prepare, indices, config, flush,
                                                          f"precompute shard {shard_index}/{shard_count}", progress)
         writer.close()
@@ -271,6 +282,7 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
         metadata = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             **encoder_metadata(encoder, model=model, model_fingerprint=model_fingerprint),
+            "caption_styles": None if config.caption_styles is None else config.caption_styles.to_dict(),
             "source": repr(source), "source_records": len(source),
             "shard_index": shard_index, "shard_count": shard_count, "records": writer.records,
             "skipped": {"unreadable": dict(unreadable), "crop": dropped_for_crop}, "truncated_texts": truncated,
@@ -406,9 +418,27 @@ def parse_buckets(text: str) -> tuple[Bucket, ...]:
     return as_buckets(sizes)
 
 
+def parse_style_mix(text: str | None) -> StyleMix | None:
+    """`--caption-styles` JSON (StyleMix's fields) -> a StyleMix; None without one."""
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--caption-styles {text!r} is not JSON ({error})") from None
+    if not isinstance(fields, dict):
+        # ValueError, not TypeError: bad input is reported as one `error:` line.
+        raise ValueError(f"--caption-styles {text!r}: expected a JSON object of StyleMix fields")  # noqa: TRY004
+    try:
+        return StyleMix(**fields)
+    except TypeError as error:
+        raise ValueError(f"--caption-styles {text!r}: {error}") from None
+
+
 def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every precomputing command shares: the encoders, the output, the buckets, the
-    `PrecomputeConfig` fields and this host's shard (read back by `precompute_arguments`)."""
+    `PrecomputeConfig` fields but `caption_styles` (only image records are restyled) and this host's shard
+    (read back by `precompute_arguments`)."""
     parser.add_argument("--model", required=True, help="ERNIE-Image pipeline folder (VAE, text encoder, tokenizer)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--stage-side", type=int, help="the stage's buckets are buckets.stage_buckets(side)")
@@ -444,8 +474,9 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="image folder or tfds dataset folder")
     add_precompute_arguments(parser)
+    parser.add_argument("--caption-styles", help="a prompt-style mix as JSON: the fields of prompt_styles.StyleMix")
     args = parser.parse_args(argv)
-    config = precompute_arguments(args)
+    config = dataclasses.replace(precompute_arguments(args), caption_styles=parse_style_mix(args.caption_styles))
     source = open_source(args.source)
     encoders = load_encoders(args.model, args.dtype)
     metadata = precompute(encoders, source, args.out, config, shard_index=args.shard_index,

@@ -8,8 +8,8 @@ A precomputed folder holds one stage side's records of one shard of a source:
   `image_width` (the original image), `bucket_height`, `bucket_width`, `text_length` int32,
   `aesthetic` float32 (NaN where missing), `category` str;
 - `metadata.json`: how the records were made (model fingerprint, buckets, crop bound, dtype, text
-  truncation), the counts and skipped records, the files, and the empty prompt's text features
-  (`empty_prompt.features` [T_e, D], for text dropout).
+  truncation, the caption style mix `caption_styles` or null), the counts and skipped records, the
+  files, and the empty prompt's text features (`empty_prompt.features` [T_e, D], for text dropout).
 
 The catalog of precomputed records holds their original image sizes, so bucket assignment, the crop
 bound and the draws are those of the image pipeline for the same records and seed
@@ -53,7 +53,8 @@ INDEX_DTYPES = {"source_index": np.int64, "image_height": np.int32, "image_width
 INDEX_FIELDS = tuple(INDEX_DTYPES)
 # Metadata every folder of one PrecomputedSource must share.
 SHARED_METADATA = ("format_version", "model_fingerprint", "stage_side", "buckets", "max_crop_fraction", "dtype",
-                   "latent_channels", "text_dim", "max_text_len", "source_records", "shard_count", "empty_prompt")
+                   "latent_channels", "text_dim", "max_text_len", "source_records", "shard_count", "empty_prompt",
+                   "caption_styles")
 _HEADER_LENGTH = struct.Struct("<I")
 
 
@@ -78,7 +79,8 @@ def decode_record(data: bytes) -> dict:
     """`encode_record`'s bytes -> the header's fields plus `latents` [C, h, w] and `text` [T, D] (stored dtype).
 
     Fields: `source_index`, `caption`, `category` (str), `aesthetic` (float or None), `image_size` and
-    `bucket` ([height, width])."""
+    `bucket` ([height, width]), `caption_style` (the `prompt_styles.STYLES` name of `caption`; absent
+    from records written before style mixes)."""
     (length,) = _HEADER_LENGTH.unpack_from(data)
     offset = _HEADER_LENGTH.size + length
     header = json.loads(data[_HEADER_LENGTH.size:offset].decode("utf-8"))
@@ -125,7 +127,7 @@ class PrecomputedSource:
         parts = [read_metadata(folder, self.format_name, self.format_version) for folder in folders]
         for folder, metadata in zip(folders[1:], parts[1:]):
             for key in self.shared_metadata:
-                if metadata[key] != parts[0][key]:
+                if metadata.get(key) != parts[0].get(key):
                     raise ValueError(f"{folder}: {key} differs from that of {folders[0]}; the folders are not "
                                      f"shards of one precomputation")
         shards = sorted(metadata["shard_index"] for metadata in parts)
@@ -133,7 +135,9 @@ class PrecomputedSource:
             raise ValueError(f"the folders hold shards {shards} of {parts[0]['shard_count']}; each shard is needed "
                              f"exactly once")
         self.folders = tuple(folders)
-        self.metadata = {key: parts[0][key] for key in self.shared_metadata}
+        # Folders without caption_styles (written before style mixes; preference folders, whose captions are
+        # the ones their images were judged against) read as None: no mix.
+        self.metadata = {key: parts[0].get(key) for key in self.shared_metadata}
         self.buckets = as_buckets(self.metadata["buckets"])
         indexes = []
         for folder in folders:
@@ -213,8 +217,8 @@ class LoadPrecomputedBatch(LoadBatch):
 
     The batch: `latents` float32 [B, C, h/16, w/16] (normalised packed latents), `text` float32 [B, T, D]
     zero-padded to T = the longest text rounded up to `text_multiple` (bounding the shapes the training
-    step compiles for), `text_lens` int32 [B], and `LoadBatch`'s `captions`, `category`, `aesthetic`,
-    `bucket`, `step`, `stage`, `num_skipped`.
+    step compiles for), `text_lens` int32 [B], and `LoadBatch`'s `captions`, `caption_style`, `category`,
+    `aesthetic`, `bucket`, `step`, `stage`, `num_skipped`.
     """
 
     def __init__(self, stage_sources: tuple[PrecomputedSource, ...], catalog: Catalog, sampler, stats,
@@ -223,9 +227,9 @@ class LoadPrecomputedBatch(LoadBatch):
         self.stage_sources = stage_sources
         self.text_multiple = text_multiple
 
-    def _load(self, row: int, plan: dict) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    def _load(self, row: int, plan: dict) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
         record = self.stage_sources[plan["stage"]].record_of(int(self.catalog.indices[row]))
-        return (record["latents"], record["text"]), record["caption"]
+        return (record["latents"], record["text"]), record
 
     def _collate(self, loaded: list) -> dict:
         features = [text for _, text in loaded]
@@ -245,7 +249,8 @@ def build_precomputed_pipeline(sources, config: PipelineConfig, *, shard_index: 
     `sources`: a PrecomputedSource or several (stage sides of one source); each curriculum stage reads
     the one whose bucket set is the stage's. Records are drawn exactly as the image pipeline draws the
     source's images with the same config; a record missing from a stage's source (its image failed to
-    decode) is skipped and replaced as a corrupt image is.
+    decode) is skipped and replaced as a corrupt image is. The sources' caption style mix must be
+    `config.caption_styles` (the stored text features are of the captions it chose).
     """
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     if text_multiple < 1:
@@ -265,6 +270,11 @@ def build_precomputed_pipeline(sources, config: PipelineConfig, *, shard_index: 
                              f"were not precomputed")
         stage_sources.append(matching[0])
     used = tuple(dict.fromkeys(stage_sources))
+    wanted_styles = None if config.caption_styles is None else config.caption_styles.to_dict()
+    for source in used:
+        if source.metadata["caption_styles"] != wanted_styles:
+            raise ValueError(f"{source!r} was precomputed with caption style mix {source.metadata['caption_styles']}, "
+                             f"but config.caption_styles is {wanted_styles}: precompute again with that mix")
     for key in ("model_fingerprint", "empty_prompt"):
         if any(source.metadata[key] != used[0].metadata[key] for source in used):
             raise ValueError(f"the stages' precomputed sources differ in {key}: they were made with different models")

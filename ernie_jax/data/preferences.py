@@ -222,6 +222,14 @@ def write_metadata(folder: Path, writer: PreferenceWriter, encoder: BatchEncoder
     return metadata
 
 
+def _refuse_caption_styles(config: PrecomputeConfig | PipelineConfig) -> None:
+    """Preference pairs keep the captions their images were judged against: a config with a caption style
+    mix is an error."""
+    if config.caption_styles is not None:
+        raise ValueError(f"preference pairs keep the captions their images were judged against; "
+                         f"config.caption_styles must be None, got {config.caption_styles}")
+
+
 @dataclasses.dataclass
 class _PendingPair:
     source_index: int
@@ -258,6 +266,7 @@ def precompute_preferences(encoders, manifest: Manifest, out_dir: str | os.PathL
     over pair numbers) into the preference folder `out_dir`, written atomically; returns its metadata."""
     from conversions.common import atomic_directory
 
+    _refuse_caption_styles(config)
     indices = shard_indices(len(manifest.pairs), shard_index, shard_count)
     if not indices.size:
         raise ValueError(f"{manifest.path}: no pair in shard {shard_index} of {shard_count}")
@@ -310,12 +319,12 @@ class LoadPreferenceBatch(LoadPrecomputedBatch):
     The batch: `latents_chosen`, `latents_rejected` float32 [B, C, h/16, w/16] (normalised packed latents),
     `text_bth` float32 [B, T, D] zero-padded to T = `text_multiple` (the folder's max_text_len: one shape
     for every step), `text_lens` int32 [B], `pair_weights` float32 [B], and `LoadBatch`'s `captions`,
-    `category`, `aesthetic`, `bucket`, `step`, `stage`, `num_skipped`.
+    `caption_style` (every one "dense"), `category`, `aesthetic`, `bucket`, `step`, `stage`, `num_skipped`.
     """
 
-    def _load(self, row: int, plan: dict) -> tuple[tuple, str]:
+    def _load(self, row: int, plan: dict) -> tuple[tuple, dict]:
         record = self.stage_sources[plan["stage"]].record_of(int(self.catalog.indices[row]))
-        return (record["latents"], record["text"], record["weight"]), record["caption"]
+        return (record["latents"], record["text"], record["weight"]), record
 
     def _collate(self, loaded: list) -> dict:
         latents = np.stack([latents for latents, _, _ in loaded]).astype(np.float32)
@@ -330,10 +339,12 @@ def build_preference_pipeline(sources, config: PipelineConfig, *, shard_index: i
     curriculum uses): `pipeline.build_pipeline`'s draws, step k's batch a pure function of (seed, k, shard),
     so the grain iterator's state is its position and a resumed run sees the same pairs; each host reads
     its shard of the pairs and yields `stage.batch_size / shard_count` of them. Batches as
-    `LoadPreferenceBatch`. Pairs are drawn uniformly (no categories, no scores): the loss weighs them."""
+    `LoadPreferenceBatch`. Pairs are drawn uniformly (no categories, no scores): the loss weighs them.
+    Captions are not restyled (`config.caption_styles` must be None)."""
     sources = (sources,) if isinstance(sources, PrecomputedSource) else tuple(sources)
     if not sources or not all(isinstance(source, PreferenceSource) for source in sources):
         raise ValueError(f"build_preference_pipeline needs PreferenceSources, got {sources!r}")
+    _refuse_caption_styles(config)
     lengths = {source.metadata["max_text_len"] for source in sources}
     if len(lengths) != 1:
         raise ValueError(f"the preference sources cut their texts to different lengths {sorted(lengths)}")
