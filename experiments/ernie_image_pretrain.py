@@ -79,6 +79,7 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         "max_crop_fraction": 0.25,
         "max_text_len": 256,
         "sampling": {"category_formula": "tempered", "tau": 0.5, "within_category": "softmax"},
+        "caption_styles": {},        # SFT's prompt-style mix (data.prompt_styles.StyleMix fields); empty: none
     })
     config.model = ml_collections.ConfigDict(dict(
         **_model_fields("full"), dtype="bfloat16", remat="full", attention_impl="cudnn"))

@@ -44,6 +44,12 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     })
     final_batch = config.data.batch_sizes[-1]
     config.data.update(stage_steps=(10_000,), batch_sizes=(final_batch,), sides=(1024,))
+    # The report's caption diversification (training_algorithms.md section 7): a quarter of the records keep
+    # their dense caption, the rest are rewritten into one of four user styles. "rules" works offline;
+    # "llm" reads `python -m ernie_jax.data.rewrite_captions` output (set "rewrites" to its folder).
+    config.data.caption_styles = {"weights": {"keywords": 1.0, "request": 1.0, "instruction": 1.0,
+                                              "composition": 1.0},
+                                  "keep_dense": 0.25, "seed": 0, "rewriter": "rules", "rewrites": ""}
     config.train.ema_decay = 0.999
     config.train.checkpoint_every = 1000
     config.train.optimizer.update(learning_rate=1e-4 if lora else 1e-5, warmup_steps=200, decay_steps=10_000,
@@ -53,6 +59,7 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         config.init.dtype = "float32"
         config.lora.update(rank=4 if lora else 0, alpha=4.0, base_dtype="float32")
         config.data.update(stage_steps=(2,), batch_sizes=(2,), sides=(64,))
+        config.data.caption_styles.rewriter = "shapes"
         config.data.shapes.update(height=64, width=64)
         config.train.optimizer.update(warmup_steps=1, decay_steps=2)
         config.evals.samples.every = 2

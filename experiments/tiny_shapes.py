@@ -90,6 +90,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "max_crop_fraction": 0.25,
         "max_text_len": 20,          # text features are cut/padded to this many tokens (one compile per bucket)
         "sampling": {"category_formula": "count", "tau": 0.5, "within_category": "uniform"},
+        # SFT's prompt-style mix (data.prompt_styles.StyleMix fields; empty: the captions as they are), e.g.
+        # {"weights": {"keywords": 1, "request": 1, "instruction": 1, "composition": 1}, "keep_dense": 0.25,
+        #  "rewriter": "shapes"}.
+        "caption_styles": {},
     })
 
     # The DiT. in_channels/out_channels and text_in_dim come from the VAE and text encoder.

@@ -148,6 +148,7 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     from ernie_jax.data.categories import SamplingConfig
     from ernie_jax.data.curriculum import Curriculum, Stage
     from ernie_jax.data.pipeline import PipelineConfig
+    from ernie_jax.data.prompt_styles import StyleMix
     from ernie_jax.models import layers
     from ernie_jax.training import loop
     from ernie_jax.training.optimizer import OptimizerConfig
@@ -183,8 +184,10 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         stages.append(Stage(start, start + steps, buckets, batch, name=f"{side}px"))
         start += steps
     curriculum = Curriculum(tuple(stages))
+    styles = data.get("caption_styles", {})
+    caption_styles = StyleMix(**{k: (dict(v) if k == "weights" else v) for k, v in styles.items()}) if styles else None
     pipeline = PipelineConfig(curriculum, SamplingConfig(**data.sampling), max_crop_fraction=data.max_crop_fraction,
-                              seed=config.seed)
+                              seed=config.seed, caption_styles=caption_styles)
     t = config.train
     train = loop.TrainConfig(num_steps=curriculum.total_steps, seed=config.seed, microbatches=t.microbatches,
                              checkpoint_every=t.checkpoint_every, max_to_keep=t.max_to_keep,

@@ -36,7 +36,8 @@ def run(experiment: Experiment) -> None:
     for side, buckets, folder in todo:
         settings = PrecomputeConfig(buckets, side if config.data.aspect_buckets else None,
                                     config.data.max_crop_fraction, config.data.max_text_len,
-                                    dtype=config.train.encoder_dtype)
+                                    dtype=config.train.encoder_dtype,
+                                    caption_styles=experiment.pipeline.caption_styles)
         metadata = precompute(encoders, source, folder, settings, shard_index=shard, shard_count=count,
                               model_fingerprint=fingerprint, model=str(components.resolve()), progress=shard == 0)
         say(f"precompute: wrote {folder} ({metadata['records']} records, skipped {metadata['skipped']})")
