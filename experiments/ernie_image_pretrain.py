@@ -71,6 +71,8 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         # Folders of `python -m ernie_jax.data.precompute` (one per stage side, or a list of a side's host
         # shards): when set, training reads their latents and text features instead of running the encoders.
         "precomputed": (),
+        # Preference folders (data.preferences: a manifest's or generated pairs) that DPO trains on instead.
+        "preferences": (),
         "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 0, "num_eval_records": 0},
         "stage_steps": (200_000, 100_000, 50_000),
         "batch_sizes": (256, 64, 16),

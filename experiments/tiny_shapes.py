@@ -80,6 +80,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # Folders of `python -m ernie_jax.data.precompute` (one per stage side, or a list of a side's host
         # shards) to train from instead: needs "precompute" dropped from config.stages (it writes its own).
         "precomputed": (),
+        # Preference folders (data.preferences: a manifest's or generated pairs) that DPO trains on instead.
+        "preferences": (),
         "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 8000, "num_eval_records": 64},
         # The curriculum: stage k trains stage_steps[k] updates of batch_sizes[k] images at about sides[k]^2
         # pixels (the released aspect buckets when aspect_buckets, else square only).
