@@ -50,7 +50,12 @@ from ernie_jax.models.dit import PRESETS, ErnieImageTransformer, abstract_transf
 from ernie_jax.training.objectives import flow_matching  # noqa: E402
 from ernie_jax.training import optimizer as optimizers  # noqa: E402
 from ernie_jax.training import step as train_step  # noqa: E402
-from ernie_jax.training.state import abstract_train_state, create_train_state, shardings_of  # noqa: E402
+from ernie_jax.training.state import (  # noqa: E402
+    TrainablePart,
+    abstract_train_state,
+    create_train_state,
+    shardings_of,
+)
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if TORCH_DEVICE == "cpu":
@@ -402,24 +407,25 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
         model_fn = lambda rngs: ErnieImageTransformer(layer_config, dtype=compute_dtype, param_dtype=jnp.float32,
                                                       attention_impl=implementation, remat=settings.train_remat,
                                                       rngs=rngs)
-        graphdef, abstract = abstract_train_state(model_fn, optimizer, seed=0, mesh=mesh, rules=rules)
-        step = train_step.make_train_step(graphdef, optimizer, flow_matching.FlowMatchingConfig(), ema_decay=EMA_DECAY,
-                                          learning_rate_fn=optimizers.learning_rate_schedule(optimizer_config))
-        jitted = train_step.jit_train_step(step, mesh, rules, shardings_of(abstract),
+        parts = {"transformer": TrainablePart(model_fn, optimizer, ema_decay=EMA_DECAY,
+                                              learning_rate=optimizers.learning_rate_schedule(optimizer_config))}
+        graphdefs, abstract = abstract_train_state(parts, seed=0, mesh=mesh, rules=rules)
+        step = train_step.make_train_step(parts, graphdefs, flow_matching.FlowMatching())
+        jitted = train_step.jit_train_step(step, mesh, rules, shardings_of(abstract), {},
                                            train_step.batch_shardings(mesh, rules, batch))
         start = time.perf_counter()
-        compiled = jitted.lower(abstract, batch).compile()
+        compiled = jitted.lower(abstract, {}, batch).compile()
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
         needed = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                               - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
         log(f"compiled the training step with {num_layers} blocks in {seconds:.1f} s; it needs "
             + ("an unknown amount of memory" if needed is None else f"{needed / 2**30:.2f} GiB"))
-        return model_fn, compiled, seconds, needed
+        return parts, compiled, seconds, needed
 
     def measure(implementation: str, fallback: str | None) -> dict:
         num_layers = settings.train_layers
-        model_fn, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
+        parts, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
         limit = (DEVICE.memory_stats() or {}).get("bytes_limit")
         note = fallback
         if limit and needed and needed > 0.95 * limit:
@@ -432,12 +438,12 @@ def part_train(settings: Settings, recorder: Recorder) -> None:
             note = "; ".join(filter(None, [fallback, f"{num_layers} blocks need {needed / 2**30:.1f} GiB of "
                                                      f"{limit / 2**30:.1f} GiB: ran {fewer}"]))
             num_layers = fewer
-            model_fn, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
-        _, state = create_train_state(model_fn, optimizer, seed=0, mesh=mesh, rules=rules)
+            parts, compiled, compile_seconds, needed = compile_step(num_layers, implementation)
+        _, state = create_train_state(parts, seed=0, mesh=mesh, rules=rules)
         current = {"state": state}
 
         def step():
-            current["state"], current["metrics"] = compiled(current["state"], batch)
+            current["state"], current["metrics"] = compiled(current["state"], {}, batch)
             jax.block_until_ready(current["state"])
 
         seconds = median_seconds(step, settings.train_steps)

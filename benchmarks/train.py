@@ -49,10 +49,10 @@ from conversions.transformer import diffusers_config, transformer_state_dict  # 
 from ernie_jax import parallel  # noqa: E402
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer  # noqa: E402
 from ernie_jax.models.layers import REMAT_POLICIES  # noqa: E402
-from ernie_jax.training.objectives import flow_matching  # noqa: E402
+from ernie_jax.training.objectives import example_keys, flow_matching  # noqa: E402
 from ernie_jax.training import optimizer as optimizers  # noqa: E402
 from ernie_jax.training import step as train_step  # noqa: E402
-from ernie_jax.training.state import create_train_state, shardings_of  # noqa: E402
+from ernie_jax.training.state import TrainablePart, create_train_state, shardings_of  # noqa: E402
 
 TEXT_LEN = 64
 LATENT_DOWNSAMPLE = 16  # pixels per latent cell: the FLUX.2 VAE's 8x, then 2x2 patchified into 128 channels
@@ -80,30 +80,32 @@ class JaxTrainer:
         mesh = parallel.make_mesh({})
         rules = parallel.TRAINING_RULES
         optimizer = optimizers.make_optimizer(OPTIMIZER)
-        self.graphdef, self.state = create_train_state(
-            lambda rngs: ErnieImageTransformer(config, remat=remat, rngs=rngs), optimizer, seed=0, mesh=mesh,
-            rules=rules)
-        step = train_step.make_train_step(self.graphdef, optimizer, OBJECTIVE, ema_decay=EMA_DECAY,
-                                          learning_rate_fn=optimizers.learning_rate_schedule(OPTIMIZER))
+        parts = {"transformer": TrainablePart(lambda rngs: ErnieImageTransformer(config, remat=remat, rngs=rngs),
+                                              optimizer, ema_decay=EMA_DECAY,
+                                              learning_rate=optimizers.learning_rate_schedule(OPTIMIZER))}
+        graphdefs, self.state = create_train_state(parts, seed=0, mesh=mesh, rules=rules)
+        self.graphdef = graphdefs["transformer"]
+        step = train_step.make_train_step(parts, graphdefs, flow_matching.FlowMatching(OBJECTIVE))
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        jitted = train_step.jit_train_step(step, mesh, rules, shardings_of(self.state),
+        jitted = train_step.jit_train_step(step, mesh, rules, shardings_of(self.state), {},
                                            train_step.batch_shardings(mesh, rules, self.batch))
         start = time.perf_counter()
-        self.compiled = jitted.lower(self.state, self.batch).compile()
+        self.compiled = jitted.lower(self.state, {}, self.batch).compile()
         self.compile_seconds = time.perf_counter() - start
 
     def torch_state_dict(self) -> dict[str, torch.Tensor]:
         """The current parameters in diffusers' layout."""
-        model = nnx.merge(self.graphdef, self.state.params)
+        model = nnx.merge(self.graphdef, self.state.params["transformer"])
         return {k: torch.tensor(v) for k, v in transformer_state_dict(model).items()}
 
     def next_draw(self) -> flow_matching.NoiseDraw:
         """The noise and sigmas that the next step will draw."""
-        return flow_matching.draw_noise(train_step.step_key(self.state), self.batch["latents"].shape, OBJECTIVE)
+        shape = self.batch["latents"].shape
+        return flow_matching.draw_noise(example_keys(train_step.step_key(self.state), shape[0]), shape, OBJECTIVE)
 
     def step(self) -> dict[str, jax.Array]:
         """One update; returns the step's metrics (loss, mse, grad_norm, learning_rate)."""
-        self.state, metrics = self.compiled(self.state, self.batch)
+        self.state, metrics = self.compiled(self.state, {}, self.batch)
         jax.block_until_ready(self.state)
         return metrics
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import numpy as np
 from flax import nnx
 
 from conversions.key_table import KeyRule, first, get_path, set_path
-from conversions.safetensors_io import CheckpointError, TensorSource, read_header
+from conversions.safetensors_io import CheckpointError, TensorSource, read_header, write_safetensors
 from conversions.transformer import key_table
-from ernie_jax.models.dit import ErnieImageTransformer
+from ernie_jax.models import lora as lora_model
+from ernie_jax.models.dit import ErnieImageConfig, ErnieImageTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +95,59 @@ def lora_factors(modules: dict[str, tuple[np.ndarray, np.ndarray]], config: dict
     return factors
 
 
-def _module_rules(model: ErnieImageTransformer) -> dict[str, KeyRule]:
+def _module_rules(config: ErnieImageConfig) -> dict[str, KeyRule]:
     """diffusers module name (with `{layer}`) -> the rule of its Linear weight."""
-    return {rule.torch_key[: -len(".weight")]: rule for rule in key_table(model.config)
-            if rule.transform == "linear"}
+    return {rule.torch_key[: -len(".weight")]: rule for rule in key_table(config) if rule.transform == "linear"}
+
+
+def diffusers_names(config: ErnieImageConfig) -> dict[tuple[str, ...], str]:
+    """The path of each Linear of the DiT -> its diffusers module name (`{layer}` for stacked ones): the
+    `module_names` with which ernie_jax.models.lora.add_lora matches PEFT-style targets on the DiT."""
+    return {rule.path[:-1]: name for name, rule in _module_rules(config).items()}
+
+
+def save_lora(model: ErnieImageTransformer, path) -> list[str]:
+    """Writes `model`'s LoRA adapters to the safetensors file `path` (which must not exist) in the diffusers key
+    format; returns the module names written.
+
+    Keys are `transformer.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`, float32, one pair
+    per layer of a stacked adapter. Each adapter's scale (alpha / r, or alpha / sqrt(r)) is folded into
+    lora_B and the metadata says alpha = r (PEFT's factor 1): the file then means the same update to every
+    loader, also those that ignore the metadata and assume alpha = r (ComfyUI-style loaders, diffusers without
+    metadata). The metadata (`lora_adapter_metadata`, read by diffusers' load_lora_weights as PEFT LoraConfig
+    fields) lists the modules exactly, with rank_pattern/alpha_pattern where the ranks differ.
+    """
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"{path}: already exists (refusing to overwrite)")
+    names = diffusers_names(model.config)
+    tensors, ranks = {}, {}
+    for linear_path, adapter in lora_model.adapters(model):
+        name = names[linear_path]
+        a = np.asarray(jax.device_get(adapter.a[...]), np.float32)
+        b = np.asarray(jax.device_get(adapter.b[...]), np.float32) * np.float32(adapter.scale)
+        per_layer = ([(name.format(layer=i), a[i], b[i]) for i in range(a.shape[0])] if "{layer}" in name
+                     else [(name, a, b)])
+        for module, lora_a, lora_b in per_layer:
+            tensors[f"transformer.{module}.lora_A.weight"] = np.ascontiguousarray(lora_a.T)
+            tensors[f"transformer.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b.T)
+            ranks[module] = adapter.rank
+    if not ranks:
+        raise ValueError("the model has no LoRA adapters to save")
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    patterns = {f"^{re.escape(module)}": r for module, r in ranks.items() if r != rank}
+    config = {"r": rank, "lora_alpha": rank, "target_modules": sorted(ranks), "use_rslora": False,
+              "rank_pattern": patterns, "alpha_pattern": patterns}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()},
+                                                          sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_safetensors(staging, tensors, metadata)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return sorted(ranks)
 
 
 def apply_lora(model: ErnieImageTransformer, path, scale: float = 1.0) -> list[str]:
@@ -105,7 +156,7 @@ def apply_lora(model: ErnieImageTransformer, path, scale: float = 1.0) -> list[s
     if config.get("use_dora"):
         raise CheckpointError(f"{path}: DoRA adapters are not supported")
     factors = lora_factors(modules, config)
-    rules = _module_rules(model)
+    rules = _module_rules(model.config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     updates: dict[tuple, dict[int | None, np.ndarray]] = {}
     for module, (lora_a, lora_b) in modules.items():

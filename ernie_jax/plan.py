@@ -149,16 +149,16 @@ def plan(args, sizes: dict[str, int]) -> dict:
     optimizer_bytes = ema_bytes = 0
     if training:
         # The trainer's step on the trainer's state, as `training.loop.train` compiles them.
-        from ernie_jax.training.objectives.flow_matching import FlowMatchingConfig
+        from ernie_jax.training.objectives.flow_matching import FlowMatching
         from ernie_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-        from ernie_jax.training.state import abstract_train_state, shardings_of
+        from ernie_jax.training.state import TrainablePart, abstract_train_state, shardings_of
         from ernie_jax.training.step import jit_train_step, make_train_step
 
         settings = OptimizerConfig()
-        optimizer = make_optimizer(settings)
-        graphdef, train_state = abstract_train_state(
-            lambda rngs: ErnieImageTransformer(config, rngs=rngs, **model_kwargs), optimizer, seed=0, mesh=mesh,
-            rules=rules)
+        parts = {"transformer": TrainablePart(lambda rngs: ErnieImageTransformer(config, rngs=rngs, **model_kwargs),
+                                              make_optimizer(settings), ema_decay=0.999,
+                                              learning_rate=learning_rate_schedule(settings))}
+        graphdefs, train_state = abstract_train_state(parts, seed=0, mesh=mesh, rules=rules)
         params = train_state.params
         optimizer_bytes = _per_device_bytes(train_state.opt_state)
         ema_bytes = _per_device_bytes(train_state.ema_params)
@@ -166,10 +166,9 @@ def plan(args, sizes: dict[str, int]) -> dict:
         inputs = {"latents": spec((batch, config.in_channels, latent, latent), jnp.float32),
                   "text": spec((batch, args.text_len, config.text_in_dim), jnp.float32),
                   "text_lens": spec((batch,), jnp.int32)}
-        train_step = make_train_step(graphdef, optimizer, FlowMatchingConfig(), ema_decay=0.999,
-                                     microbatches=args.microbatches, learning_rate_fn=learning_rate_schedule(settings))
-        arguments = (train_state, inputs)
-        function = jit_train_step(train_step, mesh, rules, shardings_of(train_state),
+        train_step = make_train_step(parts, graphdefs, FlowMatching(), microbatches=args.microbatches)
+        arguments = (train_state, {}, inputs)
+        function = jit_train_step(train_step, mesh, rules, shardings_of(train_state), {},
                                   {k: v.sharding for k, v in inputs.items()})
     else:
         graphdef, weights = nnx.split(abstract_transformer(config, **model_kwargs))

@@ -26,6 +26,7 @@ import sys
 import ml_collections
 
 from ernie_jax.models.dit import PRESETS
+from ernie_jax.parallel import TRAINING_RULES
 
 # name: (mesh ici sizes, per-stage global batch, attention kernel, device memory for the plan)
 MESH_PRESETS = {
@@ -67,10 +68,11 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict({
         "source": "",                # a tfds dataset folder or an image folder (records with captions); required
                                      # unless "precomputed" is set
-        "eval_source": "",           # held-out records for the eval loss ("" disables it)
         # Folders of `python -m ernie_jax.data.precompute` (one per stage side, or a list of a side's host
         # shards): when set, training reads their latents and text features instead of running the encoders.
         "precomputed": (),
+        # Preference folders (data.preferences: a manifest's or generated pairs) that DPO trains on instead.
+        "preferences": (),
         "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 0, "num_eval_records": 0},
         "stage_steps": (200_000, 100_000, 50_000),
         "batch_sizes": (256, 64, 16),
@@ -79,14 +81,18 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         "max_crop_fraction": 0.25,
         "max_text_len": 256,
         "sampling": {"category_formula": "tempered", "tau": 0.5, "within_category": "softmax"},
+        "caption_styles": {},        # SFT's prompt-style mix (data.prompt_styles.StyleMix fields); empty: none
     })
     config.model = ml_collections.ConfigDict(dict(
         **_model_fields("full"), dtype="bfloat16", remat="full", attention_impl="cudnn"))
+    sigmas = {"sigma_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "shift": 4.0,
+              "weighting": "none"}
+    config.objective = ml_collections.ConfigDict({"name": "flow_matching", **sigmas, "text_dropout": 0.1})
+    config.init = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
+    config.frozen = ml_collections.ConfigDict({})
     config.train = ml_collections.ConfigDict({
         "microbatches": 1, "ema_decay": 0.9999, "checkpoint_every": 2000, "max_to_keep": 3, "async_checkpoints": True,
         "encoder_dtype": "bfloat16",
-        "objective": {"sigma_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-                      "shift": 4.0, "weighting": "none", "text_dropout": 0.1},
         "optimizer": {"learning_rate": 1e-4, "warmup_steps": 5000, "decay_steps": 350_000,
                       "final_lr_fraction": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
                       "clip_norm": 1.0},
@@ -95,11 +101,16 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         "ici": {"data": 1, "fsdp": -1, "context": 1, "tensor": 1},
         "dcn": {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}})
     config.plan = ml_collections.ConfigDict({"device_memory": "80GiB", "attention": "splash"})
-    config.logging = ml_collections.ConfigDict({
-        "log_every": 50, "sample_every": 5000, "eval_every": 5000, "sample_prompts": SAMPLE_PROMPTS, "sample_seed": 0,
-        "sample_steps": 50, "sample_guidance": 4.0, "eval_batch_size": 16})
+    config.sharding = ml_collections.ConfigDict({"rules": TRAINING_RULES})
+    config.logging = ml_collections.ConfigDict({"log_every": 50})
+    # An eval-loss entry needs held-out records: add {"type": "eval_loss", "every": 5000, "source": FOLDER,
+    # "batch_size": 16, "objective": sigmas} under a name of your choice.
+    config.evals = ml_collections.ConfigDict({
+        "samples": {"type": "sample_grid", "every": 5000, "prompts": SAMPLE_PROMPTS, "seed": 0, "steps": 50,
+                    "guidance": 4.0}})
     config.evaluation = ml_collections.ConfigDict({
-        "num_prompts": 0, "num_inference_steps": 50, "guidance_scale": 4.0, "batch_size": 4, "seed": 0})
+        "num_prompts": 0, "prompts": SAMPLE_PROMPTS, "num_inference_steps": 50, "guidance_scale": 4.0, "batch_size": 4,
+        "seed": 0})
     config.export = ml_collections.ConfigDict({"dtype": "bfloat16", "use_ema": True})
 
     if variant in MESH_PRESETS:
@@ -110,14 +121,15 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         config.plan.device_memory = memory
     else:
         config.components.update(kind="random")
-        config.data.update(source="shapes", eval_source="shapes", stage_steps=(1, 1), batch_sizes=(2, 2),
+        config.data.update(source="shapes", stage_steps=(1, 1), batch_sizes=(2, 2),
                            sides=(64, 128), aspect_buckets=False, max_text_len=32)
         config.data.shapes.update(height=128, width=128, num_records=16, num_eval_records=4)
         config.model.update(**_model_fields("tiny"), dtype="float32", attention_impl="xla")
         config.train.update(checkpoint_every=1, encoder_dtype="float32")
-        config.train.objective.shift = 1.0
+        config.objective.shift = 1.0
         config.train.optimizer.update(warmup_steps=1, decay_steps=2)
-        config.logging.update(log_every=1, sample_every=2, eval_every=2, sample_steps=2, eval_batch_size=2)
+        config.logging.update(log_every=1)
+        config.evals.samples.update(every=2, steps=2)
         config.evaluation.update(num_prompts=0, num_inference_steps=2)
         config.export.dtype = "float32"
     return config

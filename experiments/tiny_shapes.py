@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ernie_jax.parallel import TRAINING_RULES
+
 # One prompt per category and a held-out-style composition, for the periodic sample grids.
 SAMPLE_PROMPTS = (
     "a red circle at the top left",
@@ -75,10 +77,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict({
         "source": "shapes",          # shapes | a tfds dataset folder | an image folder
-        "eval_source": "shapes",     # held-out data for the eval loss ("" disables it); shapes = the heldout split
         # Folders of `python -m ernie_jax.data.precompute` (one per stage side, or a list of a side's host
         # shards) to train from instead: needs "precompute" dropped from config.stages (it writes its own).
         "precomputed": (),
+        # Preference folders (data.preferences: a manifest's or generated pairs) that DPO trains on instead.
+        "preferences": (),
         "shapes": {"height": 64, "width": 64, "max_objects": 2, "num_records": 8000, "num_eval_records": 64},
         # The curriculum: stage k trains stage_steps[k] updates of batch_sizes[k] images at about sides[k]^2
         # pixels (the released aspect buckets when aspect_buckets, else square only).
@@ -89,6 +92,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "max_crop_fraction": 0.25,
         "max_text_len": 20,          # text features are cut/padded to this many tokens (one compile per bucket)
         "sampling": {"category_formula": "count", "tau": 0.5, "within_category": "uniform"},
+        # SFT's prompt-style mix (data.prompt_styles.StyleMix fields; empty: the captions as they are), e.g.
+        # {"weights": {"keywords": 1, "request": 1, "instruction": 1, "composition": 1}, "keep_dense": 0.25,
+        #  "rewriter": "shapes"}.
+        "caption_styles": {},
     })
 
     # The DiT. in_channels/out_channels and text_in_dim come from the VAE and text encoder.
@@ -99,12 +106,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "remat": "none", "attention_impl": "xla",
     })
 
+    # The objective: ernie_jax/training/objectives/NAME.py, with its Config's fields.
+    sigmas = {"sigma_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "shift": 2.0,
+              "weighting": "none"}
+    config.objective = ml_collections.ConfigDict({"name": "flow_matching", **sigmas, "text_dropout": 0.1})
+    # Where the transformer starts (a pipeline or transformer folder; "" = random weights), and the frozen
+    # models an objective reads (NAME: {"path", "dtype"}; flow matching reads none).
+    config.init = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
+    config.frozen = ml_collections.ConfigDict({})
+
     config.train = ml_collections.ConfigDict({
         "microbatches": 1, "ema_decay": 0.99, "checkpoint_every": 250, "max_to_keep": 2,
         "async_checkpoints": True,
         "encoder_dtype": "float32",
-        "objective": {"sigma_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-                      "shift": 2.0, "weighting": "none", "text_dropout": 0.1},
         "optimizer": {"learning_rate": 2e-3, "warmup_steps": 40, "decay_steps": 2000,
                       "final_lr_fraction": 0.1, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.01,
                       "clip_norm": 1.0},
@@ -115,16 +129,26 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "ici": {"data": 1, "fsdp": -1, "context": 1, "tensor": 1},
         "dcn": {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}})
 
+    # The rule table placing weights, optimizer state and activations on the mesh (parallel.TRAINING_RULES).
+    config.sharding = ml_collections.ConfigDict({"rules": TRAINING_RULES})
+
     config.logging = ml_collections.ConfigDict({
         "log_every": 10,             # TensorBoard scalars (loss, lr, grad norm, data statistics)
-        "sample_every": 500,         # sample grid of the fixed prompts and seeds (and at the last update)
-        "eval_every": 500,           # eval loss on held-out data (and at the last update)
-        "sample_prompts": SAMPLE_PROMPTS, "sample_seed": 0, "sample_steps": 20, "sample_guidance": 3.0,
-        "eval_batch_size": 32,
+    })
+    # Evaluators during training (ernie_jax/runner/evaluators/TYPE.py), each every N updates and after the last.
+    config.evals = ml_collections.ConfigDict({
+        # Sample grid of fixed prompts and seeds from the EMA weights: samples/step_NNNNNN.png.
+        "samples": {"type": "sample_grid", "every": 500, "prompts": SAMPLE_PROMPTS, "seed": 0, "steps": 20,
+                    "guidance": 3.0},
+        # Flow-matching loss of the EMA weights on the held-out split: eval/loss.
+        "eval": {"type": "eval_loss", "every": 500, "source": "shapes", "batch_size": 32, "objective": sigmas},
     })
 
+    # The evaluate stage: the shapes detector on `num_prompts` held-out prompts (or, on other data, a grid of
+    # `prompts`).
     config.evaluation = ml_collections.ConfigDict({
-        "num_prompts": 128, "num_inference_steps": 25, "guidance_scale": 3.0, "batch_size": 16, "seed": 0})
+        "num_prompts": 128, "prompts": SAMPLE_PROMPTS, "num_inference_steps": 25, "guidance_scale": 3.0,
+        "batch_size": 16, "seed": 0})
 
     config.export = ml_collections.ConfigDict({"dtype": "float32", "use_ema": True})
 
@@ -135,6 +159,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.model.update(hidden_size=64, num_attention_heads=1, num_layers=1, ffn_hidden_size=128)
         config.train.update(checkpoint_every=1)
         config.train.optimizer.update(warmup_steps=1, decay_steps=2)
-        config.logging.update(log_every=1, sample_every=2, eval_every=2, sample_steps=2, eval_batch_size=4)
+        config.logging.update(log_every=1)
+        config.evals.samples.update(every=2, steps=2)
+        config.evals.eval.update(every=2, batch_size=4)
         config.evaluation.update(num_prompts=4, num_inference_steps=2, batch_size=4)
     return config

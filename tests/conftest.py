@@ -78,3 +78,14 @@ def tiny_folder(tiny_reference, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_transformer")
     tiny_reference.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def random_pipeline_folder(tmp_path_factory):
+    """A tiny random ERNIE-Image pipeline folder without a PE (conversions.random_checkpoint), shared by the
+    tests that only read it: writing one takes ~15 s of eager initialisation."""
+    from conversions.random_checkpoint import write_random_pipeline
+
+    folder = tmp_path_factory.mktemp("random_pipeline") / "pipeline"
+    write_random_pipeline(folder, "tiny")
+    return folder

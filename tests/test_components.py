@@ -48,19 +48,19 @@ def test_latent_stats_normalise_the_fitting_sample(built):
 def test_tokenizer_ids_match_transformers(tmp_path):
     from transformers import AutoTokenizer
 
-    components.write_caption_tokenizer(tmp_path / "tokenizer", shapes.vocabulary())
+    components.write_caption_tokenizer(tmp_path / "tokenizer", shapes.prompt_vocabulary())
     ours = Tokenizer.from_folder(tmp_path / "tokenizer")
     reference = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (components.BOS_ID, components.EOS_ID,
                                                                           components.PAD_ID)
     seen = set()
-    for word in shapes.vocabulary():
+    for word in shapes.prompt_vocabulary():
         ids = ours.encode(word)
         assert ids == reference(word)["input_ids"]
         assert len(ids) == 2 and ids[0] == components.BOS_ID and ids[1] != components.UNK_ID, (word, ids)
         assert ours.decode(ids) == word
         seen.add(ids[1])
-    assert len(seen) == len(shapes.vocabulary())
+    assert len(seen) == len(shapes.prompt_vocabulary())
     caption = 'two red circles at the top left, the center and the bottom right and the word "SUN" at the top'
     ids = ours.encode(caption)
     assert ids == reference(caption)["input_ids"]

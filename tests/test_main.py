@@ -72,7 +72,8 @@ def check_exported_pipeline(folder: Path, image_side: int, hidden_size: int) -> 
 
 
 def test_tiny_shapes_trains_exports_evaluates_and_resumes(tmp_path):
-    from ernie_jax.main import precomputed_sources, resolve
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.runner.data import precomputed_sources
 
     work = tmp_path / "run"
     first = ok(run_main(work, TINY_SHAPES))
@@ -119,14 +120,11 @@ def test_tiny_shapes_trains_exports_evaluates_and_resumes(tmp_path):
 
 def test_pretrain_tiny_runs_its_curriculum(tmp_path):
     work = tmp_path / "run"
-    # Without the eval loss (test_tiny_shapes_trains_exports_evaluates_and_resumes covers it): two programs
-    # fewer to compile per stage, in each invocation.
-    no_eval = "--config.data.eval_source="
     # Stopped after the first stage's update, then run whole: training resumes in the second stage.
     ok(run_main(work, f"{PRETRAIN}:tiny", "--config.stages=('components','train')", "--config.data.stage_steps=(1,)",
-                "--config.data.batch_sizes=(2,)", "--config.data.sides=(64,)", no_eval))
+                "--config.data.batch_sizes=(2,)", "--config.data.sides=(64,)"))
     assert metric_steps(work) == [0]
-    out = ok(run_main(work, f"{PRETRAIN}:tiny", no_eval))
+    out = ok(run_main(work, f"{PRETRAIN}:tiny"))
     assert "components: done" in out and "export: wrote" in out and "evaluate: wrote" in out
     assert metric_steps(work) == [0, 1]
     scalars = read_scalars(work / "logs")
@@ -139,7 +137,7 @@ def test_pretrain_tiny_runs_its_curriculum(tmp_path):
 
 def test_pretrain_variants_build(tmp_path):
     from ernie_jax.data.buckets import RELEASED_1MP, as_buckets
-    from ernie_jax.main import resolve
+    from ernie_jax.runner.config import resolve
     from ernie_jax.models.dit import PRESETS
 
     module = load_experiment("ernie_image_pretrain")
@@ -173,7 +171,9 @@ def test_pretrain_memory_plan_fits():
 @pytest.mark.parametrize("config, override, message", [
     (TINY_SHAPES, "--config.train.no_such_key=1", "the config has no key 'no_such_key'"),
     (TINY_SHAPES, "--config.train.ema_decay=fast", "could not convert string to float"),
-    (TINY_SHAPES, "--config.train.objective.weighting=bogus", "weighting must be one of"),
+    (TINY_SHAPES, "--config.objective.weighting=bogus", "weighting must be one of"),
+    (TINY_SHAPES, "--config.objective.name=no_such_objective", "there is no module ernie_jax.training.objectives"),
+    (TINY_SHAPES, "--config.evals.samples.type=histogram", "config.evals.samples.type"),
     (TINY_SHAPES, "--config.data.stage_steps=(1,2)", "must be non-empty and of equal length"),
     (f"{PRETRAIN}:tiny", "--config.components.kind=shapes", "needs config.components.vae_steps"),
     (TINY_SHAPES, "--config.data.precomputed=('features',)", "config.stages has 'precompute'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from ernie_jax.data.precomputed import (
     decode_record,
     encode_record,
 )
+from ernie_jax.data.prompt_styles import STYLES, StyledSource, StyleMix
 from ernie_jax.data.sources import FolderSource, decode_image
 from ernie_jax.models.vae import encode_to_packed_latents
 from tests.conftest import relative_error
@@ -60,15 +62,6 @@ def caption_index(caption: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline_folder(tmp_path_factory):
-    from conversions.random_checkpoint import write_random_pipeline
-
-    folder = tmp_path_factory.mktemp("precompute") / "pipeline"
-    write_random_pipeline(folder, "tiny")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     write_folder(root, make_records())
@@ -78,9 +71,9 @@ def image_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def precomputed_folder(pipeline_folder, image_folder, tmp_path_factory):
+def precomputed_folder(random_pipeline_folder, image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "precomputed"
-    argv = ["--model", str(pipeline_folder), "--source", str(image_folder), "--out", str(out),
+    argv = ["--model", str(random_pipeline_folder), "--source", str(image_folder), "--out", str(out),
             "--buckets", ",".join(f"{h}x{w}" for h, w in BUCKETS), "--max-text-len", str(MAX_TEXT_LEN),
             "--batch-size", "4", "--shard-size", "5"]
     assert run_command(main, argv) == 0
@@ -88,10 +81,10 @@ def precomputed_folder(pipeline_folder, image_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_pipeline(pipeline_folder):
+def reference_pipeline(random_pipeline_folder):
     from ernie_jax.pipeline import ErnieImagePipeline
 
-    return ErnieImagePipeline.from_pretrained(pipeline_folder, dtype="float32")
+    return ErnieImagePipeline.from_pretrained(random_pipeline_folder, dtype="float32")
 
 
 def expected_source_indices(image_folder) -> list[int]:
@@ -191,6 +184,42 @@ def test_precomputed_batches_follow_the_image_pipeline(precomputed_folder, image
                for step in range(5))
 
 
+def test_a_caption_style_mix_is_precomputed_as_the_image_pipeline_rewrites(precomputed_folder,
+                                                                          random_pipeline_folder, image_folder,
+                                                                          reference_pipeline, tmp_path):
+    mix = StyleMix(keep_dense=0.2, seed=2)
+    out = tmp_path / "styled"
+    argv = ["--model", str(random_pipeline_folder), "--source", str(image_folder), "--out", str(out), "--buckets",
+            ",".join(f"{h}x{w}" for h, w in BUCKETS), "--max-text-len", "64", "--batch-size", "4",
+            "--caption-styles", json.dumps({"keep_dense": 0.2, "seed": 2})]
+    assert run_command(main, argv) == 0
+    source = PrecomputedSource(out)
+    assert source.metadata["caption_styles"] == mix.to_dict()
+    styled = StyledSource(FolderSource(image_folder), mix)
+    for position in range(len(source)):
+        record = source[position]
+        want = styled[record["source_index"]]
+        assert (record["caption"], record["caption_style"]) == (want["caption"], want["caption_style"])
+        expected = np.asarray(reference_pipeline.encode_prompt([record["caption"]])[0])
+        assert relative_error(record["text"], expected) <= 1e-6
+    config = dataclasses.replace(tiny_config(), caption_styles=mix)
+    images = build_pipeline(FolderSource(image_folder), config, shard_index=0, shard_count=1)
+    precomputed = build_precomputed_pipeline(source, config, shard_index=0, shard_count=1)
+    styles = set()
+    for step in range(12):
+        want, got = images.dataset[step], precomputed.dataset[step]
+        assert list(got["captions"]) == list(want["captions"])
+        np.testing.assert_array_equal(got["caption_style"], want["caption_style"])
+        styles |= {STYLES[s] for s in got["caption_style"]}
+    assert len(styles) >= 3
+    # Features precomputed with one mix are refused for another (or for none), and the reverse.
+    for other in (tiny_config(), dataclasses.replace(tiny_config(), caption_styles=dataclasses.replace(mix, seed=3))):
+        with pytest.raises(ValueError, match="caption style mix"):
+            build_precomputed_pipeline(source, other, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="caption style mix None"):
+        build_precomputed_pipeline(PrecomputedSource(precomputed_folder), config, shard_index=0, shard_count=1)
+
+
 def test_a_stage_needs_a_source_with_its_buckets(precomputed_folder):
     source = PrecomputedSource(precomputed_folder)
     config = PipelineConfig(Curriculum((Stage(0, None, ((32, 32), (32, 48)), 4),)))
@@ -201,9 +230,9 @@ def test_a_stage_needs_a_source_with_its_buckets(precomputed_folder):
                                    shard_index=0, shard_count=1)
 
 
-def test_host_shards_read_as_one_source_and_failures_leave_nothing(precomputed_folder, pipeline_folder,
+def test_host_shards_read_as_one_source_and_failures_leave_nothing(precomputed_folder, random_pipeline_folder,
                                                                    image_folder, tmp_path, monkeypatch):
-    encoders = load_encoders(pipeline_folder)
+    encoders = load_encoders(random_pipeline_folder)
     config = PrecomputeConfig(BUCKETS, max_text_len=MAX_TEXT_LEN, batch_size=4, shard_size=5)
     source = FolderSource(image_folder)
     parts = [tmp_path / f"part{index}" for index in range(2)]
@@ -256,6 +285,9 @@ def test_records_round_trip_in_bfloat16():
     ({"--buckets": "32x40"}, "width 40 is not a positive multiple of 16"),
     ({"--buckets": "32,48"}, "expected HEIGHTxWIDTH pairs"),
     ({"--out": "exists"}, "already exists"),
+    ({"--caption-styles": "{keep_dense: 1}"}, "--caption-styles '{keep_dense: 1}' is not JSON"),
+    ({"--caption-styles": '{"keep": 1}'}, "unexpected keyword argument 'keep'"),
+    ({"--caption-styles": '{"keep_dense": 2}'}, "keep_dense must be in [0, 1]"),
 ])
 def test_cli_errors_are_one_line(tmp_path, image_folder, capsys, change, message):
     (tmp_path / "exists").mkdir()
@@ -290,12 +322,12 @@ def drop_record(folder, out, source_index: int) -> None:
     (out / "metadata.json").write_text(json.dumps(metadata))
 
 
-def test_each_curriculum_stage_reads_the_source_of_its_buckets(precomputed_folder, pipeline_folder, image_folder,
-                                                               tmp_path):
+def test_each_curriculum_stage_reads_the_source_of_its_buckets(precomputed_folder, random_pipeline_folder,
+                                                               image_folder, tmp_path):
     second_buckets = ((48, 48), (48, 64), (64, 48))
     config = PrecomputeConfig(second_buckets, max_text_len=MAX_TEXT_LEN, batch_size=4)
-    precompute(load_encoders(pipeline_folder), FolderSource(image_folder), tmp_path / "second", config,
-               model_fingerprint=model_fingerprint(pipeline_folder), progress=False)
+    precompute(load_encoders(random_pipeline_folder), FolderSource(image_folder), tmp_path / "second", config,
+               model_fingerprint=model_fingerprint(random_pipeline_folder), progress=False)
     curriculum = Curriculum((Stage(0, 3, BUCKETS, 4), Stage(3, None, second_buckets, 2)))
     sources = (PrecomputedSource(tmp_path / "second"), PrecomputedSource(precomputed_folder))
     precomputed = build_precomputed_pipeline(sources, PipelineConfig(curriculum, seed=1), shard_index=0, shard_count=1)
@@ -352,25 +384,25 @@ def retrain(weights) -> None:
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["whole", "sampled"])
-def test_fingerprint_refuses_a_retrained_vae(pipeline_folder, tmp_path, monkeypatch, sampled):
+def test_fingerprint_refuses_a_retrained_vae(random_pipeline_folder, tmp_path, monkeypatch, sampled):
     from ernie_jax.data import precompute as precompute_module
 
     if sampled:  # the tiny VAE's weights read as a multi-GB file's are: header and strided blocks
         monkeypatch.setattr(precompute_module, "FINGERPRINT_CONTENT_BYTES", 1 << 10)
         monkeypatch.setattr(precompute_module, "FINGERPRINT_SAMPLE_BYTES", 64)
     retrained = tmp_path / "retrained"
-    shutil.copytree(pipeline_folder, retrained)
+    shutil.copytree(random_pipeline_folder, retrained)
     (weights,) = (retrained / "vae").glob("*.safetensors")
     size = weights.stat().st_size
     retrain(weights)
     assert weights.stat().st_size == size
-    assert model_fingerprint(retrained) != model_fingerprint(pipeline_folder)
+    assert model_fingerprint(retrained) != model_fingerprint(random_pipeline_folder)
     # The transformer is not an encoder: retraining it leaves the features valid.
     shutil.rmtree(retrained)
-    shutil.copytree(pipeline_folder, retrained)
+    shutil.copytree(random_pipeline_folder, retrained)
     for weights in (retrained / "transformer").glob("*.safetensors"):
         retrain(weights)
-    assert model_fingerprint(retrained) == model_fingerprint(pipeline_folder)
+    assert model_fingerprint(retrained) == model_fingerprint(random_pipeline_folder)
 
 
 def read_bytes_of_this_process() -> int:

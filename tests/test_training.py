@@ -24,7 +24,7 @@ from flax import nnx
 from ernie_jax import parallel, sampling
 from ernie_jax.models import dit
 from ernie_jax.training import loop, optimizer, state, step
-from ernie_jax.training.objectives import flow_matching
+from ernie_jax.training.objectives import example_keys, flow_matching
 from ernie_jax.training.checkpoints import Checkpoints
 from ernie_jax.training.metrics import TensorBoardWriter, read_scalars
 from tests.workers import training_run
@@ -48,7 +48,8 @@ class ExactVelocity(nnx.Module):
 
 
 def _draw(batch_shape, seed=0, **config):
-    return flow_matching.draw_noise(jax.random.key(seed), batch_shape, flow_matching.FlowMatchingConfig(**config))
+    keys = example_keys(jax.random.key(seed), batch_shape[0])
+    return flow_matching.draw_noise(keys, batch_shape, flow_matching.FlowMatchingConfig(**config))
 
 
 def test_exact_velocity_has_zero_loss_and_samples_its_data_point():
@@ -160,14 +161,14 @@ def test_gradient_accumulation_ema_and_bf16_over_float32_master_weights():
     # Plain SGD, so that the update is the (accumulated) gradient itself; Adam's first step is about
     # lr * sign(g) and would blow up float rounding of gradients near 0.
     tx = optax.sgd(0.1)
-    graphdef, initial = state.create_train_state(training_run.tiny_model, tx, seed=0, mesh=mesh,
-                                                 rules=parallel.TRAINING_RULES)
-    objective = flow_matching.FlowMatchingConfig(shift=3.0, text_dropout=0.5)
+    parts = {"transformer": state.TrainablePart(training_run.tiny_model, tx, ema_decay=0.9)}
+    graphdefs, initial = state.create_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
+    objective = flow_matching.FlowMatching(flow_matching.FlowMatchingConfig(shift=3.0, text_dropout=0.5),
+                                           training_run.empty_prompt())
     results = {}
     for k in (1, 4):
-        step_fn = step.make_train_step(graphdef, tx, objective, ema_decay=0.9, microbatches=k,
-                                       empty_prompt=training_run.empty_prompt())
-        results[k] = jax.jit(step_fn)(initial, batch)
+        step_fn = step.make_train_step(parts, graphdefs, objective, microbatches=k)
+        results[k] = jax.jit(step_fn)(initial, {}, batch)
     (one, one_metrics), (four, four_metrics) = results[1], results[4]
     np.testing.assert_allclose(four_metrics["loss"], one_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(four_metrics["grad_norm"], one_metrics["grad_norm"], rtol=1e-6)
@@ -175,7 +176,7 @@ def test_gradient_accumulation_ema_and_bf16_over_float32_master_weights():
                                                                   jax.tree.leaves(initial.params))])
     update_four = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(four.params),
                                                                    jax.tree.leaves(initial.params))])
-    assert np.abs(update_one).max() > 1e-3  # the update did happen
+    assert np.abs(update_one).max() > 1e-4  # the update did happen (measured 9.9e-4)
     # Measured 6.1e-6 relative (float32 summation order).
     assert np.abs(update_four - update_one).max() < 2e-5 * np.abs(update_one).max()
     for ema, new, old in zip(jax.tree.leaves(one.ema_params), jax.tree.leaves(one.params),
@@ -185,24 +186,27 @@ def test_gradient_accumulation_ema_and_bf16_over_float32_master_weights():
 
     # bf16 compute over the same float32 master weights: parameters, gradients (hence the SGD update) and
     # EMA stay float32; measured drift against fp32 compute: 3.1e-5 (loss), 2.0e-2 (update) relative.
-    bf16_graphdef, _ = state.abstract_train_state(functools.partial(training_run.tiny_model, dtype=jnp.bfloat16),
-                                                  tx, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
-    bf16_step = step.make_train_step(bf16_graphdef, tx, objective, ema_decay=0.9,
-                                     empty_prompt=training_run.empty_prompt())
-    bf16, bf16_metrics = jax.jit(bf16_step)(initial, batch)
+    bf16_parts = {"transformer": state.TrainablePart(functools.partial(training_run.tiny_model, dtype=jnp.bfloat16),
+                                                     tx, ema_decay=0.9)}
+    bf16_graphdefs, _ = state.abstract_train_state(bf16_parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
+    bf16_step = step.make_train_step(bf16_parts, bf16_graphdefs, objective)
+    bf16, bf16_metrics = jax.jit(bf16_step)(initial, {}, batch)
     assert {leaf.dtype for leaf in jax.tree.leaves((bf16.params, bf16.ema_params))} == {jnp.dtype(jnp.float32)}
     assert abs(float(bf16_metrics["loss"]) / float(one_metrics["loss"]) - 1) < 1e-3
     update_bf16 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(bf16.params),
                                                                    jax.tree.leaves(initial.params))])
     assert 0 < np.abs(update_bf16 - update_one).max() < 5e-2 * np.abs(update_one).max()
     with pytest.raises(ValueError, match="float32 master weights"):
-        state.abstract_train_state(lambda rngs: nnx.Linear(2, 2, param_dtype=jnp.bfloat16, rngs=rngs), tx, seed=0,
-                                   mesh=mesh, rules=parallel.TRAINING_RULES)
+        linear = state.TrainablePart(lambda rngs: nnx.Linear(2, 2, param_dtype=jnp.bfloat16, rngs=rngs), tx)
+        state.abstract_train_state({"linear": linear}, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
     with pytest.raises(ValueError, match="not divisible by microbatches=3"):
-        jax.jit(step.make_train_step(graphdef, tx, objective, ema_decay=0.9, microbatches=3,
-                                     empty_prompt=training_run.empty_prompt()))(initial, batch)
+        jax.jit(step.make_train_step(parts, graphdefs, objective, microbatches=3))(initial, {}, batch)
     with pytest.raises(ValueError, match="needs the empty prompt"):
-        step.make_train_step(graphdef, tx, objective, ema_decay=0.9)
+        flow_matching.FlowMatching(flow_matching.FlowMatchingConfig(text_dropout=0.5))
+    with pytest.raises(ValueError, match="the objective trains"):
+        step.make_train_step({"other": parts["transformer"]}, graphdefs, objective)
+    with pytest.raises(KeyError, match="the batch lacks"):
+        step.make_train_step(parts, graphdefs, objective)(initial, {}, {"latents": batch["latents"]})
 
 
 def test_sharded_train_step_equals_single_device():
@@ -297,9 +301,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpoints = Checkpoints(tmp_path / "ckpt")
     try:
         assert checkpoints.all_steps() == [2, 3]
-        config = training_run.train_config(6, 1)
-        _, abstract = state.abstract_train_state(training_run.tiny_model, optimizer.make_optimizer(config.optimizer),
-                                                 seed=0, mesh=parallel.make_mesh({"fsdp": -1}),
+        _, abstract = state.abstract_train_state(training_run.parts(), seed=0, mesh=parallel.make_mesh({"fsdp": -1}),
                                                  rules=parallel.TRAINING_RULES)
         restored = checkpoints.restore(abstract)
     finally:

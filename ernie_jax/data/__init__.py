@@ -1,4 +1,5 @@
 """Training data: sources, aspect-ratio buckets, the resolution curriculum, category-weighted sampling and
-the grain pipeline that assembles them (`pipeline.build_pipeline`), and precomputed VAE latents and text
-features (`precompute.py` writes them, `precomputed.build_precomputed_pipeline` batches them). Import the
-modules directly."""
+the grain pipeline that assembles them (`pipeline.build_pipeline`), precomputed VAE latents and text
+features (`precompute.py` writes them, `precomputed.build_precomputed_pipeline` batches them), and
+preference pairs for DPO (`preferences.py` from manifests, `generated_pairs.py` from the model and a
+reward; `preferences.build_preference_pipeline` batches them). Import the modules directly."""

@@ -10,7 +10,9 @@ Each host reads only its shard of the source (`catalog.shard_indices`) and yield
 global batch (`stage.batch_size / shard_count` images), all hosts in the same bucket at every step.
 Records that fail to load are replaced by further draws from the same bucket and counted: in the
 batch (`num_skipped`, exact across restarts) and in `TrainingData.stats` (running totals by
-exception type, for logging).
+exception type, for logging). With `PipelineConfig.caption_styles`, each record's caption is rewritten
+into the prompt style its index draws (`prompt_styles.StyledSource`); the batch says which
+(`caption_style`) and the stats count the styles delivered.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ernie_jax.data.buckets import resize_and_crop
 from ernie_jax.data.catalog import Catalog, scan_catalog, shard_indices
 from ernie_jax.data.categories import SamplingConfig
 from ernie_jax.data.curriculum import Curriculum
+from ernie_jax.data.prompt_styles import STYLES, StyleMix, styled
 from ernie_jax.data.sampler import (
     BatchPlans,
     BucketSampler,
@@ -46,6 +49,8 @@ class PipelineConfig:
     max_skips_per_batch: a batch needing more replacements than this raises, naming the last
       error, so a systematic failure (wrong field names, a broken decoder) is not mistaken for
       corrupt data.
+    caption_styles: the prompt-style mix of SFT caption diversification (`prompt_styles.StyleMix`);
+      None keeps every caption as it is.
     """
 
     curriculum: Curriculum
@@ -53,6 +58,7 @@ class PipelineConfig:
     max_crop_fraction: float = 0.25
     seed: int = 0
     max_skips_per_batch: int = 256
+    caption_styles: StyleMix | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.max_crop_fraction < 1.0:
@@ -66,9 +72,10 @@ class DataStats:
 
     scan_skipped: records the catalog scan could not read, by exception type. load_skipped: records
     that failed while loading batches, by exception type. dropped_for_crop: per stage, records the
-    crop bound leaves out. category_counts: int64 [K] records delivered per category.
+    crop bound leaves out. category_counts: int64 [K] records delivered per category. style_counts:
+    int64 [len(STYLES)] records delivered per prompt style (all "dense" without a style mix).
     Only batches made in this process are counted (not those of grain worker processes, nor those
-    before a restore); the batch fields `num_skipped` and `category` are exact in every case.
+    before a restore); the batch fields `num_skipped`, `category` and `caption_style` are exact in every case.
     """
 
     def __init__(self, catalog: Catalog, tables: tuple[StageTable, ...]):
@@ -78,16 +85,18 @@ class DataStats:
         self.dropped_for_crop = tuple(table.num_dropped for table in tables)
         self.load_skipped = collections.Counter()
         self.category_counts = np.zeros(len(catalog.category_names), np.int64)
+        self.style_counts = np.zeros(len(STYLES), np.int64)
         self.batches = 0
 
     def record_skip(self, error: BaseException) -> None:
         with self._lock:
             self.load_skipped[type(error).__name__] += 1
 
-    def record_batch(self, categories: np.ndarray) -> None:
+    def record_batch(self, categories: np.ndarray, styles: np.ndarray) -> None:
         with self._lock:
             self.batches += 1
             np.add.at(self.category_counts, categories, 1)
+            np.add.at(self.style_counts, styles, 1)
 
     def category_summary(self) -> dict[str, int]:
         """Records delivered so far per category name (categories never drawn left out)."""
@@ -103,15 +112,18 @@ class DataStats:
             metrics.update({f"data/skipped_at_load/{name}": float(count) for name, count in self.load_skipped.items()})
             metrics.update({f"data/dropped_for_crop/stage{index}": float(count)
                             for index, count in enumerate(self.dropped_for_crop)})
+            metrics.update({f"data/caption_style/{name}": float(count)
+                            for name, count in zip(STYLES, self.style_counts) if count})
             return metrics
 
 
 class LoadBatch(grain.transforms.Map):
     """Batch plan -> training batch of this host.
 
-    The batch: `images` uint8 [B, h, w, 3] (one bucket), `captions` object [B] of str, `category`
-    int32 [B] (ids into `TrainingData.category_names`), `aesthetic` float32 [B], `bucket`
-    (h, w), `step`, `stage`, `num_skipped` (records replaced in this batch).
+    The batch: `images` uint8 [B, h, w, 3] (one bucket), `captions` object [B] of str, `caption_style`
+    int32 [B] (ids into `prompt_styles.STYLES`), `category` int32 [B] (ids into
+    `TrainingData.category_names`), `aesthetic` float32 [B], `bucket` (h, w), `step`, `stage`,
+    `num_skipped` (records replaced in this batch).
 
     Subclasses load other per-record data by overriding `_load` and `_collate` (precomputed.py).
     """
@@ -123,10 +135,10 @@ class LoadBatch(grain.transforms.Map):
         self.stats = stats
         self.max_skips = max_skips
 
-    def _load(self, row: int, plan: dict) -> tuple[np.ndarray, str]:
-        """(the record's data for `_collate`, its caption); raises if the record cannot be loaded."""
+    def _load(self, row: int, plan: dict) -> tuple[np.ndarray, dict]:
+        """(the record's data for `_collate`, the record); raises if the record cannot be loaded."""
         record = self.source[int(self.catalog.indices[row])]
-        return resize_and_crop(decode_image(record["image"]), plan["bucket"]), record_caption(record)
+        return resize_and_crop(decode_image(record["image"]), plan["bucket"]), record
 
     def _collate(self, loaded: list) -> dict:
         """The batch arrays of the records' `_load` data."""
@@ -134,12 +146,13 @@ class LoadBatch(grain.transforms.Map):
 
     def map(self, plan: dict) -> dict:
         bucket, wanted = plan["bucket"], len(plan["rows"])
-        loaded, captions, rows = [], [], []
+        loaded, captions, styles, rows = [], [], [], []
         candidates, round_index, skipped = plan["rows"], 0, 0
         while True:
             for row in candidates:
                 try:
-                    data, caption = self._load(row, plan)
+                    data, record = self._load(row, plan)
+                    caption, style = record_caption(record), STYLES.index(record.get("caption_style", "dense"))
                 except Exception as error:  # corrupt records are skipped, counted and replaced
                     skipped += 1
                     self.stats.record_skip(error)
@@ -149,6 +162,7 @@ class LoadBatch(grain.transforms.Map):
                     continue
                 loaded.append(data)
                 captions.append(caption)
+                styles.append(style)
                 rows.append(row)
             if len(loaded) == wanted:
                 break
@@ -157,10 +171,12 @@ class LoadBatch(grain.transforms.Map):
                                            round_index)
         rows = np.asarray(rows, np.int64)
         categories = self.catalog.categories[rows].astype(np.int32)
-        self.stats.record_batch(categories)
+        styles = np.asarray(styles, np.int32)
+        self.stats.record_batch(categories, styles)
         caption_array = np.empty(len(captions), object)
         caption_array[:] = captions
-        return {**self._collate(loaded), "captions": caption_array, "category": categories,
+        return {**self._collate(loaded), "captions": caption_array, "caption_style": styles,
+                "category": categories,
                 "aesthetic": self.catalog.aesthetics[rows].astype(np.float32),
                 "bucket": (bucket.height, bucket.width), "step": int(plan["step"]), "stage": plan["stage"],
                 "num_skipped": skipped}
@@ -201,14 +217,16 @@ def build_pipeline(source, config: PipelineConfig, *, shard_index: int | None = 
     """Assemble the pipeline of one host.
 
     Args:
-      source: random-access records (sources.py).
-      config: the curriculum, sampling weights, crop bound and seed.
+      source: random-access records (sources.py); with `config.caption_styles` it is read through a
+        `prompt_styles.StyledSource`.
+      config: the curriculum, sampling weights, crop bound, seed and caption styles.
       shard_index, shard_count: this host's shard; default `jax.process_index()`/`process_count()`.
       catalog: this shard's metadata from an earlier scan (`Catalog.save`/`load`), to skip the scan.
       category_names: fixed category ids (same list on every host); default: sorted names found.
       host_mean: averages a vector over hosts, so all hosts agree on the bucket probabilities.
     """
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    source = styled(source, config.caption_styles)
     if catalog is None:
         catalog = scan_catalog(source, shard_indices(len(source), shard_index, shard_count), category_names)
     else:

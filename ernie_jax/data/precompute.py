@@ -3,7 +3,8 @@ ArrayRecord shards, so that training does not run the frozen encoders every step
 
     python -m ernie_jax.data.precompute --model PIPELINE_DIR --source SOURCE --stage-side 256 --out OUT_DIR \\
         [--max-text-len 256] [--batch-size 16] [--shard-size 4096] [--dtype float32|bfloat16] \\
-        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N]
+        [--max-crop-fraction 0.25] [--buckets HxW,HxW,...] [--workers 8] [--shard-index I --shard-count N] \\
+        [--caption-styles '{"keep_dense": 0.25, "rewriter": "rules"}']
 
 SOURCE is an image folder (`sources.FolderSource`) or a tfds dataset folder (`sources.TfdsSource`). Each
 host precomputes its shard (`catalog.shard_indices`) into its own OUT_DIR; `precomputed.PrecomputedSource`
@@ -18,6 +19,9 @@ pipeline's `encode_prompt` (hidden_states[-2]), cut to `max_text_len` tokens: th
 so this equals encoding the truncated tokens. Images are encoded in batches of one bucket and captions
 with them; every batch is padded to `batch_size`, so the VAE compiles once per bucket and the text
 encoder once per 64-token length bucket. Records that cannot be read or decoded are skipped and counted.
+With a caption style mix (`--caption-styles`, the JSON fields of `prompt_styles.StyleMix`), each record's
+caption is first rewritten into the style its index draws, as the training pipeline with the same mix
+rewrites it; the metadata records the mix and training checks it.
 """
 
 from __future__ import annotations
@@ -51,11 +55,13 @@ from ernie_jax.data.catalog import shard_indices
 from ernie_jax.data.precomputed import (
     FORMAT,
     FORMAT_VERSION,
+    INDEX_DTYPES,
     INDEX_FILE,
     METADATA_FILE,
     STORAGE_DTYPES,
     encode_record,
 )
+from ernie_jax.data.prompt_styles import StyleMix, styled
 from ernie_jax.data.sources import (
     FolderSource,
     TfdsSource,
@@ -95,6 +101,9 @@ class PrecomputeConfig:
     batch_size: images (and captions) per encoder call. shard_size: records per ArrayRecord file.
     dtype: storage dtype of latents and features, "float32" or "bfloat16".
     workers: threads reading and decoding records.
+    caption_styles: the prompt-style mix whose captions are encoded (`prompt_styles.StyleMix`, the
+      training `PipelineConfig.caption_styles`); None encodes the captions as they are. Only image
+      records are restyled: preference pairs keep the captions their images were judged against.
     """
 
     buckets: tuple
@@ -105,6 +114,7 @@ class PrecomputeConfig:
     shard_size: int = 4096
     dtype: str = "float32"
     workers: int = 8
+    caption_styles: StyleMix | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", as_buckets(self.buckets))
@@ -157,39 +167,43 @@ class _Pending:
     source_index: int
     image: np.ndarray
     caption: str
+    caption_style: str
     category: str
     aesthetic: float
     image_size: tuple[int, int]
     bucket_index: int = -1
 
 
-class _ShardWriter:
-    """Records into `records-NNNNN.array_record` files of at most `shard_size` records, plus index rows."""
+class ShardWriter:
+    """Records into `records-NNNNN.array_record` files of at most `shard_size` records, plus one index row
+    per record (`index_dtypes`: field -> dtype of the index's arrays)."""
 
-    def __init__(self, folder: Path, shard_size: int):
+    def __init__(self, folder: Path, shard_size: int, index_dtypes: dict):
         self.folder = folder
         self.shard_size = shard_size
+        self.index_dtypes = index_dtypes
         self.files: list[dict] = []
         self.rows: dict[str, list] = collections.defaultdict(list)
         self._writer = None
 
-    def write(self, item: _Pending, bucket: Bucket, latents: np.ndarray, text: np.ndarray) -> None:
+    def write(self, header: dict, index_row: dict, latents: np.ndarray, text: np.ndarray) -> None:
+        """One `encode_record(header, latents, text)` record; `index_row` holds every index field."""
+        if index_row.keys() != self.index_dtypes.keys():
+            raise ValueError(f"index row fields {sorted(index_row)} are not {sorted(self.index_dtypes)}")
         if self._writer is None or self.files[-1]["records"] == self.shard_size:
             from array_record.python.array_record_module import ArrayRecordWriter
 
             self._close_file()
             self.files.append({"name": f"records-{len(self.files):05d}.array_record", "records": 0})
             self._writer = ArrayRecordWriter(str(self.folder / self.files[-1]["name"]), ARRAY_RECORD_OPTIONS)
-        header = {"source_index": item.source_index, "caption": item.caption, "category": item.category,
-                  "aesthetic": None if math.isnan(item.aesthetic) else item.aesthetic,
-                  "image_size": list(item.image_size), "bucket": [bucket.height, bucket.width]}
         self._writer.write(encode_record(header, latents, text))
         self.files[-1]["records"] += 1
-        for name, value in (("source_index", item.source_index), ("image_height", item.image_size[0]),
-                            ("image_width", item.image_size[1]), ("bucket_height", bucket.height),
-                            ("bucket_width", bucket.width), ("text_length", text.shape[0]),
-                            ("aesthetic", item.aesthetic), ("category", item.category)):
+        for name, value in index_row.items():
             self.rows[name].append(value)
+
+    @property
+    def records(self) -> int:
+        return sum(file["records"] for file in self.files)
 
     def _close_file(self) -> None:
         if self._writer is not None:
@@ -199,11 +213,19 @@ class _ShardWriter:
     def close(self) -> None:
         """Closes the last file and writes the index."""
         self._close_file()
-        dtypes = {"source_index": np.int64, "image_height": np.int32, "image_width": np.int32,
-                  "bucket_height": np.int32, "bucket_width": np.int32, "text_length": np.int32,
-                  "aesthetic": np.float32, "category": str}
         with open(self.folder / INDEX_FILE, "wb") as file:
-            np.savez(file, **{name: np.array(self.rows[name], dtype) for name, dtype in dtypes.items()})
+            np.savez(file, **{name: np.array(self.rows[name], dtype) for name, dtype in self.index_dtypes.items()})
+
+
+def _record_fields(item: _Pending, bucket: Bucket, text: np.ndarray) -> tuple[dict, dict]:
+    """The stored header and the index row of a precomputed image record."""
+    header = {"source_index": item.source_index, "caption": item.caption, "caption_style": item.caption_style,
+              "category": item.category, "aesthetic": None if math.isnan(item.aesthetic) else item.aesthetic,
+              "image_size": list(item.image_size), "bucket": [bucket.height, bucket.width]}
+    row = {"source_index": item.source_index, "image_height": item.image_size[0],
+           "image_width": item.image_size[1], "bucket_height": bucket.height, "bucket_width": bucket.width,
+           "text_length": text.shape[0], "aesthetic": item.aesthetic, "category": item.category}
+    return header, row
 
 
 def _prepare(source, buckets: tuple[Bucket, ...], max_crop_fraction: float, index: int) -> _Pending | str:
@@ -212,8 +234,8 @@ def _prepare(source, buckets: tuple[Bucket, ...], max_crop_fraction: float, inde
     try:
         record = source[index]
         image = decode_image(record["image"])
-        item = _Pending(index, image, record_caption(record), record_category(record), record_aesthetic(record),
-                        image.shape[:2])
+        item = _Pending(index, image, record_caption(record), record.get("caption_style", "dense"),
+                        record_category(record), record_aesthetic(record), image.shape[:2])
     except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted
         return type(error).__name__
     height, width = item.image_size
@@ -235,10 +257,9 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
     if not indices.size:
         raise ValueError(f"{source!r} has no record in shard {shard_index} of {shard_count}")
     encoder = BatchEncoder(encoders, config)
-    unreadable, dropped_for_crop, truncated = collections.Counter(), 0, 0
-    prepare = functools.partial(_prepare, source, config.buckets, config.max_crop_fraction)
-    with atomic_directory(out_dir) as staging, ThreadPoolExecutor(config.workers) as pool:
-        writer = _ShardWriter(staging, config.shard_size)
+    truncated = 0
+    with atomic_directory(out_dir) as staging:
+        writer = ShardWriter(staging, config.shard_size, INDEX_DTYPES)
 
         def flush(bucket_index: int, items: list[_Pending]) -> None:
             nonlocal truncated
@@ -247,17 +268,47 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
             texts = encoder.text([item.caption for item in items])
             for item, item_latents, text in zip(items, latents, texts):
                 truncated += text.shape[0] > config.max_text_len
-                writer.write(item, bucket, item_latents, text[: config.max_text_len])
+                text = text[: config.max_text_len]
+                writer.write(*_record_fields(item, bucket, text), item_latents, text)
 
-        pending = collections.defaultdict(list)
-        bar = tqdm(total=len(indices), desc=f"precompute shard {shard_index}/{shard_count}", unit="record",
-                   disable=not progress)
-        # Decoding runs ahead in threads (PIL releases the GIL) by at most one window, in source order.
-        window = PREPARE_WINDOW_PER_WORKER * config.workers
+        prepare = functools.partial(_prepare, styled(source, config.caption_styles), config.buckets,
+                                    config.max_crop_fraction)
+        unreadable, dropped_for_crop = encode_in_buckets(prepare, indices, config, flush,
+                                                         f"precompute shard {shard_index}/{shard_count}", progress)
+        writer.close()
+        if not writer.records:
+            raise ValueError(f"no record of {source!r} (shard {shard_index} of {shard_count}) could be precomputed: "
+                             f"{dict(unreadable)} unreadable, {dropped_for_crop} beyond the crop bound")
+        metadata = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            **encoder_metadata(encoder, model=model, model_fingerprint=model_fingerprint),
+            "caption_styles": None if config.caption_styles is None else config.caption_styles.to_dict(),
+            "source": repr(source), "source_records": len(source),
+            "shard_index": shard_index, "shard_count": shard_count, "records": writer.records,
+            "skipped": {"unreadable": dict(unreadable), "crop": dropped_for_crop}, "truncated_texts": truncated,
+            "files": writer.files,
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    return metadata
+
+
+def encode_in_buckets(prepare, indices: np.ndarray, config: PrecomputeConfig, flush, description: str,
+                      progress: bool = True) -> tuple[collections.Counter, int]:
+    """Runs `prepare(index)` over `indices` in `config.workers` threads and hands what it prepared to
+    `flush(bucket_index, items)` one bucket at a time, `config.batch_size` items per call (the rest of each
+    bucket at the end, buckets in order). `prepare` returns an item with a `bucket_index`, `CROP_SKIP`, or
+    the exception name of a record it could not read. Returns (unreadable records by exception name,
+    records beyond the crop bound)."""
+    unreadable, dropped_for_crop = collections.Counter(), 0
+    pending = collections.defaultdict(list)
+    bar = tqdm(total=len(indices), desc=description, unit="record", disable=not progress)
+    # Decoding runs ahead in threads (PIL releases the GIL) by at most one window, in source order.
+    window = PREPARE_WINDOW_PER_WORKER * config.workers
+    with ThreadPoolExecutor(config.workers) as pool:
         for start in range(0, len(indices), window):
             for item in pool.map(prepare, indices[start:start + window].tolist()):
                 bar.update()
-                if isinstance(item, _Pending):
+                if not isinstance(item, str):
                     pending[item.bucket_index].append(item)
                     if len(pending[item.bucket_index]) == config.batch_size:
                         flush(item.bucket_index, pending.pop(item.bucket_index))
@@ -265,28 +316,23 @@ def precompute(encoders, source, out_dir: str | os.PathLike, config: PrecomputeC
                     dropped_for_crop += 1
                 else:
                     unreadable[item] += 1
-        bar.close()
-        for bucket_index, items in sorted(pending.items()):
-            flush(bucket_index, items)
-        writer.close()
-        records = sum(file["records"] for file in writer.files)
-        if not records:
-            raise ValueError(f"no record of {source!r} (shard {shard_index} of {shard_count}) could be precomputed: "
-                             f"{dict(unreadable)} unreadable, {dropped_for_crop} beyond the crop bound")
-        empty = encoder.text([""])[0]
-        metadata = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "model_fingerprint": model_fingerprint,
-            "stage_side": config.stage_side, "buckets": [[b.height, b.width] for b in config.buckets],
-            "max_crop_fraction": config.max_crop_fraction, "dtype": config.dtype,
-            "latent_channels": encoders.vae.config.packed_channels, "text_dim": int(empty.shape[1]),
-            "max_text_len": config.max_text_len, "source": repr(source), "source_records": len(source),
-            "shard_index": shard_index, "shard_count": shard_count, "records": records,
-            "skipped": {"unreadable": dict(unreadable), "crop": dropped_for_crop}, "truncated_texts": truncated,
-            "files": writer.files,
-            "empty_prompt": {"length": int(empty.shape[0]), "features": empty.astype(np.float32).tolist()},
-        }
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-    return metadata
+    bar.close()
+    for bucket_index, items in sorted(pending.items()):
+        flush(bucket_index, items)
+    return unreadable, dropped_for_crop
+
+
+def encoder_metadata(encoder: BatchEncoder, *, model: str, model_fingerprint: str) -> dict:
+    """The metadata fields that say how a folder's features were made (shared by every precomputed
+    format): the encoders' model and fingerprint, the buckets, crop bound, storage dtype, feature sizes,
+    text truncation, and the empty prompt's features."""
+    config = encoder.config
+    empty = encoder.text([""])[0]
+    return {"model": model, "model_fingerprint": model_fingerprint, "stage_side": config.stage_side,
+            "buckets": [[b.height, b.width] for b in config.buckets], "max_crop_fraction": config.max_crop_fraction,
+            "dtype": config.dtype, "latent_channels": encoder.encoders.vae.config.packed_channels,
+            "text_dim": int(empty.shape[1]), "max_text_len": config.max_text_len,
+            "empty_prompt": {"length": int(empty.shape[0]), "features": empty.astype(np.float32).tolist()}}
 
 
 def _head_bytes(path: Path, size: int) -> int:
@@ -372,11 +418,28 @@ def parse_buckets(text: str) -> tuple[Bucket, ...]:
     return as_buckets(sizes)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.precompute", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_style_mix(text: str | None) -> StyleMix | None:
+    """`--caption-styles` JSON (StyleMix's fields) -> a StyleMix; None without one."""
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--caption-styles {text!r} is not JSON ({error})") from None
+    if not isinstance(fields, dict):
+        # ValueError, not TypeError: bad input is reported as one `error:` line.
+        raise ValueError(f"--caption-styles {text!r}: expected a JSON object of StyleMix fields")  # noqa: TRY004
+    try:
+        return StyleMix(**fields)
+    except TypeError as error:
+        raise ValueError(f"--caption-styles {text!r}: {error}") from None
+
+
+def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every precomputing command shares: the encoders, the output, the buckets, the
+    `PrecomputeConfig` fields but `caption_styles` (only image records are restyled) and this host's shard
+    (read back by `precompute_arguments`)."""
     parser.add_argument("--model", required=True, help="ERNIE-Image pipeline folder (VAE, text encoder, tokenizer)")
-    parser.add_argument("--source", required=True, help="image folder or tfds dataset folder")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--stage-side", type=int, help="the stage's buckets are buckets.stage_buckets(side)")
     parser.add_argument("--buckets", help="explicit bucket set instead, HEIGHTxWIDTH,...")
@@ -390,16 +453,30 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=PrecomputeConfig.workers, help="threads decoding images")
     parser.add_argument("--shard-index", type=int, default=0, help="this host's shard of the source")
     parser.add_argument("--shard-count", type=int, default=1)
-    args = parser.parse_args(argv)
 
+
+def precompute_arguments(args: argparse.Namespace) -> PrecomputeConfig:
+    """The config of `add_precompute_arguments`' arguments, after checking the shard and the output folder
+    (before any work)."""
     if (args.stage_side is None) == (args.buckets is None):
         raise ValueError("give exactly one of --stage-side and --buckets")
     buckets = stage_buckets(args.stage_side) if args.buckets is None else parse_buckets(args.buckets)
     config = PrecomputeConfig(buckets, args.stage_side, args.max_crop_fraction, args.max_text_len, args.batch_size,
                               args.shard_size, args.dtype, args.workers)
-    shard_indices(0, args.shard_index, args.shard_count)  # validates the shard before any work
+    shard_indices(0, args.shard_index, args.shard_count)
     if Path(args.out).exists():
         raise ValueError(f"{args.out}: already exists (refusing to overwrite)")
+    return config
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.precompute", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="image folder or tfds dataset folder")
+    add_precompute_arguments(parser)
+    parser.add_argument("--caption-styles", help="a prompt-style mix as JSON: the fields of prompt_styles.StyleMix")
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(precompute_arguments(args), caption_styles=parse_style_mix(args.caption_styles))
     source = open_source(args.source)
     encoders = load_encoders(args.model, args.dtype)
     metadata = precompute(encoders, source, args.out, config, shard_index=args.shard_index,

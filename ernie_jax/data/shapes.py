@@ -7,6 +7,11 @@ right", 'two green triangles at the top and the center', 'the word "SUN" at the 
 square at the top right') and `parse_caption` turns a caption back into a scene. Captions use the
 closed vocabulary `vocabulary()`, from which a word-level tokenizer can be built.
 
+`styled_prompt` rewrites a scene into the prompt styles of `prompt_styles.STYLES` (ERNIE-Image's SFT
+caption diversification): the short styles name only some attributes of the objects, the long ones all
+of them in another form; a `Prompt` records which attributes its text asks for, so that the detector
+scores only those. Prompts use `prompt_vocabulary()`: the caption vocabulary and `PROMPT_WORDS`.
+
 Every record is a pure function of (config, split, index): `make_example` seeds a generator from the
 three, so any record can be made on its own, on any host, with the same bytes. The colour-shape-cell
 combinations in `heldout_triples()` never occur in the "train" split; every "heldout" scene has at least
@@ -58,6 +63,13 @@ DEFAULT_SIZE = 0.65
 CELL_MARGIN = 0.05
 SUPERSAMPLING = 4  # per axis: shape edges are anti-aliased by averaging 4x4 point samples per pixel
 
+# What a prompt can say about each object (the scene's word is always named).
+ATTRIBUTES = ("colour", "shape", "position")
+# The attribute sets of the short styles: every non-empty proper subset of ATTRIBUTES.
+SHORT_ATTRIBUTE_SETS = tuple(subset for size in (1, 2) for subset in itertools.combinations(ATTRIBUTES, size))
+# Words styled prompts use beyond the captions': "shape(s)" stands for an unnamed shape, "draw" leads
+# the instruction style.
+PROMPT_WORDS = ("draw", "shape", "shapes")
 _CAPTION_TOKEN = re.compile(r'[A-Za-z]+|[",]')
 _COUNTS = {word: n for n, word in NUMBER_WORDS.items()}
 
@@ -282,6 +294,13 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(sorted(tokens))
 
 
+def prompt_vocabulary() -> tuple[str, ...]:
+    """Every token a styled prompt can contain: `vocabulary()` in its order, then the `PROMPT_WORDS`
+    (appended, so a tokenizer over it gives the caption words the ids a `vocabulary()` one does)."""
+    captions = vocabulary()
+    return captions + tuple(sorted(set(PROMPT_WORDS) - set(captions)))
+
+
 class _Tokens:
     def __init__(self, text: str):
         self.text = text
@@ -346,6 +365,103 @@ def parse_caption(text: str) -> Scene:
         tokens.take("and")
     category = "text" if word is not None else "counting" if counting else "shapes"
     return Scene(category, tuple(objects), word)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Styled prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt for `scene` in `style` whose text names, of each object, only `attributes` (a sub-tuple of
+    ATTRIBUTES, in its order); the number of objects and the word are always named."""
+
+    text: str
+    scene: Scene
+    attributes: tuple[str, ...] = ATTRIBUTES
+    style: str = "dense"
+
+    def __post_init__(self):
+        if not self.attributes or self.attributes != tuple(a for a in ATTRIBUTES if a in self.attributes):
+            raise ValueError(f"Prompt: attributes must be a non-empty sub-tuple of {ATTRIBUTES}, got {self.attributes}")
+
+
+def _noun_phrase(colour: str | None, shape: str | None, count: int, article: bool) -> str:
+    """"a red circle", "two red circles", "a shape", "red shape" (no article); None leaves a word out."""
+    noun = shape or "shape"
+    words = [NUMBER_WORDS[count]] if count > 1 else ["a"] if article else []
+    return " ".join([*words, *([colour] if colour else []), _plural(noun) if count > 1 else noun])
+
+
+def _places(cells: list[str]) -> str:
+    places = [f"the {cell}" for cell in cells]
+    return places[0] if len(places) == 1 else ", ".join(places[:-1]) + " and " + places[-1]
+
+
+def _groups(scene: Scene, attributes: tuple[str, ...]) -> list[tuple[str | None, str | None, list[str]]]:
+    """(colour or None, shape or None, cells) per group of objects equal in the named colour and shape,
+    in order of first appearance."""
+    groups: dict[tuple, list[str]] = {}
+    for obj in scene.objects:
+        key = (obj.colour if "colour" in attributes else None, obj.shape if "shape" in attributes else None)
+        groups.setdefault(key, []).append(obj.cell)
+    return [(colour, shape, cells) for (colour, shape), cells in groups.items()]
+
+
+def _request(scene: Scene, attributes: tuple[str, ...]) -> str:
+    """The caption grammar over the named attributes: "two red shapes and a blue shape", "a circle at the
+    top left and the word "SUN" at the bottom"."""
+    positions = "position" in attributes
+    parts = [_noun_phrase(colour, shape, len(cells), article=True) + (f" at {_places(cells)}" if positions else "")
+             for colour, shape, cells in _groups(scene, attributes)]
+    if scene.word is not None:
+        parts.append(f'the word "{scene.word.text}"' + (f" at the {scene.word.cell}" if positions else ""))
+    return " and ".join(parts)
+
+
+def _keywords(scene: Scene, attributes: tuple[str, ...]) -> str:
+    """Comma-separated phrases without articles: "red circle, blue square", "two red shapes",
+    "circle top left, square bottom", 'word "SUN"'; with positions named, one phrase per object."""
+    if "position" in attributes:
+        phrases = [f"{_noun_phrase(colour, shape, 1, article=False)} {cell}"
+                   for colour, shape, cells in _groups(scene, attributes) for cell in cells]
+    else:
+        phrases = [_noun_phrase(colour, shape, len(cells), article=False)
+                   for colour, shape, cells in _groups(scene, attributes)]
+    if scene.word is not None:
+        phrases.append(f'word "{scene.word.text}"' + (f" {scene.word.cell}" if "position" in attributes else ""))
+    return ", ".join(phrases)
+
+
+def _composition(scene: Scene) -> str:
+    """Every object and the word by place, in reading order of the grid: "at the top left a red circle
+    and at the bottom the word "SUN"" (a run of equal objects is described object by object)."""
+    items = [(CELLS.index(o.cell), f"at the {o.cell} {_noun_phrase(o.colour, o.shape, 1, article=True)}")
+             for o in scene.objects]
+    if scene.word is not None:
+        items.append((CELLS.index(scene.word.cell), f'at the {scene.word.cell} the word "{scene.word.text}"'))
+    return " and ".join(text for _, text in sorted(items))
+
+
+def styled_prompt(scene: Scene, style: str, rng: np.random.Generator) -> Prompt:
+    """`scene` as a prompt of `style` (one of `prompt_styles.STYLES`); the short styles draw which
+    attributes they name from `rng`.
+
+      dense        the caption: every attribute
+      keywords     `_keywords` over a random one or two of ATTRIBUTES (SHORT_ATTRIBUTE_SETS, uniform)
+      request      the caption grammar over a random one or two of ATTRIBUTES: "a red shape and a circle"
+      instruction  "draw " + the caption: every attribute, imperative
+      composition  every attribute, placed first and in the grid's reading order
+    """
+    from ernie_jax.data.prompt_styles import STYLES
+
+    _check_choice("prompt style", style, STYLES)
+    if style in ("keywords", "request"):
+        attributes = SHORT_ATTRIBUTE_SETS[int(rng.integers(len(SHORT_ATTRIBUTE_SETS)))]
+        text = (_keywords if style == "keywords" else _request)(scene, attributes)
+        return Prompt(text, scene, attributes, style)
+    text = {"dense": caption, "instruction": lambda s: "draw " + caption(s), "composition": _composition}[style](scene)
+    return Prompt(text, scene, ATTRIBUTES, style)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,5 +578,16 @@ class ShapesSource:
 def heldout_prompts(config: ShapesConfig, num: int) -> list[tuple[str, Scene]]:
     """The first `num` (caption, scene) pairs of the "heldout" split: the fixed evaluation prompts. They do
     not depend on the image size, and none of their captions can occur in the "train" split."""
-    scenes = [sample_scene(scene_rng(config, "heldout", i), config, "heldout") for i in range(num)]
-    return [(caption(s), s) for s in scenes]
+    return [(prompt.text, prompt.scene) for prompt in heldout_style_prompts(config, num, "dense")]
+
+
+def heldout_style_prompts(config: ShapesConfig, num: int, style: str, seed: int = 0) -> list[Prompt]:
+    """The scenes of `heldout_prompts` as prompts of `style` (`styled_prompt`): the evaluation prompts of
+    experiment G, scored by `shapes_detector.score_images` on the attributes each one names. The
+    attributes of a short style are drawn from (seed, index), so the keywords and request prompts of one
+    scene name the same attributes."""
+    prompts = []
+    for index in range(num):
+        scene = sample_scene(scene_rng(config, "heldout", index), config, "heldout")
+        prompts.append(styled_prompt(scene, style, np.random.default_rng((seed, index))))
+    return prompts

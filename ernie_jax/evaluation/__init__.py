@@ -1,1 +1,2 @@
-"""Evaluation of generated images: prompt following on the synthetic shapes domain, sample grids."""
+"""Evaluation of generated images: prompt following on the synthetic shapes domain, rewards (scores of
+images against their prompts, `rewards.py`), sample grids."""

@@ -17,8 +17,9 @@ area / (h' * w'), with h' = sum of row coverages / the largest row coverage and 
 columns (1 for a square, 4/pi for a circle), picks circle above the midpoint of the two.
 
 `read_word` finds the largest block of text-coloured pixels and correlates its coverage with each
-word's font mask at the dataset's text scale. `score` compares what was read with a scene spec;
-`score_images` averages it over images and `chance_levels` gives the same averages for images paired
+word's font mask at the dataset's text scale. `score` compares what was read with a scene spec, or
+with a styled prompt (`shapes.Prompt`) on the attributes the prompt names; `score_images` averages it
+over images and `chance_levels` gives the same averages for images paired
 with the wrong specs.
 """
 
@@ -32,12 +33,14 @@ import numpy as np
 from scipy import ndimage
 
 from ernie_jax.data.shapes import (
+    ATTRIBUTES,
     BACKGROUND,
     CELLS,
     GRID,
     PALETTE,
     TEXT_COLOUR,
     WORDS,
+    Prompt,
     Scene,
     text_scale,
 )
@@ -188,38 +191,54 @@ def _matched_fraction(wanted: list, found: list) -> float:
     return sum((collections.Counter(wanted) & collections.Counter(found)).values()) / len(wanted)
 
 
-def score(spec: Scene | str, image: np.ndarray, config: DetectorConfig = DetectorConfig()) -> dict[str, float]:
-    """How well `image` follows the scene `spec` (a Scene or its JSON). With P the prompted objects and D
-    the detected ones, both as multisets:
+_ATTRIBUTE_FIELDS = {"colour": "colour", "shape": "shape", "position": "cell"}
+
+
+def score(spec: Prompt | Scene | str, image: np.ndarray, config: DetectorConfig = DetectorConfig()
+          ) -> dict[str, float]:
+    """How well `image` follows `spec`: a scene (a Scene or its JSON: every attribute is asked for) or a
+    styled prompt (a `shapes.Prompt`: only its `attributes` of each object are). With P the prompted
+    objects and D the detected ones, both as multisets, and an object's key its asked attributes:
       colour    |colours(P) & colours(D)| / |P|: fraction of prompted objects whose colour is found
       shape     the same with shapes
       position  the same with cells
-      object    the same with (colour, shape, cell) triples: fraction of prompted objects found exactly
+      object    the same with keys ((colour, shape, cell) for a scene): fraction of prompted objects found
       count     1 if |D| == |P| else 0
       text      1 if the prompted word is read back (`read_word`), else 0
-      all       1 if triples(D) == triples(P) and, when a word is prompted, it is read back; else 0
-    colour, shape, position and object are NaN when no object is prompted, text when no word is."""
-    scene = Scene.from_json(spec) if isinstance(spec, str) else spec
+      all       1 if keys(D) == keys(P) and, when a word is prompted, it is read back; else 0
+    colour, shape, position and object are NaN when no object is prompted, colour, shape and position
+    also when the prompt does not name them, and text when no word is prompted."""
+    if isinstance(spec, Prompt):
+        scene, attributes = spec.scene, spec.attributes
+    else:
+        scene, attributes = Scene.from_json(spec) if isinstance(spec, str) else spec, ATTRIBUTES
     labels, coverage = segment(image, config)
     found = _objects(labels, coverage, config)
     wanted = scene.objects
+    fields = [_ATTRIBUTE_FIELDS[a] for a in attributes]
+
+    def keys(objects) -> list[tuple[str, ...]]:
+        return [tuple(getattr(o, field) for field in fields) for o in objects]
+
     result = dict.fromkeys(METRICS, math.nan)
     if wanted:
-        for metric, key in (("colour", "colour"), ("shape", "shape"), ("position", "cell"), ("object", "triple")):
-            result[metric] = _matched_fraction([getattr(o, key) for o in wanted], [getattr(o, key) for o in found])
+        for attribute in attributes:
+            field = _ATTRIBUTE_FIELDS[attribute]
+            result[attribute] = _matched_fraction([getattr(o, field) for o in wanted],
+                                                  [getattr(o, field) for o in found])
+        result["object"] = _matched_fraction(keys(wanted), keys(found))
     result["count"] = float(len(found) == len(wanted))
     word_ok = True
     if scene.word is not None:
         word_ok = _word(labels, coverage, config) == scene.word.text
         result["text"] = float(word_ok)
-    exact = collections.Counter(o.triple for o in wanted) == collections.Counter(o.triple for o in found)
-    result["all"] = float(exact and word_ok)
+    result["all"] = float(collections.Counter(keys(wanted)) == collections.Counter(keys(found)) and word_ok)
     return result
 
 
 def score_images(specs, images, config: DetectorConfig = DetectorConfig()) -> dict[str, float]:
     """Each metric of `score` averaged over the (spec, image) pairs where it is defined (NaN if nowhere).
-    specs: Scenes or JSON strings; images: uint8 `[N, H, W, 3]` or a sequence of `[H, W, 3]`."""
+    specs: Scenes, their JSON strings or `shapes.Prompt`s; images: uint8 `[N, H, W, 3]` or a sequence of `[H, W, 3]`."""
     if len(specs) != len(images):
         raise ValueError(f"score_images: {len(specs)} specs for {len(images)} images")
     if not len(specs):

@@ -133,6 +133,34 @@ def logical(initializer, axes: Sequence[str | None]):
     return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False)
 
 
+class Linear(nnx.Module):
+    """torch.nn.Linear as `[..., in] -> [..., out]`: kernel `[in, out]` (`[L, in, out]` when stacked), optional bias
+    `[out]`, both cast to the compute `dtype`, the same program as nnx.Linear's.
+
+    `lora` is the adapter slot: None, or a module `lora(x, y) -> y + delta(x)` that adds a low-rank update to the
+    base output (ernie_jax.models.lora attaches it). It lives beside `kernel` and `bias`, so a model's base
+    parameters keep the same paths with or without an adapter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        # torch.nn.Linear's default init (uniform in +-1/sqrt(in)), so fresh models have the reference's scale.
+        bound = 1.0 / math.sqrt(in_features)
+        uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+        self.dtype = dtype
+        self.kernel = nnx.Param(logical(uniform, axes)(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = (nnx.Param(logical(uniform, axes[1:])(rngs.params(), (out_features,), param_dtype))
+                     if use_bias else nnx.data(None))
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, self.dtype)
+        y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y if self.lora is None else self.lora(x, y)
+
+
 def linear(
     in_features: int,
     out_features: int,
@@ -142,24 +170,10 @@ def linear(
     dtype,
     param_dtype,
     rngs: nnx.Rngs,
-) -> nnx.Linear:
-    """A dense layer `[..., in] -> [..., out]` whose kernel `[in, out]` carries logical `axes`.
-
-    Initialisation follows torch.nn.Linear's defaults (uniform in +-1/sqrt(in)), so freshly built
-    models have activations of the same scale as the reference's.
-    """
-    bound = 1.0 / math.sqrt(in_features)
-    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=logical(uniform, axes),
-        bias_init=logical(uniform, axes[1:]),
-        rngs=rngs,
-    )
+) -> Linear:
+    """A dense layer `[..., in] -> [..., out]` whose kernel `[in, out]` carries logical `axes` (see `Linear`)."""
+    return Linear(in_features, out_features, axes=axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  rngs=rngs)
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, padding, stride: int = 1, dtype, param_dtype,

@@ -2,8 +2,9 @@
 stage and written as a diffusers-layout ERNIE-Image pipeline folder (the DiT is a random placeholder
 until the experiment's training replaces it):
 
-- tokenizer: word level over the dataset's closed vocabulary (`shapes.vocabulary()`), with the special
-  tokens of the released Mistral tokenizer that the pipeline uses (<unk> 0, <s> 1, </s> 2, <pad> 3) and
+- tokenizer: word level over the dataset's closed prompt vocabulary (`shapes.prompt_vocabulary()`: the
+  captions' words, then the few more of styled prompts for SFT), with the special tokens of the
+  released Mistral tokenizer that the pipeline uses (<unk> 0, <s> 1, </s> 2, <pad> 3) and
   its post-processor (a <s> in front of every prompt). Whitespace splits words and every punctuation mark
   is a token of its own, so '"SUN",' is `"`, `SUN`, `"`, `,`.
 - text encoder: a tiny Mistral (the released text encoder's architecture) with random, frozen weights.
@@ -78,7 +79,7 @@ SHAPES_VAE = shapes_vae()
 SHAPES_VAE_TRAINING = autoencoder.AutoencoderTrainConfig()
 # The tiny test text encoder's layers (reference section 7) over the caption vocabulary.
 SHAPES_TEXT_ENCODER = dataclasses.replace(
-    mistral.PRESETS["tiny_text_encoder"], vocab_size=len(SPECIAL_TOKENS) + len(shapes.vocabulary()),
+    mistral.PRESETS["tiny_text_encoder"], vocab_size=len(SPECIAL_TOKENS) + len(shapes.prompt_vocabulary()),
     bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
@@ -171,7 +172,7 @@ def build_components(out_dir, *, shapes_config: shapes.ShapesConfig, vae_config:
     """
     start = time.perf_counter()
     report = progress or (lambda stage, info: None)
-    vocabulary = shapes.vocabulary()
+    vocabulary = shapes.prompt_vocabulary()
     tokenizer = caption_tokenizer(vocabulary)
     text_encoder_config = dataclasses.replace(text_encoder_config, vocab_size=tokenizer.get_vocab_size(),
                                               bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)

@@ -1,4 +1,5 @@
-"""The training loop: restore-or-create the sharded train state, run the compiled step on each batch,
+"""The training loop: restore-or-create the sharded train state of the named trainable models, place the
+frozen ones, run the compiled step of an objective on each batch,
 report metrics to callbacks, checkpoint every K steps, stop on a non-finite loss.
 
 A run killed at any moment and started again with the same arguments resumes from its newest complete
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import jax
@@ -22,21 +23,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ernie_jax import parallel
-from ernie_jax.training.objectives import flow_matching
 from ernie_jax.training.checkpoints import Checkpoints
-from ernie_jax.training.optimizer import (
-    OptimizerConfig,
-    learning_rate_schedule,
-    make_optimizer,
-)
+from ernie_jax.training.objectives import Objective
 from ernie_jax.training.state import (
+    TrainablePart,
     TrainState,
     abstract_train_state,
     create_train_state,
+    part_rests,
+    place,
     shardings_of,
 )
 from ernie_jax.training.step import (
-    BATCH_KEYS,
+    batch_keys,
     batch_shardings,
     jit_train_step,
     make_train_step,
@@ -45,14 +44,12 @@ from ernie_jax.training.step import (
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One flow-matching run. `checkpoint_every` counts updates; the last step is always saved."""
+    """How long to train and how to checkpoint. `checkpoint_every` counts updates; the last step is always
+    saved. `microbatches` splits each batch for gradient accumulation inside the step."""
 
     num_steps: int
     seed: int = 0
     microbatches: int = 1
-    ema_decay: float = 0.999
-    objective: flow_matching.FlowMatchingConfig = dataclasses.field(default_factory=flow_matching.FlowMatchingConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint_every: int = 1000
     max_to_keep: int = 3
     async_checkpoints: bool = True
@@ -61,6 +58,8 @@ class TrainConfig:
         if self.num_steps < 0 or self.checkpoint_every < 1:
             raise ValueError(f"need num_steps >= 0 and checkpoint_every >= 1, got {self.num_steps}, "
                              f"{self.checkpoint_every}")
+        if self.microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {self.microbatches}")
 
 
 class Callback(Protocol):
@@ -104,49 +103,48 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of an update was NaN or infinite; that update's state was not saved."""
 
 
-def _step_inputs(batch: dict) -> dict:
-    """The arrays the step reads (other keys, such as captions, stay on the host)."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise KeyError(f"the batch lacks {missing}; the train step needs {BATCH_KEYS}, got {sorted(batch)}")
-    return {k: batch[k] for k in BATCH_KEYS}
-
-
 def _to_device(batch: dict, shardings: dict) -> dict:
     """Host arrays (this process's rows) -> global arrays in the batch shardings."""
     return {k: jax.device_put(v, shardings[k]) if isinstance(v, jax.Array)
             else jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
 
-def train(config: TrainConfig, model_fn: Callable[[nnx.Rngs], nnx.Module], data_iterator: Iterator[dict],
-          checkpoint_dir: str | os.PathLike, *, mesh: Mesh, rules: parallel.Rules = parallel.TRAINING_RULES,
-          empty_prompt: flow_matching.EmptyPrompt | None = None, prepare_batch: Callable[[dict], dict] | None = None,
+def train(config: TrainConfig, parts: Mapping[str, TrainablePart], objective: Objective,
+          data_iterator: Iterator[dict], checkpoint_dir: str | os.PathLike, *, mesh: Mesh,
+          rules: parallel.Rules = parallel.TRAINING_RULES, initial: Mapping[str, nnx.Module] | None = None,
+          frozen: Mapping[str, nnx.Module] | None = None, prepare_batch: Callable[[dict], dict] | None = None,
           callbacks: Sequence[Callback] = ()) -> TrainState:
-    """Trains until `config.num_steps` updates are done and returns the final state.
+    """Trains the `parts` on `objective` until `config.num_steps` updates are done; returns the final state.
 
-    `model_fn(rngs)` builds the model (float32 `param_dtype`, compute `dtype` of choice).
-    `data_iterator` yields dicts holding at least `step.BATCH_KEYS` as this process's rows (other keys are
-    left on the host) and is a grain iterator, so its position is checkpointed. `prepare_batch` runs on each
-    element first: the place for the frozen VAE and text encoder when the data holds images and captions
-    rather than latents and features.
+    `parts` name the trainable models (`state.TrainablePart`); a part named in `initial` starts from that
+    model (its trained variables are copied into float32 master weights; the rest, e.g. a LoRA's base, is
+    held frozen), the others from their `build`. `frozen` names the models the objective only reads (a DPO
+    reference, teachers); their states are placed by `rules` and never checkpointed.
+    `data_iterator` yields dicts holding at least `objective.batch_keys` as this process's rows (other keys
+    are left on the host) and is a grain iterator, so its position is checkpointed. `prepare_batch` runs on
+    each element first: the place for the frozen VAE and text encoder when the data holds images and
+    captions rather than latents and features.
     Raises NonFiniteLossError naming the step whose loss is NaN/inf, after pending saves finish (the
     newest checkpoint is then the last good one).
     """
     if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
         raise TypeError(f"data_iterator must be a grain iterator (with get_state/set_state, so that its position is "
                         f"checkpointed), got {type(data_iterator).__name__}")
-    optimizer = make_optimizer(config.optimizer)
-    graphdef, abstract = abstract_train_state(model_fn, optimizer, seed=config.seed, mesh=mesh, rules=rules)
-    state_shardings = shardings_of(abstract)
-    step_fn = make_train_step(graphdef, optimizer, config.objective, ema_decay=config.ema_decay,
-                              microbatches=config.microbatches, empty_prompt=empty_prompt,
-                              learning_rate_fn=learning_rate_schedule(config.optimizer))
+    graphdefs, abstract = abstract_train_state(parts, seed=config.seed, mesh=mesh, rules=rules)
+    frozen_states = part_rests(parts, seed=config.seed, mesh=mesh, rules=rules, initial=initial)
+    for name, model in (frozen or {}).items():
+        if name in parts:
+            raise ValueError(f"{name!r} is both a trainable part and a frozen model")
+        graphdefs[name], frozen_state = nnx.split(model)
+        frozen_states[name] = place(frozen_state, mesh, rules)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_states)
+    step_fn = make_train_step(parts, graphdefs, objective, microbatches=config.microbatches)
     ckpt = Checkpoints(checkpoint_dir, max_to_keep=config.max_to_keep, async_save=config.async_checkpoints)
     try:
         if ckpt.latest_step() is not None:
             state = ckpt.restore(abstract, data_iterator)
         else:
-            _, state = create_train_state(model_fn, optimizer, seed=config.seed, mesh=mesh, rules=rules)
+            _, state = create_train_state(parts, seed=config.seed, mesh=mesh, rules=rules, initial=initial)
         step = int(state.step)
         compiled = None
         while step < config.num_steps:
@@ -154,11 +152,12 @@ def train(config: TrainConfig, model_fn: Callable[[nnx.Rngs], nnx.Module], data_
                 batch = next(data_iterator)
             except StopIteration:
                 raise RuntimeError(f"the data iterator ran out at step {step} of {config.num_steps}") from None
-            batch = _step_inputs(batch if prepare_batch is None else prepare_batch(batch))
+            batch = batch if prepare_batch is None else prepare_batch(batch)
+            batch = {k: batch[k] for k in batch_keys(objective, batch)}
             if compiled is None:
                 shardings = batch_shardings(mesh, rules, batch)
-                compiled = jit_train_step(step_fn, mesh, rules, state_shardings, shardings)
-            state, metrics = compiled(state, _to_device(batch, shardings))
+                compiled = jit_train_step(step_fn, mesh, rules, shardings_of(abstract), frozen_shardings, shardings)
+            state, metrics = compiled(state, frozen_states, _to_device(batch, shardings))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not math.isfinite(metrics["loss"]):
                 ckpt.wait_until_finished()

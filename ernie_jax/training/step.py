@@ -1,21 +1,23 @@
-"""One training step `(state, batch) -> (state, metrics)`: flow-matching loss, gradients accumulated over
-microbatches, one optimizer update, EMA; and its sharded, donating jit.
+"""One training step `(state, frozen, batch) -> (state, metrics)`: an objective's loss over the named
+models, gradients accumulated over microbatches, one optimizer update and EMA per trainable part; and its
+sharded, donating jit.
 
-A batch is a dict of `latents [B, C, H, W]` (clean, normalised VAE latents), `text [B, T, D]` (zero-padded
-text-encoder features) and `text_lens [B]`; the frozen VAE and text encoder run before it (or the data
-holds their outputs). Other keys are ignored.
+The objective (`training.objectives`) says which batch keys it reads, which models it trains and which it
+only reads; `frozen` holds the frozen states (the rest of a trainable part, such as a LoRA's base, and
+whole frozen models, such as a DPO reference) by name. The frozen encoders run before the step (or the data
+holds their outputs). Batch keys the objective does not read are ignored.
 
 Gradient accumulation is an explicit `lax.scan` over `microbatches` slices of the batch inside the one
 compiled step, rather than `optax.MultiSteps`: the optimizer, schedule, EMA and checkpoint interval all
 count real updates; no gradient accumulator lives in the optimizer state (nor in checkpoints); one
 host call and one batch from the data pipeline per update; and only one microbatch's activations are
-alive at a time. The noise, sigmas and text dropout of the whole batch are drawn before the split, so k
-microbatches compute the same update as one batch of k times the size.
+alive at a time. Each example draws its randomness from its own key (`objectives.example_keys`), split
+with the rows, so k microbatches compute the same update as one batch of k times the size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +26,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ernie_jax import parallel
-from ernie_jax.training.objectives import flow_matching
-from ernie_jax.training.state import TrainState, ema_update
-
-BATCH_KEYS = ("latents", "text", "text_lens")
+from ernie_jax.training.objectives import Objective, example_keys
+from ernie_jax.training.state import TrainablePart, TrainState, ema_update
 
 Metrics = dict[str, jax.Array]
 
@@ -35,6 +35,16 @@ Metrics = dict[str, jax.Array]
 def step_key(state: TrainState) -> jax.Array:
     """The key of the update from `state.step`: a function of the base key and the step only."""
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def batch_keys(objective: Objective, batch: Mapping) -> tuple[str, ...]:
+    """The keys of `batch` the step passes to `objective`: its `batch_keys` (all required) and those of its
+    `optional_batch_keys` the batch has."""
+    missing = [k for k in objective.batch_keys if k not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks {missing}; the objective reads {tuple(objective.batch_keys)}, got "
+                       f"{sorted(batch)}")
+    return (*objective.batch_keys, *(k for k in getattr(objective, "optional_batch_keys", ()) if k in batch))
 
 
 def _microbatches(tree, count: int):
@@ -46,54 +56,71 @@ def _microbatches(tree, count: int):
     return jax.tree.map(split, tree)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    objective: flow_matching.FlowMatchingConfig, *, ema_decay: float, microbatches: int = 1,
-                    empty_prompt: flow_matching.EmptyPrompt | None = None,
-                    learning_rate_fn: optax.Schedule | None = None) -> Callable[[TrainState, dict], tuple]:
-    """The pure step `(state, batch) -> (new state, metrics)`.
+def _merge(graphdef: nnx.GraphDef, *states) -> nnx.Module:
+    return nnx.merge(graphdef, *(s for s in states if s is not None))
 
-    metrics: `loss` (weighted, as optimised), `mse`, `grad_norm` (before clipping) and, given
-    `learning_rate_fn`, `learning_rate` of this update. `empty_prompt` (the frozen encoder's features of
-    "") is required when `objective.text_dropout > 0`.
+
+def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, nnx.GraphDef], objective: Objective,
+                    *, microbatches: int = 1) -> Callable[[TrainState, dict, dict], tuple]:
+    """The pure step `(state, frozen, batch) -> (new state, metrics)`.
+
+    `graphdefs` names the graphdef of every trainable part and frozen model; `frozen` (at call time) the
+    state of every frozen model the objective reads, and the rest of a trainable part where it has one.
+    metrics: the objective's, `grad_norm` (over all parts, before clipping) and each part's
+    `learning_rate` (given its schedule); with several parts also `grad_norm/NAME` and `learning_rate/NAME`.
     """
-    if objective.text_dropout > 0 and empty_prompt is None:
-        raise ValueError("text_dropout > 0 needs the empty prompt's features (empty_prompt)")
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-    if not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+    if sorted(objective.trains) != sorted(parts):
+        raise ValueError(f"the objective trains {sorted(objective.trains)} but the trainable parts are "
+                         f"{sorted(parts)}: every part needs gradients and every trained model a part")
+    unknown = sorted(set(objective.reads) - set(graphdefs))
+    if unknown or set(objective.reads) & set(parts):
+        raise ValueError(f"the objective reads {sorted(objective.reads)}: each must be a frozen model with a "
+                         f"graphdef and not a trainable part (graphdefs: {sorted(graphdefs)})")
 
-    def loss_fn(params, micro, draw):
-        model = nnx.merge(graphdef, params)
-        return flow_matching.flow_matching_loss(model, micro["latents"], micro["text"], micro["text_lens"], draw,
-                                             weighting=objective.weighting, empty_prompt=empty_prompt)
+    def loss_fn(params, frozen, micro, keys):
+        trainable = {name: _merge(graphdefs[name], params[name], frozen.get(name)) for name in parts}
+        for index, (name, part) in enumerate(parts.items()):
+            if part.stochastic is not None:
+                # The first example's key, folded away from what the objective draws from it.
+                part.stochastic(trainable[name], jax.random.fold_in(keys[0], 2**31 - 1 - index))
+        read = {name: nnx.merge(graphdefs[name], frozen[name]) for name in objective.reads}
+        return objective.loss(trainable, read, micro, keys)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"batch lacks {missing}; it needs {BATCH_KEYS}")
-        inputs = {k: batch[k] for k in BATCH_KEYS}
-        size = inputs["latents"].shape[0]
+    def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, Metrics]:
+        inputs = {k: batch[k] for k in batch_keys(objective, batch)}
+        size = jax.tree.leaves(inputs)[0].shape[0]
         if size % microbatches:
             raise ValueError(f"batch size {size} is not divisible by microbatches={microbatches}")
-        draw = flow_matching.draw_noise(step_key(state), inputs["latents"].shape, objective)
+        keys = example_keys(step_key(state), size)
 
         def accumulate(total, micro):
-            (_, metrics), grads = grad_fn(state.params, *micro)
+            (_, metrics), grads = grad_fn(state.params, frozen, *micro)
             return jax.tree.map(jnp.add, total, (grads, metrics)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params), {"loss": jnp.float32(0), "mse": jnp.float32(0)}
-        total, _ = jax.lax.scan(accumulate, zeros, _microbatches((inputs, draw), microbatches))
+        split = _microbatches((inputs, keys), microbatches)
+        first = jax.tree.map(lambda x: x[0], split)
+        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, frozen, *first)[1])
+        zeros = jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(
+            lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
+        total, _ = jax.lax.scan(accumulate, zeros, split)
         grads, metrics = jax.tree.map(lambda x: x / microbatches, total)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, ema_params = {}, {}, {}
+        for name, part in parts.items():
+            updates, opt_state[name] = part.optimizer.update(grads[name], state.opt_state[name], state.params[name])
+            params[name] = optax.apply_updates(state.params[name], updates)
+            ema_params[name] = ema_update(state.ema_params[name], params[name], part.ema_decay)
         metrics["grad_norm"] = optax.global_norm(grads)
-        if learning_rate_fn is not None:
-            metrics["learning_rate"] = learning_rate_fn(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params, ema_decay))
+        for name, part in parts.items():
+            suffix = f"/{name}" if len(parts) > 1 else ""
+            if suffix:
+                metrics[f"grad_norm{suffix}"] = optax.global_norm(grads[name])
+            if part.learning_rate is not None:
+                metrics[f"learning_rate{suffix}"] = part.learning_rate(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics
 
     return step
@@ -104,9 +131,10 @@ def batch_shardings(mesh: Mesh, rules: parallel.Rules, batch: dict) -> dict[str,
     return {k: parallel.batch_sharding(mesh, rules, jnp.shape(v)) for k, v in batch.items()}
 
 
-def jit_train_step(step, mesh: Mesh, rules: parallel.Rules, state_shardings, batch_sharding: dict):
+def jit_train_step(step, mesh: Mesh, rules: parallel.Rules, state_shardings, frozen_shardings, batch_sharding: dict):
     """`step` compiled with the state in `state_shardings` (donated: the new state reuses its buffers), the
-    batch in `batch_sharding`, replicated metrics, and activations pinned by `rules`."""
-    return parallel.jit_sharded(step, mesh, rules, (state_shardings, batch_sharding),
+    frozen states in `frozen_shardings` (kept), the batch in `batch_sharding`, replicated metrics, and
+    activations pinned by `rules`."""
+    return parallel.jit_sharded(step, mesh, rules, (state_shardings, frozen_shardings, batch_sharding),
                                 (state_shardings, parallel.replicated(mesh)),
                                 donate_argnums=(0,))

@@ -6,7 +6,6 @@ gathered). Run by tests/workers/sharded_runner.py.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -14,12 +13,16 @@ import numpy as np
 from flax import nnx
 
 from conversions.random_checkpoint import write_random_pipeline
-from ernie_jax import main, parallel
+from ernie_jax import parallel
 from ernie_jax.data.precompute import load_encoders
 from ernie_jax.evaluation.grid import image_grid
 from ernie_jax.pipeline import ErnieImagePipeline
-from ernie_jax.training.objectives import flow_matching
-from ernie_jax.training.optimizer import make_optimizer
+from ernie_jax.runner import evaluators
+from ernie_jax.runner.config import resolve
+from ernie_jax.runner.data import FrozenEncoders
+from ernie_jax.runner.stages import scheduler_shift
+from ernie_jax.runner.stages.train import trainable_parts
+from ernie_jax.training.objectives import example_keys, flow_matching
 from ernie_jax.training.state import create_train_state
 from experiments.tiny_shapes import get_config
 
@@ -59,52 +62,56 @@ def run(workdir: Path) -> dict:
     config = get_config("tiny")
     config.components.update(kind="pretrained", path=str(components))
     config.mesh.ici.fsdp = 8
-    config.logging.update(eval_batch_size=8, sample_steps=2)  # both batches split 8 ways (4 prompts x CFG)
-    experiment = main.resolve(config, workdir)
+    config.evals.eval.batch_size = 8  # both batches split 8 ways (4 prompts x CFG)
+    config.evals.samples.steps = 2
+    experiment = resolve(config, workdir)
     transformer_config = experiment.transformer_config(encoders.text_encoder.config.hidden_size,
                                                        encoders.vae.config.packed_channels)
-    mesh = main._mesh(experiment)
-    graphdef, state = create_train_state(experiment.model_fn(transformer_config),
-                                         make_optimizer(experiment.train.optimizer), seed=0, mesh=mesh, rules=RULES)
-    host_ema = jax.device_get(state.ema_params)
-    shift = main._scheduler_shift(components)
+    mesh = experiment.mesh()
+    graphdefs, state = create_train_state(trainable_parts(experiment, transformer_config), seed=0, mesh=mesh,
+                                          rules=RULES)
+    graphdef = graphdefs["transformer"]
+    host_ema = jax.device_get(state.ema_params["transformer"])
+    shift = scheduler_shift(components)
     programs = []
     record_programs(programs)
     writer = Writer()
     last = experiment.train.num_steps - 1
-    main.SampleGrids(experiment, encoders, graphdef, shift, workdir / "samples", writer, mesh=mesh,
-                     rules=RULES)(last, {}, state)
-    frozen = main.FrozenEncoders(encoders, config.data.max_text_len)
-    evaluation = main.EvalLoss(experiment, main.open_source("shapes", experiment, "heldout"), frozen, graphdef,
-                               writer, mesh=mesh, rules=RULES)
+    frozen = FrozenEncoders(encoders, config.data.max_text_len)
+    context = evaluators.Context(experiment, encoders, frozen, mesh, RULES, writer, shift,
+                                 lambda s: nnx.merge(graphdef, s.ema_params["transformer"]))
+    callbacks = dict(zip(config.evals.keys(), evaluators.build(context)))
+    grids, evaluation = callbacks["samples"], callbacks["eval"]
+    grids(last, {}, state)
     evaluation(last, {}, state)
 
     # One device, the gathered EMA: the grid and the loss as the callbacks computed them before.
-    log = config.logging
-    prompts = list(log.sample_prompts)
+    log = config.evals.samples
+    prompts = list(log.prompts)
     pipe = ErnieImagePipeline(nnx.merge(graphdef, host_ema), encoders.vae, None, None, shift=shift)
     images = pipe(prompt_embeds=encoders.encode_prompt(prompts), negative_prompt_embeds=encoders.encode_prompt(
-        [""]) * len(prompts), height=64, width=64, num_inference_steps=log.sample_steps,
-        guidance_scale=log.sample_guidance, seed=log.sample_seed, output_type="np").images
-    objective = dataclasses.replace(experiment.train.objective, text_dropout=0.0)
+        [""]) * len(prompts), height=64, width=64, num_inference_steps=log.steps,
+        guidance_scale=log.guidance, seed=log.seed, output_type="np").images
+    objective = flow_matching.FlowMatchingConfig(**config.evals.eval.objective)
     (batch,) = evaluation.batches(experiment.curriculum.stage_at(last).buckets[0])
     host_batch = {k: np.asarray(v) for k, v in batch.items()}
-    draw = flow_matching.draw_noise(jax.random.fold_in(jax.random.key(config.seed + 1), 0), host_batch["latents"].shape,
-                                 objective)
+    keys = example_keys(jax.random.fold_in(jax.random.key(config.seed + 1), 0), host_batch["latents"].shape[0])
+    draw = flow_matching.draw_noise(keys, host_batch["latents"].shape, objective)
     loss, _ = jax.jit(lambda p: flow_matching.flow_matching_loss(
         nnx.merge(graphdef, p), host_batch["latents"], host_batch["text"], host_batch["text_lens"], draw,
         weighting=objective.weighting))(host_ema)
 
     denoise = [shardings for fn, shardings in programs if getattr(fn, "__name__", "") == "denoise_loop"]
-    compiled = evaluation._loss.lower(state.ema_params, batch, jax.random.key(0)).compile()
-    kernel = state.ema_params["layers"]["mlp"]["gate_proj"]["kernel"][...]
+    ema = state.ema_params["transformer"]
+    compiled = evaluation._loss.lower(ema, batch, jax.random.key(0)).compile()
+    kernel = ema["layers"]["mlp"]["gate_proj"]["kernel"][...]
     return {"grid_difference": int(np.abs(writer.images["samples"].astype(int)
                                           - image_grid(images, prompts).astype(int)).max()),
             "images_std": float(images.std()),
             "eval_loss": writer.values["eval/loss"], "reference_loss": float(loss),
             "denoise_programs": len(denoise),
-            "denoise_weights_as_trained": len(denoise) == 1 and same_shardings(denoise[0][0], state.ema_params),
-            "eval_weights_as_trained": same_shardings(compiled.input_shardings[0][0], state.ema_params),
+            "denoise_weights_as_trained": len(denoise) == 1 and same_shardings(denoise[0][0], ema),
+            "eval_weights_as_trained": same_shardings(compiled.input_shardings[0][0], ema),
             "eval_batch_split": [list(a.sharding.shard_shape(a.shape)) for a in jax.tree.leaves(batch)][0],
             "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape))}
 

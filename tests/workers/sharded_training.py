@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from ernie_jax import parallel
-from ernie_jax.training import optimizer, state, step
+from ernie_jax.training import state, step
 from tests.workers.common import relative_error
-from tests.workers.training_run import dataset, empty_prompt, tiny_model, train_config
+from tests.workers.training_run import dataset, objective, parts, train_config
 
 # Name -> the mesh; "explicit" is made the standard JAX way (jax.make_mesh: Explicit axes).
 MESHES = {"fsdp=4,tensor=2": lambda: parallel.make_mesh({"fsdp": 4, "tensor": 2}),
@@ -32,23 +32,21 @@ STEPS = 2
 def run(mesh):
     """(losses, final state on the host, shard shapes) of STEPS updates on `mesh`."""
     config = dataclasses.replace(train_config(STEPS, 1), microbatches=2)
-    tx = optimizer.make_optimizer(config.optimizer)
     rules = parallel.TRAINING_RULES
-
-    graphdef, train_state = state.create_train_state(tiny_model, tx, seed=config.seed, mesh=mesh, rules=rules)
-    step_fn = step.make_train_step(graphdef, tx, config.objective, ema_decay=config.ema_decay,
-                                   microbatches=config.microbatches, empty_prompt=empty_prompt())
+    trainable = parts()
+    graphdefs, train_state = state.create_train_state(trainable, seed=config.seed, mesh=mesh, rules=rules)
+    step_fn = step.make_train_step(trainable, graphdefs, objective(), microbatches=config.microbatches)
     batches = [{k: v for k, v in b.items() if k != "index"} for b in dataset(STEPS, batch=BATCH)]
     shardings = step.batch_shardings(mesh, rules, batches[0])
-    compiled = step.jit_train_step(step_fn, mesh, rules, jax.tree.map(lambda x: x.sharding, train_state),
+    compiled = step.jit_train_step(step_fn, mesh, rules, jax.tree.map(lambda x: x.sharding, train_state), {},
                                    shardings)
     losses = []
     for batch in batches:
         batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-        train_state, metrics = compiled(train_state, batch)
+        train_state, metrics = compiled(train_state, {}, batch)
         losses.append(float(metrics["loss"]))
-    kernel = train_state.params["layers"]["mlp"]["gate_proj"]["kernel"][...]
-    moment = train_state.opt_state[1][0].mu["layers"]["mlp"]["gate_proj"]["kernel"][...]
+    kernel = train_state.params["transformer"]["layers"]["mlp"]["gate_proj"]["kernel"][...]
+    moment = train_state.opt_state["transformer"][1][0].mu["layers"]["mlp"]["gate_proj"]["kernel"][...]
     shards = {"kernel": list(kernel.shape), "kernel_shard": list(kernel.addressable_shards[0].data.shape),
               "moment_shard": list(moment.addressable_shards[0].data.shape),
               "latents_shard": list(batch["latents"].addressable_shards[0].data.shape)}

@@ -22,7 +22,8 @@ from ernie_jax import parallel
 from ernie_jax.models.dit import PRESETS, ErnieImageTransformer
 from ernie_jax.training import loop
 from ernie_jax.training.objectives import flow_matching
-from ernie_jax.training.optimizer import OptimizerConfig
+from ernie_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from ernie_jax.training.state import TrainablePart
 
 BATCH = 4
 TEXT_LEN = 8
@@ -57,11 +58,21 @@ def empty_prompt() -> flow_matching.EmptyPrompt:
     return flow_matching.EmptyPrompt(np.random.default_rng(1234).standard_normal((1, TEXT_DIM), np.float32), 1)
 
 
+OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=2, decay_steps=100, weight_decay=0.01)
+
+
 def train_config(num_steps: int, checkpoint_every: int, max_to_keep: int = 3) -> loop.TrainConfig:
-    return loop.TrainConfig(
-        num_steps=num_steps, seed=0, ema_decay=0.9, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-        objective=flow_matching.FlowMatchingConfig(shift=3.0, text_dropout=0.25),
-        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2, decay_steps=100, weight_decay=0.01))
+    return loop.TrainConfig(num_steps=num_steps, seed=0, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep)
+
+
+def parts(model=tiny_model) -> dict[str, TrainablePart]:
+    """The one trainable part, "transformer": `model` with the run's AdamW and EMA decay 0.9."""
+    return {"transformer": TrainablePart(model, make_optimizer(OPTIMIZER), ema_decay=0.9,
+                                         learning_rate=learning_rate_schedule(OPTIMIZER))}
+
+
+def objective() -> flow_matching.FlowMatching:
+    return flow_matching.FlowMatching(flow_matching.FlowMatchingConfig(shift=3.0, text_dropout=0.25), empty_prompt())
 
 
 def run(checkpoint_dir, log_path, *, num_steps: int, checkpoint_every: int, max_to_keep: int = 3,
@@ -79,9 +90,9 @@ def run(checkpoint_dir, log_path, *, num_steps: int, checkpoint_every: int, max_
         time.sleep(step_delay)
 
     mesh = parallel.make_mesh({"fsdp": -1})
-    return loop.train(train_config(num_steps, checkpoint_every, max_to_keep), tiny_model,
+    return loop.train(train_config(num_steps, checkpoint_every, max_to_keep), parts(), objective(),
                       iter(dataset(num_steps, nan_at_step=nan_at_step).to_iter_dataset()), checkpoint_dir,
-                      mesh=mesh, empty_prompt=empty_prompt(), prepare_batch=prepare, callbacks=[record])
+                      mesh=mesh, prepare_batch=prepare, callbacks=[record])
 
 
 def main():

@@ -14,8 +14,12 @@ One key per example, rather than one per batch, is what lets the trainer split a
 (the keys split with the rows) and still compute the update of the whole batch: every random number an
 example sees is drawn from its own key.
 
-The trainer knows nothing else about an objective; it resolves `config.objective.name` to the module
-`ernie_jax.training.objectives.<name>`, whose `make(config, context)` builds it.
+An objective may also list `optional_batch_keys`, which the step passes on when the batch has them.
+
+The trainer knows nothing else about an objective. The runner resolves `config.objective.name` to the
+module `ernie_jax.training.objectives.<name>`, which has a `Config` dataclass (built from the other
+`config.objective` fields) and `make(config, context) -> Objective` (`context`:
+`runner.stages.train.ObjectiveContext`).
 """
 
 from __future__ import annotations

@@ -203,6 +203,12 @@ class DPOConfig:
     def __post_init__(self):
         check_options(beta=self.beta, lambda_win=self.lambda_win, lambda_lose=self.lambda_lose,
                       variant=self.variant, reduction=self.reduction)
+        if not isinstance(self.sigmas, SigmaSampling):  # a mapping of SigmaSampling's fields, as configs give it
+            known = {field.name for field in dataclasses.fields(SigmaSampling)}
+            unknown = sorted(set(self.sigmas) - known)
+            if unknown:
+                raise ValueError(f"unknown DPO sigmas fields {unknown}")
+            object.__setattr__(self, "sigmas", SigmaSampling(**{key: self.sigmas[key] for key in self.sigmas}))
 
 
 def draw_example(key: jax.Array, latent_shape: tuple[int, ...], sigmas: SigmaSampling) -> tuple[jax.Array, jax.Array]:
@@ -235,17 +241,10 @@ class DPO:
                         lambda_lose=config.lambda_lose, variant=config.variant, reduction=config.reduction)
 
 
-def make(config: Mapping) -> DPO:
-    """The objective from a dict / ConfigDict of `DPOConfig`'s fields, `sigmas` a mapping of `SigmaSampling`'s
-    (a `name` entry, the trainer's choice of this module, is ignored)."""
-    fields = {key: config[key] for key in config if key != "name"}
-    unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(DPOConfig)})
-    if unknown:
-        raise ValueError(f"unknown DPO config fields {unknown}")
-    if "sigmas" in fields:
-        sigmas = fields["sigmas"]
-        unknown = sorted(set(sigmas) - {field.name for field in dataclasses.fields(SigmaSampling)})
-        if unknown:
-            raise ValueError(f"unknown DPO sigmas fields {unknown}")
-        fields["sigmas"] = SigmaSampling(**{key: sigmas[key] for key in sigmas})
-    return DPO(DPOConfig(**fields))
+# The runner builds an objective from `config.objective` as `make(Config(**settings), context)`.
+Config = DPOConfig
+
+
+def make(config: DPOConfig, context=None) -> DPO:
+    """The objective of `config` (it needs nothing from the runner's context)."""
+    return DPO(config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -112,14 +112,18 @@ def sample_sigmas(rng: jax.Array, batch: int, *, scheme: str = "logit_normal", m
     return shift_sigmas(u, shift)
 
 
-def draw_noise(rng: jax.Array, latent_shape: tuple[int, ...], config: FlowMatchingConfig) -> NoiseDraw:
-    """Everything random about one batch's loss, for latents of shape `[B, C, H, W]`."""
-    noise_key, sigma_key, drop_key = jax.random.split(rng, 3)
-    batch = latent_shape[0]
-    return NoiseDraw(
-        noise=jax.random.normal(noise_key, latent_shape, jnp.float32),
-        sigmas=config.sample(sigma_key, batch),
-        drop_text=jax.random.bernoulli(drop_key, config.text_dropout, (batch,)))
+def draw_noise(keys: jax.Array, latent_shape: tuple[int, ...], config: FlowMatchingConfig) -> NoiseDraw:
+    """Everything random about one batch's loss, for latents of shape `[B, C, H, W]`: example i's noise,
+    sigma and text dropout from its own key `keys[i]` (`keys [B]`)."""
+    if keys.shape != latent_shape[:1]:
+        raise ValueError(f"draw_noise: {keys.shape[0] if keys.ndim else 'no'} keys for a batch of {latent_shape[0]}")
+
+    def one(key):
+        noise_key, sigma_key, drop_key = jax.random.split(key, 3)
+        return (jax.random.normal(noise_key, latent_shape[1:], jnp.float32), config.sample(sigma_key, 1)[0],
+                jax.random.bernoulli(drop_key, config.text_dropout))
+
+    return NoiseDraw(*jax.vmap(one)(keys))
 
 
 def loss_weights(sigmas: jax.Array, weighting: str) -> jax.Array:
@@ -165,3 +169,40 @@ def flow_matching_loss(predict_velocity: VelocityFn, latents: jax.Array, text: j
     per_sample = jnp.mean(jnp.square(prediction - target), axis=tuple(range(1, x0.ndim)))
     loss = jnp.mean(loss_weights(sigmas, weighting) * per_sample)
     return loss, {"loss": loss, "mse": jnp.mean(per_sample)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatching:
+    """The flow-matching objective (`objectives.Objective`) of the model named `model`: batches of clean
+    `latents [B, C, H, W]`, text features `text [B, T, D]` and `text_lens [B]`. `empty_prompt` (the frozen
+    encoder's features of "") is required when `config.text_dropout > 0`."""
+
+    config: FlowMatchingConfig = dataclasses.field(default_factory=FlowMatchingConfig)
+    empty_prompt: EmptyPrompt | None = None
+    model: str = "transformer"
+
+    batch_keys = ("latents", "text", "text_lens")
+    reads = ()
+
+    def __post_init__(self):
+        if self.config.text_dropout > 0 and self.empty_prompt is None:
+            raise ValueError("text_dropout > 0 needs the empty prompt's features (empty_prompt)")
+
+    @property
+    def trains(self) -> tuple[str, ...]:
+        return (self.model,)
+
+    def loss(self, trainable: Mapping, frozen: Mapping, batch: Mapping, keys: jax.Array
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        draw = draw_noise(keys, batch["latents"].shape, self.config)
+        return flow_matching_loss(trainable[self.model], batch["latents"], batch["text"], batch["text_lens"], draw,
+                                  weighting=self.config.weighting, empty_prompt=self.empty_prompt)
+
+
+# The runner builds an objective from `config.objective` as `make(Config(**settings), context)`.
+Config = FlowMatchingConfig
+
+
+def make(config: FlowMatchingConfig, context) -> FlowMatching:
+    """The objective of `config`, with the empty prompt of `context` when text is dropped."""
+    return FlowMatching(config, context.empty_prompt if config.text_dropout > 0 else None)

@@ -1,0 +1,189 @@
+"""Stage `train`: the objective `config.objective.name` on the trainable parts (today the transformer),
+reading `data.source` through the frozen VAE and text encoder, or precomputed latents and text features
+(the precompute stage's, or the folders `data.precomputed` names), or, for DPO, preference pairs (the pairs
+stage's, or the folders `data.preferences` names). Writes WORKDIR/checkpoints/ (Orbax: the
+trained variables, optimizer state, EMA, step, RNG and the data position), WORKDIR/logs/ (TensorBoard:
+train/* metrics, data/*, and what `config.evals` log), WORKDIR/metrics.jsonl (one line per update) and the
+evaluators' files.
+
+The transformer starts from `config.init.path` (a pipeline or transformer folder; "components": the
+components' pipeline) when set, else from random weights; `config.lora.rank > 0` trains LoRA adapters on
+it instead of the whole DiT. Frozen models an objective reads (`objective.reads`, e.g. a DPO reference) are loaded from
+`config.frozen.NAME.path` in `config.frozen.NAME.dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.runner.config import Experiment
+from ernie_jax.runner.stages import latest_step, say, scheduler_shift
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveContext:
+    """What an objective's `make(config, context)` may use: the frozen text encoder's features of the empty
+    prompt (`training.objectives.flow_matching.EmptyPrompt`, for text dropout)."""
+
+    empty_prompt: object
+
+
+def trainable_parts(experiment: Experiment, transformer_config) -> dict:
+    """{"transformer": its `TrainablePart`}: the experiment's DiT (with `config.lora`: its LoRA adapters on a
+    frozen base in `config.lora.base_dtype`, dropout drawn afresh at every step), AdamW and EMA decay."""
+    from ernie_jax.training.optimizer import learning_rate_schedule, make_optimizer
+    from ernie_jax.training.state import TrainablePart
+
+    settings = dict(optimizer=make_optimizer(experiment.optimizer), ema_decay=experiment.config.train.ema_decay,
+                    learning_rate=learning_rate_schedule(experiment.optimizer))
+    adapters = experiment.lora
+    if adapters is None:
+        return {"transformer": TrainablePart(experiment.model_fn(transformer_config), **settings)}
+    from conversions.lora import diffusers_names
+    from ernie_jax.models import lora
+
+    base = experiment.model_fn(transformer_config, jnp.dtype(experiment.config.lora.base_dtype))
+
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return lora.add_lora(base(rngs), adapters, rngs, diffusers_names(transformer_config))
+
+    return {"transformer": TrainablePart(build, trained=lora.LoRAParam,
+                                         stochastic=lora.set_training if adapters.dropout else None, **settings)}
+
+
+def load_frozen_transformer(experiment: Experiment, path: str, param_dtype: str, mesh, rules) -> nnx.Module:
+    """The transformer of a pipeline or transformer folder, its weights in `param_dtype` where `rules` put
+    them on `mesh`, computing as the experiment's model does."""
+    from pathlib import Path
+
+    from conversions.transformer import load_transformer
+
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        folder = folder / "transformer"
+    m = experiment.config.model
+    return load_transformer(folder, m.dtype, param_dtype=jnp.dtype(param_dtype), attention_impl=m.attention_impl,
+                            remat=m.remat, mesh=mesh, axis_rules=rules)
+
+
+def initial_models(experiment: Experiment, transformer_config, mesh, rules, *, fresh: bool) -> dict:
+    """{"transformer": the model training starts from} when `config.init.path` is set: its weights in
+    `config.init.dtype` (with LoRA: the base in `config.lora.base_dtype` with fresh adapters, which a
+    resumed run needs as its frozen base; otherwise read only for a `fresh` start, as a checkpoint then holds
+    the trained weights)."""
+    config, path = experiment.config, experiment.init_path
+    if not path:
+        return {}
+    adapters = experiment.lora
+    if adapters is None:
+        return {"transformer": load_frozen_transformer(experiment, path, config.init.dtype, mesh, rules)
+                } if fresh else {}
+    from conversions.lora import diffusers_names
+    from ernie_jax.models import lora
+
+    base = load_frozen_transformer(experiment, path, config.lora.base_dtype, mesh, rules)
+    return {"transformer": lora.add_lora(base, adapters, nnx.Rngs(config.seed), diffusers_names(transformer_config))}
+
+
+def frozen_model(experiment: Experiment, name: str, initial: dict, mesh, rules) -> nnx.Module:
+    """The frozen model `name` an objective reads, from `config.frozen.NAME`: `path` "init" is the model
+    training starts from (with LoRA the base with its adapters switched off, on the same arrays: one copy of
+    the weights; otherwise `config.init.path` in `dtype`), any other path a pipeline or transformer folder."""
+    config = experiment.config
+    if name not in config.frozen:
+        raise ValueError(f"the objective reads the frozen model {name!r}: set config.frozen.{name}.path")
+    settings = config.frozen[name]
+    if settings.path == "init":
+        if not experiment.init_path:
+            raise ValueError(f"config.frozen.{name}.path is 'init' but config.init.path is empty")
+        if experiment.lora is not None:
+            from ernie_jax.models import lora
+
+            return lora.without_adapters(initial["transformer"])
+        model = initial.get("transformer")
+        if model is not None and jax.tree.leaves(nnx.state(model))[0].dtype == jnp.dtype(settings.dtype):
+            return model
+        return load_frozen_transformer(experiment, experiment.init_path, settings.dtype, mesh, rules)
+    return load_frozen_transformer(experiment, settings.path, settings.dtype, mesh, rules)
+
+
+def run(experiment: Experiment) -> None:
+    from ernie_jax.data.pipeline import build_pipeline
+    from ernie_jax.data.precompute import load_encoders
+    from ernie_jax.data.precomputed import build_precomputed_pipeline
+    from ernie_jax.data.preferences import build_preference_pipeline
+    from ernie_jax.runner import evaluators
+    from ernie_jax.runner.data import (
+        FrozenEncoders,
+        open_source,
+        precomputed_sources,
+        preference_sources,
+    )
+    from ernie_jax.training import loop
+    from ernie_jax.training.metrics import ProgressBar, TensorBoardWriter
+    from ernie_jax.training.objectives.flow_matching import EmptyPrompt
+    from ernie_jax.training.state import part_rests
+
+    config, workdir, num_steps = experiment.config, experiment.workdir, experiment.train.num_steps
+    checkpoint_dir = workdir / "checkpoints"
+    done = latest_step(checkpoint_dir) or 0
+    if done >= num_steps:
+        say(f"train: done ({done} of {num_steps} updates)")
+        return
+    encoders = load_encoders(experiment.components_dir, config.train.encoder_dtype)
+    transformer_config = experiment.transformer_config(encoders.text_encoder.config.hidden_size,
+                                                       encoders.vae.config.packed_channels)
+    parts = trainable_parts(experiment, transformer_config)
+    mesh, rules = experiment.mesh(), experiment.rules
+    frozen = FrozenEncoders(encoders, config.data.max_text_len)
+    preferences = preference_sources(experiment)
+    if preferences:
+        data = build_preference_pipeline(preferences, experiment.pipeline)
+        empty_features = preferences[0].empty_prompt
+        prepare_batch, empty = None, EmptyPrompt(empty_features, len(empty_features))
+    elif experiment.precomputed():
+        sources = precomputed_sources(experiment)
+        # Text padded to max_text_len as FrozenEncoders pads it: the step compiles for the same shapes.
+        data = build_precomputed_pipeline(sources, experiment.pipeline, text_multiple=config.data.max_text_len)
+        prepare_batch, empty = None, EmptyPrompt(sources[0].empty_prompt, len(sources[0].empty_prompt))
+    else:
+        data = build_pipeline(open_source(config.data.source, experiment, "train"), experiment.pipeline)
+        prepare_batch, empty = frozen, frozen.empty_prompt()
+    objective = experiment.objective_module.make(experiment.objective, ObjectiveContext(empty))
+    initial = initial_models(experiment, transformer_config, mesh, rules, fresh=not done)
+    frozen_models = {name: frozen_model(experiment, name, initial, mesh, rules) for name in objective.reads}
+    graphdef = nnx.split(nnx.eval_shape(lambda: parts["transformer"].build(nnx.Rngs(0))), parts["transformer"].trained,
+                         ...)[0]
+    rest = part_rests(parts, seed=config.seed, mesh=mesh, rules=rules, initial=initial).get("transformer")
+
+    def ema_transformer(state) -> nnx.Module:
+        return nnx.merge(graphdef, state.ema_params["transformer"], *([] if rest is None else [rest]))
+
+    def data_stats() -> dict[str, float]:
+        counts = {f"data/category/{name}": float(n) for name, n in data.stats.category_summary().items()}
+        return {**data.stats.summary(), **counts}
+
+    # Logs are written by the first process; every process runs the evaluators (collectives).
+    writer = progress = None
+    callbacks = []
+    if jax.process_index() == 0:
+        writer = TensorBoardWriter(workdir / "logs", purge_step=done + 1)  # update `done` logs at done + 1
+        progress = ProgressBar(num_steps, lambda step: experiment.curriculum.stage_at(step).batch_size,
+                               start_step=done)
+        callbacks += [progress, writer.train_callback(config.logging.log_every, data_stats),
+                      loop.JsonlMetrics(workdir / "metrics.jsonl")]
+    context = evaluators.Context(experiment, encoders, frozen, mesh, rules, writer,
+                                 scheduler_shift(experiment.components_dir), ema_transformer)
+    callbacks += evaluators.build(context)
+    try:
+        loop.train(experiment.train, parts, objective, data.iterator(), checkpoint_dir, mesh=mesh, rules=rules,
+                   initial=initial, frozen=frozen_models, prepare_batch=prepare_batch, callbacks=callbacks)
+    finally:
+        for log in (progress, writer):
+            if log is not None:
+                log.close()
+    say(f"train: done ({num_steps} updates, checkpoints in {checkpoint_dir})")

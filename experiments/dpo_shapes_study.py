@@ -1,0 +1,221 @@
+"""DPO on the demo, measured: issue 12's toy-scale study of the report's stabilized Flow-DPO.
+
+    python -m ernie_jax.main --config experiments/tiny_shapes.py --workdir runs/tiny_shapes
+    python -m experiments.dpo_shapes_study --base runs/tiny_shapes/pipeline --out runs/dpo_study --seeds 0 1 2
+
+One set of preference pairs from the trained demo model (experiments/tiny_shapes_dpo.py's pairs stage:
+8 samples of each of 512 training captions, best against worst by the shapes reward), then one DPO run per
+(variant, seed) through the runner (`python -m ernie_jax.main`), the seed changing the DPO run's draws (noise,
+sigmas, pair order) only. Every `--eval-every` updates the run's weights sample the first `--prompts`
+held-out prompts with the base model's seeds, and the study records:
+- the shapes detector's scores (`shapes_detector.score_images`) and the mean reward (`rewards.shapes_reward`);
+- the win rate against the base on the same prompt and seed (a tie counts half);
+- the collapse signals: the held-out flow-matching loss of the policy (`eval/loss`), the velocity-norm ratio
+  policy / reference on the training pairs (metrics.jsonl), and the energy distance of the generated latents
+  to the base's (0 for the base itself).
+The table (mean and spread over seeds) goes to `--report` (docs/dpo_shapes.md by default), with the base
+measured in the same run. `--small` runs the whole study at test size (tiny random components, a
+brightness reward) in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "experiments/tiny_shapes_dpo.py"
+# name -> objective overrides. beta is in per-element-mean units (training/objectives/dpo.py); flow_dpo and
+# diffusion_dpo carry the 0.5 of their official code, so beta 400 there is ernie's 200.
+VARIANTS = {
+    "ernie": {"variant": "ernie", "beta": 200.0, "lambda_win": 0.35, "lambda_lose": 0.15},
+    "ernie_no_anchors": {"variant": "ernie", "beta": 200.0, "lambda_win": 0.0, "lambda_lose": 0.0},
+    "flow_dpo": {"variant": "flow_dpo", "beta": 400.0, "lambda_win": 0.0, "lambda_lose": 0.0},
+    "diffusion_dpo": {"variant": "diffusion_dpo", "beta": 400.0, "lambda_win": 0.0, "lambda_lose": 0.0},
+    "article": {"variant": "article", "beta": 200.0, "lambda_win": 0.35, "lambda_lose": 0.15},
+    "ernie_beta20": {"variant": "ernie", "beta": 20.0, "lambda_win": 0.35, "lambda_lose": 0.15},
+    "ernie_beta2000": {"variant": "ernie", "beta": 2000.0, "lambda_win": 0.35, "lambda_lose": 0.15},
+}
+SMALL_REWARD = "tests.test_post_training:mean_brightness"
+
+
+def runner(workdir: Path, config: str, overrides: list[str]) -> None:
+    command = [sys.executable, "-m", "ernie_jax.main", "--config", config, "--workdir", str(workdir), *overrides]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """E|X - Y| - (E|X - X'| + E|Y - Y'|) / 2 between two sets of flattened samples `[N, D]`."""
+    def mean_distance(a, b):
+        return float(np.mean(np.sqrt(np.maximum(
+            (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T, 0.0))))
+
+    x, y = x.reshape(len(x), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+    return mean_distance(x, y) - 0.5 * (mean_distance(x, x) + mean_distance(y, y))
+
+
+class Evaluator:
+    """Samples the held-out prompts with a given transformer and the base's other components and seeds."""
+
+    def __init__(self, base: Path, num_prompts: int, steps: int, guidance: float, reward: str, side: int,
+                 batch_size: int = 16):
+        from ernie_jax.data.shapes import ShapesConfig, heldout_prompts
+        from ernie_jax.evaluation.rewards import load_reward
+        from ernie_jax.pipeline import ErnieImagePipeline
+        from ernie_jax.runner.stages import scheduler_shift
+
+        self.base = ErnieImagePipeline.from_pretrained(base, dtype="float32")
+        self.shift = scheduler_shift(base)
+        self.prompts, self.scenes = map(list, zip(*heldout_prompts(ShapesConfig(height=side, width=side),
+                                                                  num_prompts)))
+        self.reward, self.steps, self.guidance, self.side = load_reward(reward), steps, guidance, side
+        self.batch_size = batch_size
+
+    def __call__(self, transformer) -> dict:
+        from ernie_jax.evaluation import shapes_detector
+        from ernie_jax.pipeline import ErnieImagePipeline
+
+        b = self.base
+        pipe = ErnieImagePipeline(transformer, b.vae, b.text_encoder, b.tokenizer, shift=self.shift)
+        latents, images = [], []
+        for first in range(0, len(self.prompts), self.batch_size):
+            out = pipe(prompt=self.prompts[first:first + self.batch_size], negative_prompt="", height=self.side,
+                       width=self.side, num_inference_steps=self.steps, guidance_scale=self.guidance, seed=first,
+                       output_type="latent", use_pe=False).images
+            latents.append(np.asarray(out))
+            images.append(np.rint(np.clip(pipe.decode_latents(out), 0, 1) * 255).astype(np.uint8))
+        latents, images = np.concatenate(latents), np.concatenate(images)
+        return {"scores": shapes_detector.score_images(self.scenes, images),
+                "rewards": np.asarray(self.reward(images, self.prompts), np.float64), "latents": latents}
+
+
+def restore(run: Path, step: int):
+    """The run's trained transformer at `step`, from its checkpoint."""
+    from flax import nnx
+
+    from conversions import mistral, vae
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.runner.stages.train import trainable_parts
+    from ernie_jax.training.checkpoints import Checkpoints
+    from ernie_jax.training.state import abstract_train_state
+    from ml_collections import ConfigDict
+
+    config = ConfigDict(json.loads((run / "config.json").read_text()))
+    experiment = resolve(config, run)
+    components = experiment.components_dir
+    transformer_config = experiment.transformer_config(
+        mistral.open_text_encoder(components / "text_encoder").config.hidden_size,
+        vae.open_vae(components / "vae").config.packed_channels)
+    graphdefs, abstract = abstract_train_state(trainable_parts(experiment, transformer_config), seed=config.seed,
+                                               mesh=experiment.mesh(), rules=experiment.rules)
+    checkpoints = Checkpoints(run / "checkpoints")
+    try:
+        weights = checkpoints.restore_weights(abstract, ema=False, step=step)["transformer"]
+    finally:
+        checkpoints.close()
+    return nnx.merge(graphdefs["transformer"], weights)
+
+
+def run_metrics(run: Path, step: int) -> dict:
+    """The logged collapse signals at `step`: the training metrics of its update and the eval loss."""
+    from ernie_jax.training.metrics import read_scalars
+
+    rows = {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    row = rows[step - 1]
+    evals = dict(read_scalars(run / "logs").get("eval/loss", []))
+    return {key: row[key] for key in ("velocity_norm_ratio", "implicit_accuracy", "reward_margin",
+                                      "policy_chosen_error", "policy_rejected_error", "reference_chosen_error",
+                                      "reference_rejected_error")} | {"eval_loss": evals.get(step)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.dpo_shapes_study", description=__doc__.split("\n")[0])
+    parser.add_argument("--base", help="the trained demo pipeline folder (not needed with --small)")
+    parser.add_argument("--out", required=True, help="work folder (runs resume in it)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=200, help="DPO updates per run")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--prompts", type=int, default=128, help="held-out prompts per evaluation")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--report", default=str(REPO / "docs" / "dpo_shapes.md"))
+    parser.add_argument("--small", action="store_true", help="test size: tiny random components")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    config = f"{CONFIG}:tiny" if args.small else CONFIG
+    common = [] if args.small else [f"--config.components.path={Path(args.base).resolve()}"]
+    if args.small:
+        common.append(f"--config.pairs.reward={SMALL_REWARD}")
+    # The pairs, once (with --small also the random components they start from).
+    pairs_run = out / "pairs"
+    runner(pairs_run, config, [*common, f"--config.stages={('components', 'pairs') if args.small else ('pairs',)}"])
+    base = pairs_run / "components" if args.small else Path(args.base)
+    pairs = str(next((pairs_run / "pairs").iterdir()))
+    side = 64
+    evaluate = Evaluator(base, args.prompts, args.sample_steps, 3.0, SMALL_REWARD if args.small else "shapes", side)
+    from conversions.transformer import load_transformer
+
+    reference = evaluate(load_transformer(base / "transformer", "float32"))
+    results = {"base": {"scores": reference["scores"], "reward": float(reference["rewards"].mean())}, "runs": {}}
+    checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    for name in args.variants:
+        for seed in args.seeds:
+            run = out / f"{name}-seed{seed}"
+            overrides = [f"--config.objective.{key}={value}" for key, value in VARIANTS[name].items()]
+            runner(run, config, [*common, "--config.stages=('train',)", f"--config.data.preferences=('{pairs}',)",
+                                 f"--config.components.path={base.resolve()}", "--config.components.kind=pretrained",
+                                 f"--config.seed={seed}", f"--config.data.stage_steps=({args.steps},)",
+                                 f"--config.train.optimizer.decay_steps={args.steps}",
+                                 f"--config.train.checkpoint_every={args.eval_every}",
+                                 f"--config.train.max_to_keep={len(checkpoints)}",
+                                 f"--config.evals.eval.every={args.eval_every}", *overrides])
+            for step in checkpoints:
+                got = evaluate(restore(run, step))
+                wins = np.mean((got["rewards"] > reference["rewards"]) + 0.5 * (got["rewards"] == reference["rewards"]))
+                results["runs"].setdefault(name, {}).setdefault(str(step), []).append({
+                    "seed": seed, "scores": got["scores"], "reward": float(got["rewards"].mean()),
+                    "win_rate": float(wins), "latent_energy_distance": energy_distance(got["latents"],
+                                                                                      reference["latents"]),
+                    **run_metrics(run, step)})
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    Path(args.report).write_text(report(results, args))
+    print(f"wrote {args.report} and {out / 'results.json'}")
+
+
+def _spread(values) -> str:
+    values = np.asarray([v for v in values if v is not None], np.float64)
+    if not len(values):
+        return "-"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def report(results: dict, args) -> str:
+    base = results["base"]
+    lines = [f"# DPO on the shapes demo ({'small test size' if args.small else 'trained demo model'})", "",
+             f"Seeds {args.seeds}; {args.steps} DPO updates per run; {args.prompts} held-out prompts, "
+             f"{args.sample_steps} sampling steps, CFG 3. Mean ± standard deviation over seeds.", "",
+             f"Base (measured in the same run): reward {base['reward']:.3f}, all-correct "
+             f"{base['scores']['all']:.3f}, shape {base['scores']['shape']:.3f}, colour "
+             f"{base['scores']['colour']:.3f}, position {base['scores']['position']:.3f}.", "",
+             "| variant | step | reward | win rate vs base | all-correct | shape | held-out FM loss | "
+             "velocity-norm ratio | latent energy distance to base |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, steps in results["runs"].items():
+        for step, rows in steps.items():
+            lines.append(f"| {name} | {step} | {_spread(r['reward'] for r in rows)} | "
+                         f"{_spread(r['win_rate'] for r in rows)} | {_spread(r['scores']['all'] for r in rows)} | "
+                         f"{_spread(r['scores']['shape'] for r in rows)} | {_spread(r['eval_loss'] for r in rows)} | "
+                         f"{_spread(r['velocity_norm_ratio'] for r in rows)} | "
+                         f"{_spread(r['latent_energy_distance'] for r in rows)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Post-training through the runner: SFT (whole DiT and LoRA) and DPO on tiny random components, as a
+user runs them, and their exports against diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mean_brightness(images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """A deterministic reward for tests (`--config.pairs.reward=tests.test_post_training:mean_brightness`):
+    random tiny models draw images the shapes detector cannot tell apart."""
+    return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+def _velocity(transformer, latents, text) -> np.ndarray:
+    return np.asarray(transformer(latents, np.array([500.0, 250.0], np.float32), text, np.array([5, 3], np.int32)))
+
+
+def _inputs(config) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((2, config.in_channels, 4, 4)).astype(np.float32),
+            rng.standard_normal((2, 5, config.text_in_dim)).astype(np.float32))
+
+
+def test_sft_starts_from_the_components_transformer_and_its_lora_export_loads_in_diffusers(tmp_path):
+    """SFT of the whole DiT moves the components' transformer a little (it starts there, not from random
+    weights); SFT with LoRA exports adapters that diffusers' load_lora_weights applies to the base pipeline
+    to compute what our exported (merged) transformer computes."""
+    import torch
+    from diffusers import ErnieImageTransformer2DModel
+
+    from conversions.transformer import load_transformer
+    from tests.test_main import ok, run_main
+
+    full = tmp_path / "full"
+    # No EMA: the exported weights are the trained ones.
+    ok(run_main(full, "experiments/ernie_image_sft.py:tiny", "--config.stages=('components','train','export')",
+                "--config.train.ema_decay=0.0"))
+    base = load_transformer(full / "components" / "transformer", "float32")
+    tuned = load_transformer(full / "pipeline" / "transformer", "float32")
+    latents, text = _inputs(base.config)
+    before, after = _velocity(base, latents, text), _velocity(tuned, latents, text)
+    change = np.abs(after - before).max() / np.abs(before).max()
+    assert 0 < change < 1e-2, change  # one update at lr 1e-5; a random start would differ by O(1)
+
+    adapted = tmp_path / "lora"
+    ok(run_main(adapted, "experiments/ernie_image_sft.py:tiny-lora", "--config.stages=('components','train','export')",
+                "--config.train.optimizer.learning_rate=0.1", "--config.train.ema_decay=0.0"))
+    ours = _velocity(load_transformer(adapted / "pipeline" / "transformer", "float32"), latents, text)
+    reference = ErnieImageTransformer2DModel.from_pretrained(adapted / "components" / "transformer").eval()
+    from diffusers import ErnieImagePipeline
+
+    pipe = ErnieImagePipeline(transformer=reference, vae=None, text_encoder=None, tokenizer=None, scheduler=None)
+    pipe.load_lora_weights(adapted / "pipeline" / "lora")
+    with torch.no_grad():
+        expected = pipe.transformer(torch.from_numpy(latents), torch.tensor([500.0, 250.0]), torch.from_numpy(text),
+                                    torch.tensor([5, 3]), return_dict=False)[0].numpy()
+    unadapted = _velocity(load_transformer(adapted / "components" / "transformer", "float32"), latents, text)
+    assert np.abs(expected - unadapted).max() > 1e-3 * np.abs(unadapted).max()  # the adapters do something
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_dpo_makes_its_pairs_trains_against_the_frozen_start_and_logs_the_collapse_signals(tmp_path):
+    """The tiny DPO experiment: pairs from the starting model scored by a reward (brightness here), DPO
+    against the starting model as the frozen reference (the same weights at step 0: logit 0, dpo loss
+    log 2, velocity-norm ratio 1), then apart; the held-out flow-matching loss is logged."""
+    import json
+
+    from ernie_jax.data.preferences import PreferenceSource
+    from ernie_jax.training.metrics import read_scalars
+    from tests.test_main import ok, run_main
+
+    work = tmp_path / "dpo"
+    ok(run_main(work, "experiments/tiny_shapes_dpo.py:tiny", "--config.pairs.reward=tests.test_post_training:mean_brightness",
+                "--config.data.stage_steps=(3,)", "--config.train.optimizer.decay_steps=3",
+                "--config.train.optimizer.learning_rate=0.01", "--config.stages=('components','pairs','train')"))
+    (source,) = [PreferenceSource(str(folder)) for folder in sorted((work / "pairs").iterdir())]
+    assert len(source) == 2
+    for index in range(len(source)):
+        rewards = source[index]["origin"]["rewards"]
+        assert rewards[0] > rewards[1]  # chosen is the brighter sample
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert first["dpo_loss"] == np.float32(np.log(2)) and first["reward_margin"] == 0.0
+    assert first["velocity_norm_ratio"] == 1.0 and first["implicit_accuracy"] == 0.0
+    assert first["policy_chosen_error"] == first["reference_chosen_error"]
+    assert np.isclose(first["loss"], first["dpo_loss"] + 0.35 * first["policy_chosen_error"]
+                      + 0.15 * first["policy_rejected_error"], rtol=1e-6)
+    # Warm-up leaves the first update at lr 0; after the second the policy has left the reference.
+    assert last["reward_margin"] != 0.0 and last["velocity_norm_ratio"] != 1.0
+    assert last["policy_chosen_error"] != last["reference_chosen_error"]
+    assert [step for step, _ in read_scalars(work / "logs")["eval/loss"]] == [2, 3]
+
+
+def test_dpo_study_runs_at_test_size(tmp_path):
+    """experiments/dpo_shapes_study.py end to end at test size: pairs, one DPO run, its evaluation against
+    the base on the same prompts and seeds, and the report."""
+    import json
+
+    from experiments import dpo_shapes_study
+
+    report = tmp_path / "report.md"
+    dpo_shapes_study.main(["--small", "--out", str(tmp_path / "study"), "--seeds", "0", "--variants", "ernie",
+                           "--steps", "2", "--eval-every", "2", "--prompts", "2", "--sample-steps", "2",
+                           "--report", str(report)])
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    (row,) = results["runs"]["ernie"]["2"]
+    assert 0.0 <= row["win_rate"] <= 1.0 and row["eval_loss"] is not None
+    # One update at lr 0 then one at lr 1e-4: the samples moved, but little.
+    assert 0.0 < row["latent_energy_distance"] < 1.0
+    assert "| ernie | 2 |" in report.read_text()
+
+
+def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
+    from experiments.dpo_shapes_study import energy_distance
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8))
+    assert abs(energy_distance(x, x)) < 1e-9
+    near, far = energy_distance(x, x + 0.1), energy_distance(x, x + 1.0)
+    assert 0 < near < far
+    # Two samples of one distribution: much closer than a shift by one standard deviation.
+    assert energy_distance(x, rng.standard_normal((200, 8))) < 0.2 * far
