@@ -148,7 +148,8 @@ def train_base(key: jax.Array, settings: Settings):
     def loss(params, key):
         data_key, noise_key = jax.random.split(key)
         x0 = sample_data(data_key, settings.base_batch)[:, :, None, None]
-        draw = flow_matching.draw_noise(noise_key, x0.shape, flow_matching.FlowMatchingConfig())
+        draw = flow_matching.draw_noise(jax.random.split(noise_key, settings.base_batch), x0.shape,
+                                        flow_matching.FlowMatchingConfig())
         no_text = jnp.zeros((settings.base_batch, 0, 1)), jnp.zeros((settings.base_batch,), jnp.int32)
         return flow_matching.flow_matching_loss(as_latent_model(params), x0, *no_text, draw)[0]
 
@@ -215,8 +216,9 @@ def pair_loss(params, reference, chosen, rejected, noise, sigmas, method: Method
 
 
 def draw_noise(key: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-    noise_key, sigma_key = jax.random.split(key)
-    return jax.random.normal(noise_key, (count, 2)), SIGMAS.sample(sigma_key, count)
+    """`count` pairs' noise `[count, 2]` and sigmas `[count]`, each pair's from its own key (as the DPO
+    objective draws them)."""
+    return jax.vmap(lambda pair_key: dpo.draw_example(pair_key, (2,), SIGMAS))(jax.random.split(key, count))
 
 
 def fine_tune(key: jax.Array, base, pairs, held_out, method: Method, settings: Settings):
