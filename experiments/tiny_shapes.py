@@ -92,10 +92,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "max_crop_fraction": 0.25,
         "max_text_len": 20,          # text features are cut/padded to this many tokens (one compile per bucket)
         "sampling": {"category_formula": "count", "tau": 0.5, "within_category": "uniform"},
-        # SFT's prompt-style mix (data.prompt_styles.StyleMix fields; empty: the captions as they are), e.g.
-        # {"weights": {"keywords": 1, "request": 1, "instruction": 1, "composition": 1}, "keep_dense": 0.25,
-        #  "rewriter": "shapes"}.
-        "caption_styles": {},
+        # SFT's prompt-style mix (data.prompt_styles.StyleMix fields): a record keeps its dense caption with
+        # probability keep_dense (1: the captions as they are), else becomes a prompt of a style drawn from
+        # the weights, built from its scene ("shapes" rewriter). --config.data.caption_styles.keep_dense=0.25
+        # trains on the mix.
+        "caption_styles": {"weights": {"keywords": 1.0, "request": 1.0, "instruction": 1.0, "composition": 1.0},
+                           "keep_dense": 1.0, "seed": 0, "rewriter": "shapes", "rewrites": ""},
     })
 
     # The DiT. in_channels/out_channels and text_in_dim come from the VAE and text encoder.
@@ -148,7 +150,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # `prompts`).
     config.evaluation = ml_collections.ConfigDict({
         "num_prompts": 128, "prompts": SAMPLE_PROMPTS, "num_inference_steps": 25, "guidance_scale": 3.0,
-        "batch_size": 16, "seed": 0})
+        "batch_size": 16, "seed": 0,
+        # Held-out scenes also as prompts of these styles (data.prompt_styles), e.g. ("keywords", "request").
+        "styles": ()})
 
     config.export = ml_collections.ConfigDict({"dtype": "float32", "use_ema": True})
 

@@ -184,8 +184,10 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         stages.append(Stage(start, start + steps, buckets, batch, name=f"{side}px"))
         start += steps
     curriculum = Curriculum(tuple(stages))
+    # A mix that keeps every dense caption (keep_dense 1) rewrites nothing: it is no mix.
     styles = data.get("caption_styles", {})
-    caption_styles = StyleMix(**{k: (dict(v) if k == "weights" else v) for k, v in styles.items()}) if styles else None
+    caption_styles = (StyleMix(**{k: (dict(v) if k == "weights" else v) for k, v in styles.items()})
+                      if styles and styles.get("keep_dense", 1.0) < 1.0 else None)
     pipeline = PipelineConfig(curriculum, SamplingConfig(**data.sampling), max_crop_fraction=data.max_crop_fraction,
                               seed=config.seed, caption_styles=caption_styles)
     t = config.train

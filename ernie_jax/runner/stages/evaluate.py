@@ -1,5 +1,7 @@
 """Stage `evaluate`: WORKDIR/eval/samples.png and, on the shapes dataset, scores.json (the shapes detector's
-scores of the held-out prompts next to their chance levels), from the exported pipeline."""
+scores of the held-out prompts next to their chance levels, and under "styles" those of the same scenes as
+prompts of each style in `evaluation.styles`, such as "keywords", scored on what each prompt names), from
+the exported pipeline."""
 
 from __future__ import annotations
 
@@ -46,6 +48,17 @@ def run(experiment: Experiment) -> None:
     if not prompts:
         raise ValueError("evaluate: no prompts (config.evaluation.num_prompts and config.evaluation.prompts)")
     images = generate(prompts)
+    styles = {}
+    if scored:
+        from ernie_jax.data.shapes import heldout_style_prompts
+
+        # The same held-out scenes as prompts of other styles, each scored on the attributes it names.
+        for style in e.get("styles", ()):
+            styled = heldout_style_prompts(experiment.shapes_config(), e.num_prompts, style)
+            styled_images = generate([prompt.text for prompt in styled])
+            styles[style] = {"scores": shapes_detector.score_images(styled, styled_images),
+                             "chance": shapes_detector.chance_levels(styled, styled_images)
+                             if len(styled) > 1 else None}
     if jax.process_index() != 0:
         return
     with atomic_directory(destination) as staging:
@@ -55,6 +68,7 @@ def run(experiment: Experiment) -> None:
             report = {"num_prompts": len(prompts), "num_inference_steps": e.num_inference_steps,
                       "guidance_scale": e.guidance_scale,
                       "scores": shapes_detector.score_images(scenes, images),
-                      "chance": shapes_detector.chance_levels(scenes, images) if len(scenes) > 1 else None}
+                      "chance": shapes_detector.chance_levels(scenes, images) if len(scenes) > 1 else None,
+                      "styles": styles}
             (staging / "scores.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"evaluate: wrote {destination}" + (f" (all-correct {report['scores']['all']:.3f})" if scored else ""))
