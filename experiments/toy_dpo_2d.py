@@ -15,13 +15,13 @@ The base is trained with `flow_matching.flow_matching_loss` (the MLP seen as `[N
 
 Metrics, each over 1000 samples per model (50 Euler steps): the win rate against the base
 (P[r(policy sample) > r(base sample)] over all pairs of the two sample sets, 0.5 = no change), the mean reward,
-the share of samples nearest to modes 0-2 (3/8 in the data), the energy distance to a second, independent
-base sample set (the `base` row gives the distance between two base sets: the noise floor); on fixed held-out
-pairs, the policy's flow-matching errors on chosen and rejected images relative to the reference's (over
+the share of samples nearest to modes 0-2 (3/8 in the data), the energy distance (dpo_shapes_study's:
+E|X - Y| - (E|X - X'| + E|Y - Y'|) / 2) to a second, independent base sample set (the `base` row gives the
+distance between two base sets: the noise floor); on fixed held-out pairs, the policy's flow-matching errors on chosen and rejected images relative to the reference's (over
 training and at the end), the velocity-norm ratio ||v_policy|| / ||v_reference|| and the implicit accuracy.
 Every number is the mean +- std over seeds; each seed has its own base model, pairs and draws.
 
-    python -m experiments.toy_dpo_2d --seeds 5 [--out docs/dpo_toy.md]
+    python -m experiments.toy_dpo_2d --seeds 5 [--out FILE]
 
 `run(small=True)` is the version a test runs (~20 s on 2 CPU cores, mostly compilation): 2 seeds, smaller
 sizes, beta = 1 only, methods flow_dpo, ernie and article.
@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from ernie_jax.training.objectives import dpo, flow_matching
+from experiments.dpo_shapes_study import energy_distance
 
 MODES, RADIUS, MODE_STD = 8, 4.0, 0.4
 PREFERRED = (0, 1, 2)
@@ -256,21 +257,13 @@ def fine_tune(key: jax.Array, base, pairs, held_out, method: Method, settings: S
     return params, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, logs)
 
 
-def energy_distance(x: jax.Array, y: jax.Array) -> jax.Array:
-    def mean_distance(a, b):
-        return jnp.mean(jnp.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1))
-
-    return 2 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
-
-
-def sample_metrics(params, key: jax.Array, base_samples: jax.Array, base_reference: jax.Array, settings: Settings):
-    """Win rate against `base_samples`, mean reward, preferred-mode share, energy distance to `base_reference`."""
+def sample_metrics(params, key: jax.Array, base_samples: jax.Array, settings: Settings):
+    """The model's samples, and their win rate against `base_samples`, mean reward and preferred-mode share."""
     x = sample(params, key, settings.samples, settings.sampling_steps)
     r, r_base = reward(x), reward(base_samples)
     wins = jnp.mean((r[:, None] > r_base[None]) + 0.5 * (r[:, None] == r_base[None]))
     preferred = jnp.mean(jnp.isin(nearest_mode(x), jnp.asarray(PREFERRED)))
-    return dict(win_rate=wins, mean_reward=jnp.mean(r), preferred_share=preferred,
-                energy_distance=energy_distance(x, base_reference))
+    return dict(samples=x, win_rate=wins, mean_reward=jnp.mean(r), preferred_share=preferred)
 
 
 def run(seeds: int | None = None, small: bool = False, settings: Settings | None = None, log=print) -> dict:
@@ -299,12 +292,19 @@ def run(seeds: int | None = None, small: bool = False, settings: Settings | None
     base, pairs, held_out, base_samples, base_reference = prepare(base_keys, pair_keys, held_out_keys,
                                                                   base_sample_keys, distance_keys)
     log(f"base models and pairs: {time.time() - start:.0f} s")
-    evaluate = jax.jit(jax.vmap(functools.partial(sample_metrics, settings=settings)))
-    results = {"base": dict(jax.tree.map(np.asarray, evaluate(base, sample_keys, base_samples, base_reference)))}
+    metrics = jax.jit(jax.vmap(functools.partial(sample_metrics, settings=settings)))
+
+    def evaluate(params) -> dict:
+        row = dict(jax.tree.map(np.asarray, metrics(params, sample_keys, base_samples)))
+        samples = row.pop("samples")
+        row["energy_distance"] = np.array([energy_distance(x, y) for x, y in zip(samples, np.asarray(base_reference))])
+        return row
+
+    results = {"base": evaluate(base)}
     for method in methods(settings):
         tune = jax.jit(jax.vmap(functools.partial(fine_tune, method=method, settings=settings)))
         params, logs = tune(tune_keys, base, pairs, held_out)
-        row = dict(jax.tree.map(np.asarray, evaluate(params, sample_keys, base_samples, base_reference)))
+        row = evaluate(params)
         logs = jax.tree.map(np.asarray, logs)  # [seeds, logs]
         for side in ("chosen", "rejected"):
             relative = logs[f"policy_{side}_error"] / logs[f"reference_{side}_error"]
