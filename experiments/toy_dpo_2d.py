@@ -17,8 +17,9 @@ Metrics, each over 1000 samples per model (50 Euler steps): the win rate against
 (P[r(policy sample) > r(base sample)] over all pairs of the two sample sets, 0.5 = no change), the mean reward,
 the share of samples nearest to modes 0-2 (3/8 in the data), the energy distance (dpo_shapes_study's:
 E|X - Y| - (E|X - X'| + E|Y - Y'|) / 2) to a second, independent base sample set (the `base` row gives the
-distance between two base sets: the noise floor); on fixed held-out pairs, the policy's flow-matching errors on chosen and rejected images relative to the reference's (over
-training and at the end), the velocity-norm ratio ||v_policy|| / ||v_reference|| and the implicit accuracy.
+distance between two base sets: the noise floor); on fixed held-out pairs, the policy's flow-matching errors
+on chosen and rejected points relative to the reference's (over training and at the end), the velocity-norm
+ratio ||v_policy|| / ||v_reference|| and the implicit accuracy.
 Every number is the mean +- std over seeds; each seed has its own base model, pairs and draws.
 
     python -m experiments.toy_dpo_2d --seeds 5 [--out FILE]
