@@ -180,8 +180,13 @@ def plan(args, sizes: dict[str, int]) -> dict:
     if training:
         # The trainer's step on the trainer's state and frozen states, as `training.loop.train` compiles them.
         from ernie_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-        from ernie_jax.training.state import TrainablePart, abstract_parts, abstract_train_state, shardings_of
-        from ernie_jax.training.state import with_shardings
+        from ernie_jax.training.state import (
+            TrainablePart,
+            abstract_parts,
+            abstract_train_state,
+            shardings_of,
+            with_shardings,
+        )
         from ernie_jax.training.step import jit_train_step, make_train_step
 
         settings = OptimizerConfig()
@@ -274,9 +279,10 @@ def plan(args, sizes: dict[str, int]) -> dict:
                                      (latent // config.patch_size) ** 2 + args.text_len)
         device_temporaries -= offloaded
     report = {"parameters": parameter_bytes, "optimizer state": optimizer_bytes, "EMA weights": ema_bytes,
-              "frozen models": frozen_bytes, "inputs": input_bytes, "temporaries (activations, workspace)": device_temporaries,
-              "outputs (not aliased)": output_bytes, "offloaded to host": offloaded,
-              "flops": compiled.cost_analysis().get("flops", 0.0), "compile_seconds": seconds}
+              "frozen models": frozen_bytes, "inputs": input_bytes,
+              "temporaries (activations, workspace)": device_temporaries, "outputs (not aliased)": output_bytes,
+              "offloaded to host": offloaded, "flops": compiled.cost_analysis().get("flops", 0.0),
+              "compile_seconds": seconds}
     report["total"] = argument_bytes + device_temporaries + output_bytes
     if args.with_text_encoder:
         encoder = _text_encoder_plan(mesh, rules, batch, args.text_len)
