@@ -106,6 +106,11 @@ def diffusers_names(config: ErnieImageConfig) -> dict[tuple[str, ...], str]:
     return {rule.path[:-1]: name for name, rule in _module_rules(config).items()}
 
 
+# The linear layers of every DiT block (diffusers' names, PEFT's matching): the attention and MLP projections,
+# the report's LoRA targets (post-training configs, `python -m ernie_jax.plan --lora-rank`).
+BLOCK_LINEARS = ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "linear_fc2")
+
+
 def save_lora(model: ErnieImageTransformer, path) -> list[str]:
     """Writes `model`'s LoRA adapters to the safetensors file `path` (which must not exist) in the diffusers key
     format; returns the module names written.

@@ -8,6 +8,12 @@ clipping, AdamW and the EMA, on the train state of fp32 master weights, Adam mom
 bf16 compute, the chosen remat policy), then prints per-device bytes for parameters, optimizer state,
 EMA weights, inputs and XLA's temporaries (activations and workspace, from the compiled
 `memory_analysis`) and whether their sum fits `--device-memory`.
+Post-training (`--mode train`): `--objective dpo` plans the DPO objective's step on `--batch` preference
+pairs (each pair's chosen and rejected latents through the policy and a frozen reference of the same DiT,
+held in `--frozen-dtype`); `--lora-rank R` trains rank-R adapters (float32, with their Adam moments and
+EMA) on `--lora-targets` of a base held frozen in `--frozen-dtype`, and with `--objective dpo` the reference
+is that base with the adapters off, the same arrays (as the runner passes them: counted once). Frozen
+weights are reported on their own line, "frozen models".
 `--with-text-encoder` (sampling) also compiles the real-size text encoder's encoding of the prompts and
 negative prompts: the pipeline keeps both models on the devices, so the plan is the larger of the two
 programs' peaks, each with the other model's weights added. Weights follow the inference rules for
@@ -33,6 +39,7 @@ import sys
 
 COMPONENTS = ("dit",)
 MODES = ("sample", "train")
+OBJECTIVES = ("flow_matching", "dpo")
 UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
 
@@ -61,6 +68,17 @@ def parse_args(argv):
                              "the encoding of the prompts and negative prompts, and the total is the larger of the two "
                              "programs' peaks, each with the other model's weights resident")
     parser.add_argument("--remat", default="full", help="remat policy for --mode train")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="flow_matching",
+                        help="--mode train: the trainer's objective; dpo reads a frozen reference DiT and --batch "
+                             "counts preference pairs (two images each)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="--mode train: > 0 trains LoRA adapters of this rank on a frozen base instead of the "
+                             "whole DiT")
+    parser.add_argument("--lora-targets", default=None,
+                        help="--lora-rank: comma-separated diffusers module names the adapters target (PEFT's "
+                             "matching; default: every block's attention and MLP projections)")
+    parser.add_argument("--frozen-dtype", default="bfloat16",
+                        help="--mode train: the dtype of frozen weights (the LoRA base, the DPO reference)")
     parser.add_argument("--preset", default="full", help="transformer preset: full (the released 8B), small, tiny")
     parser.add_argument("--num-layers", type=int, help="override the preset's number of blocks (quick what-ifs)")
     parser.add_argument("--attention", default="xla",
@@ -73,6 +91,15 @@ def parse_args(argv):
         parser.error(f"--resolution must be a positive multiple of 16, got {args.resolution}")
     if args.with_text_encoder and args.mode != "sample":
         parser.error("--with-text-encoder plans sampling: use it with --mode sample")
+    post_training = args.objective != "flow_matching" or args.lora_rank or args.lora_targets
+    if post_training and args.mode != "train":
+        parser.error("--objective, --lora-rank and --lora-targets plan training: use them with --mode train")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.lora_targets is not None and not args.lora_rank:
+        parser.error("--lora-targets needs --lora-rank > 0")
+    if args.frozen_dtype not in ("bfloat16", "float16", "float32"):
+        parser.error(f"--frozen-dtype must be bfloat16, float16 or float32, got {args.frozen_dtype!r}")
     if args.microbatches < 1 or args.batch % args.microbatches:
         parser.error(f"--microbatches must be >= 1 and divide --batch {args.batch}, got {args.microbatches}")
     return args
@@ -98,9 +125,10 @@ def main(argv=None) -> None:
         print(json.dumps(report))
         return
     print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}"
-          + (f", remat {args.remat}, {args.microbatches} microbatch(es)" if args.mode == "train" else ""))
-    for name in ("parameters", "optimizer state", "EMA weights", "inputs", "temporaries (activations, workspace)",
-                 "outputs (not aliased)"):
+          + (f", remat {args.remat}, {args.microbatches} microbatch(es), {args.objective}"
+             + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") if args.mode == "train" else ""))
+    for name in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
+                 "temporaries (activations, workspace)", "outputs (not aliased)"):
         print(f"  {name:38s} {report[name] / 2**30:8.2f} GiB per device")
     if report["offloaded to host"]:
         print(f"  {'offloaded to host (not in the total)':38s} {report['offloaded to host'] / 2**30:8.2f} GiB per device")
@@ -118,7 +146,8 @@ def main(argv=None) -> None:
 
 
 def plan(args, sizes: dict[str, int]) -> dict:
-    """AOT-compiles one step for the mesh and returns per-device byte counts."""
+    """AOT-compiles one step for the mesh and returns per-device byte counts (`parameters`, `optimizer
+    state` and `EMA weights`: the trained variables'; `frozen models`: the frozen ones', each array once)."""
     import time
 
     import jax
@@ -146,29 +175,79 @@ def plan(args, sizes: dict[str, int]) -> dict:
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, rules, shape))
 
-    optimizer_bytes = ema_bytes = 0
+    optimizer_bytes = ema_bytes = frozen_bytes = shared_bytes = 0
+    rows = batch
     if training:
-        # The trainer's step on the trainer's state, as `training.loop.train` compiles them.
-        from ernie_jax.training.objectives.flow_matching import FlowMatching
+        # The trainer's step on the trainer's state and frozen states, as `training.loop.train` compiles them.
         from ernie_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-        from ernie_jax.training.state import TrainablePart, abstract_train_state, shardings_of
+        from ernie_jax.training.state import (
+            TrainablePart,
+            abstract_parts,
+            abstract_train_state,
+            shardings_of,
+            with_shardings,
+        )
         from ernie_jax.training.step import jit_train_step, make_train_step
 
         settings = OptimizerConfig()
-        parts = {"transformer": TrainablePart(lambda rngs: ErnieImageTransformer(config, rngs=rngs, **model_kwargs),
-                                              make_optimizer(settings), ema_decay=0.999,
+        frozen_kwargs = {**model_kwargs, "param_dtype": jnp.dtype(args.frozen_dtype)}
+        if args.lora_rank:
+            from conversions.lora import BLOCK_LINEARS, diffusers_names
+            from ernie_jax.models import lora
+
+            targets = BLOCK_LINEARS if args.lora_targets is None else tuple(args.lora_targets.split(","))
+            adapters = lora.LoRAConfig(rank=args.lora_rank, target_modules=targets)
+
+            def build(rngs):
+                base = ErnieImageTransformer(config, rngs=rngs, **frozen_kwargs)
+                return lora.add_lora(base, adapters, rngs, diffusers_names(config))
+
+            trained = lora.LoRAParam
+        else:
+            def build(rngs):
+                return ErnieImageTransformer(config, rngs=rngs, **model_kwargs)
+
+            trained = nnx.Param
+        parts = {"transformer": TrainablePart(build, make_optimizer(settings), ema_decay=0.999, trained=trained,
                                               learning_rate=learning_rate_schedule(settings))}
         graphdefs, train_state = abstract_train_state(parts, seed=0, mesh=mesh, rules=rules)
         params = train_state.params
         optimizer_bytes = _per_device_bytes(train_state.opt_state)
         ema_bytes = _per_device_bytes(train_state.ema_params)
-        # The trainer's batch: float32 latents and text features (the frozen encoders' outputs).
-        inputs = {"latents": spec((batch, config.in_channels, latent, latent), jnp.float32),
-                  "text": spec((batch, args.text_len, config.text_in_dim), jnp.float32),
-                  "text_lens": spec((batch,), jnp.int32)}
-        train_step = make_train_step(parts, graphdefs, FlowMatching(), microbatches=args.microbatches)
-        arguments = (train_state, {}, inputs)
-        function = jit_train_step(train_step, mesh, rules, shardings_of(train_state), {},
+        # A part's frozen rest (the LoRA base), placed by the rules as `training.state.part_rests` places it.
+        frozen = {name: with_shardings(rest, mesh, rules) for name, rest in abstract_parts(parts, seed=0)[2].items()
+                  if jax.tree.leaves(rest)}
+        if args.objective == "dpo":
+            from ernie_jax.training.objectives.dpo import DPO, DPOConfig
+
+            objective = DPO(DPOConfig(beta=1.0))  # beta and the anchors' weights change no buffer
+            if args.lora_rank:
+                # The runner's reference: the base with the adapters switched off, on the base's arrays.
+                model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+                graphdefs["reference"] = nnx.graphdef(lora.without_adapters(model))
+                frozen["reference"] = frozen["transformer"]
+                shared_bytes = _per_device_bytes(frozen["reference"])
+            else:
+                graphdefs["reference"], reference = nnx.split(abstract_transformer(config, **frozen_kwargs))
+                frozen["reference"] = with_shardings(reference, mesh, rules)
+            # The pairs' float32 latents and text features (the preference folders' contents).
+            inputs = {"latents_chosen": spec((batch, config.in_channels, latent, latent), jnp.float32),
+                      "latents_rejected": spec((batch, config.in_channels, latent, latent), jnp.float32),
+                      "text_bth": spec((batch, args.text_len, config.text_in_dim), jnp.float32),
+                      "text_lens": spec((batch,), jnp.int32)}
+            rows = 2 * batch  # each network runs on the chosen and the rejected images together
+        else:
+            from ernie_jax.training.objectives.flow_matching import FlowMatching
+
+            objective = FlowMatching()
+            # The trainer's batch: float32 latents and text features (the frozen encoders' outputs).
+            inputs = {"latents": spec((batch, config.in_channels, latent, latent), jnp.float32),
+                      "text": spec((batch, args.text_len, config.text_in_dim), jnp.float32),
+                      "text_lens": spec((batch,), jnp.int32)}
+        frozen_bytes = _per_device_bytes(frozen) - shared_bytes
+        train_step = make_train_step(parts, graphdefs, objective, microbatches=args.microbatches)
+        arguments = (train_state, frozen, inputs)
+        function = jit_train_step(train_step, mesh, rules, shardings_of(train_state), shardings_of(frozen),
                                   {k: v.sharding for k, v in inputs.items()})
     else:
         graphdef, weights = nnx.split(abstract_transformer(config, **model_kwargs))
@@ -188,20 +267,22 @@ def plan(args, sizes: dict[str, int]) -> dict:
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     parameter_bytes = _per_device_bytes(params)
-    argument_bytes = memory.argument_size_in_bytes
-    input_bytes = max(argument_bytes - parameter_bytes - optimizer_bytes - ema_bytes, 0)
+    # XLA counts an array passed twice (the LoRA base as the DPO reference) as two arguments; it is one buffer.
+    argument_bytes = memory.argument_size_in_bytes - shared_bytes
+    input_bytes = max(argument_bytes - parameter_bytes - optimizer_bytes - ema_bytes - frozen_bytes, 0)
     output_bytes = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
     offloaded = memory.host_temp_size_in_bytes
     # A compiler that ignores memory kinds (XLA CPU) keeps the offloaded tensors in its device temporaries.
     device_temporaries = memory.temp_size_in_bytes
     if training and not offloaded:
-        offloaded = _offloaded_bytes(args.remat, config, mesh, rules, batch // args.microbatches,
+        offloaded = _offloaded_bytes(args.remat, config, mesh, rules, rows // args.microbatches,
                                      (latent // config.patch_size) ** 2 + args.text_len)
         device_temporaries -= offloaded
     report = {"parameters": parameter_bytes, "optimizer state": optimizer_bytes, "EMA weights": ema_bytes,
-              "inputs": input_bytes, "temporaries (activations, workspace)": device_temporaries,
-              "outputs (not aliased)": output_bytes, "offloaded to host": offloaded,
-              "flops": compiled.cost_analysis().get("flops", 0.0), "compile_seconds": seconds}
+              "frozen models": frozen_bytes, "inputs": input_bytes,
+              "temporaries (activations, workspace)": device_temporaries, "outputs (not aliased)": output_bytes,
+              "offloaded to host": offloaded, "flops": compiled.cost_analysis().get("flops", 0.0),
+              "compile_seconds": seconds}
     report["total"] = argument_bytes + device_temporaries + output_bytes
     if args.with_text_encoder:
         encoder = _text_encoder_plan(mesh, rules, batch, args.text_len)

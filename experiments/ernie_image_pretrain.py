@@ -141,9 +141,12 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
     step of `config`'s DiT on its mesh (the trainer's update: square images of the stage side, the stage's
     batch in `config.train.microbatches` microbatches, `config.plan.attention` standing in for the
     accelerator's flash kernel; parameters, Adam moments and EMA weights) and `fits` against
-    `config.plan.device_memory`. `num_layers`
+    `config.plan.device_memory`. Post-training configs plan their own step: `config.objective.name` (DPO: the
+    stage's batch counts pairs, the frozen reference in `config.frozen.reference.dtype`) and `config.lora`
+    (rank > 0: its adapters on the base frozen in `config.lora.base_dtype`, which with DPO is also the
+    reference, `config.frozen.reference.path` "init"). `num_layers`
     shrinks the model for a quick check. Each plan runs in its own process (it emulates the mesh's devices)."""
-    from ernie_jax.plan import parse_bytes
+    from ernie_jax.plan import OBJECTIVES, parse_bytes
 
     shape = {k: v for k, v in config.model.items() if k in _model_fields("full") and k != "num_layers"}
     if shape != {k: v for k, v in _model_fields("full").items() if k != "num_layers"}:
@@ -154,6 +157,22 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
         raise ValueError(f"memory_plans needs explicit mesh sizes (no -1), got {dict(config.mesh.ici)}")
     mesh = ",".join(f"{axis}={size}" for axis, size in ici.items()) or "fsdp=1"
     layers = num_layers or config.model.num_layers
+    objective = config.objective.name
+    if objective not in OBJECTIVES:
+        raise ValueError(f"memory_plans plans the objectives {OBJECTIVES}, got config.objective.name {objective!r}")
+    training = ["--objective", objective]
+    rank = config.get("lora", {}).get("rank", 0)
+    if rank:
+        targets = config.lora.target_modules
+        if isinstance(targets, str):
+            raise ValueError("memory_plans plans LoRA target_modules given as module names, not a regular expression")
+        if objective == "dpo" and config.frozen.reference.path != "init":
+            raise ValueError("memory_plans plans LoRA-DPO against the base itself: config.frozen.reference.path "
+                             "'init'")
+        training += ["--lora-rank", str(rank), "--lora-targets", ",".join(targets),
+                     "--frozen-dtype", config.lora.base_dtype]
+    elif objective == "dpo":
+        training += ["--frozen-dtype", config.frozen.reference.dtype]
     budget = parse_bytes(config.plan.device_memory)
     reports = []
     for index, (side, batch) in enumerate(zip(config.data.sides, config.data.batch_sizes)):
@@ -166,7 +185,8 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
                 "--batch", str(batch), "--microbatches", str(config.train.microbatches),
                 "--text-len", str(config.data.max_text_len),
                 "--mesh", mesh, "--remat", config.model.remat, "--preset", "full", "--num-layers", str(layers),
-                "--attention", config.plan.attention, "--device-memory", config.plan.device_memory, "--json"]
+                "--attention", config.plan.attention, "--device-memory", config.plan.device_memory, *training,
+                "--json"]
         env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
         done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode:

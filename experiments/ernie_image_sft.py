@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from conversions.lora import BLOCK_LINEARS
 from experiments.ernie_image_pretrain import MESH_PRESETS
 from experiments.ernie_image_pretrain import get_config as pretrain_config
 
 MESHES = (*MESH_PRESETS, "tiny")
 VARIANTS = tuple(f"{mesh}{suffix}" for mesh in MESHES for suffix in ("", "-lora"))
-# The linear layers of every block (diffusers' names, PEFT's matching).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "linear_fc2")
 
 
 def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
@@ -39,7 +38,7 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     config.init.update(path="components", dtype="bfloat16")
     config.lora = ml_collections.ConfigDict({
         "rank": 64 if lora else 0,   # 0: the whole DiT trains
-        "alpha": 64.0, "use_rslora": False, "dropout": 0.0, "target_modules": LORA_TARGETS,
+        "alpha": 64.0, "use_rslora": False, "dropout": 0.0, "target_modules": BLOCK_LINEARS,
         "base_dtype": "bfloat16",    # the frozen base's storage; adapters are float32
     })
     final_batch = config.data.batch_sizes[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -117,3 +118,63 @@ def test_train_plan_compiles_the_trainers_update():
     assert scanned["total"] == sum(scanned[k] for k in ("parameters", "optimizer state", "EMA weights", "inputs",
                                                       "temporaries (activations, workspace)", "outputs (not aliased)"))
     assert 0.4 < scanned["flops"] / whole["flops"] < 0.6
+
+
+POST_TRAINING = ("--mode", "train", "--preset", "tiny", "--num-layers", "1", "--resolution", "64", "--batch", "8",
+                 "--text-len", "16", "--mesh", "fsdp=2")
+
+
+@functools.cache
+def post_training_plan(*args) -> dict:
+    return plan_json(*POST_TRAINING, *args)
+
+
+def rows_sum(report: dict) -> int:
+    return sum(report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
+                                   "temporaries (activations, workspace)", "outputs (not aliased)"))
+
+
+def test_dpo_plan_reads_a_bf16_reference_of_the_trained_dit():
+    """Full DPO: the flow-matching train state plus a bf16 copy of the DiT in the same shardings (half the
+    fp32 master weights' bytes), a batch of pairs, and the reference's forward pass on both images."""
+    flow, dpo = post_training_plan(), post_training_plan("--objective", "dpo")
+    assert flow["frozen models"] == 0
+    for key in ("parameters", "optimizer state", "EMA weights"):
+        assert dpo[key] == flow[key]
+    assert dpo["frozen models"] == flow["parameters"] // 2
+    config = PRESETS["tiny"]
+    # Per device (fsdp=2): chosen and rejected float32 latents [8, 128, 4, 4], text [8, 16, D], lengths;
+    # plus the state's step and RNG key.
+    pairs = 2 * 8 * 128 * 4 * 4 * 4 + 8 * 16 * config.text_in_dim * 4 + 8 * 4
+    assert dpo["inputs"] == pairs // 2 + 4 + 8
+    assert dpo["total"] == rows_sum(dpo)
+    # The policy's forward, recomputation and backward on 2B rows and the reference's forward on 2B rows,
+    # against the same on B rows without a reference: (2 * 4 + 2) / 4.
+    assert 2.2 < dpo["flops"] / flow["flops"] < 2.8
+
+
+def test_lora_dpo_plan_trains_adapters_and_holds_the_base_once():
+    """LoRA-DPO: fp32 adapters with their Adam moments and EMA, far below the whole DiT's; the base frozen
+    in bf16, which is also the reference (the runner passes the same arrays): counted once."""
+    rank = 4
+    flow, dpo = post_training_plan(), post_training_plan("--objective", "dpo")
+    lora_dpo = post_training_plan("--lora-rank", str(rank), "--objective", "dpo")
+    config = PRESETS["tiny"]
+    hidden, ffn = config.hidden_size, config.ffn_hidden_size
+    # to_q, to_k, to_v, to_out.0 [D, D]; gate_proj, up_proj [D, F]; linear_fc2 [F, D]: A [in, r] and B [r, out].
+    adapters = 4 * (4 * rank * 2 * hidden + 3 * rank * (hidden + ffn))
+    assert adapters / 2 <= lora_dpo["parameters"] <= adapters  # fp32, some of them split over fsdp=2
+    assert lora_dpo["EMA weights"] == lora_dpo["parameters"]
+    assert abs(lora_dpo["optimizer state"] - 2 * lora_dpo["parameters"]) <= 16  # + Adam's step count
+    assert lora_dpo["optimizer state"] < flow["optimizer state"] / 30
+    assert lora_dpo["total"] == rows_sum(lora_dpo)
+    # The bf16 base is the whole DiT in bf16, as full DPO's reference; the reference reads it: once, not twice.
+    assert lora_dpo["frozen models"] == dpo["frozen models"] == flow["parameters"] // 2
+    assert lora_dpo["inputs"] == dpo["inputs"]
+
+
+def test_post_training_options_are_for_training():
+    for args in (("--lora-rank", "4"), ("--objective", "dpo")):
+        result = subprocess.run([sys.executable, "-m", "ernie_jax.plan", "--mode", "sample", *args], check=False,
+                                cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0 and "plan training: use them with --mode train" in result.stderr

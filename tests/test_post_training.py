@@ -4,6 +4,7 @@ user runs them, and their exports against diffusers."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def mean_brightness(images: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -106,3 +107,70 @@ def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
     assert 0 < near < far
     # Two samples of one distribution: much closer than a shift by one standard deviation.
     assert energy_distance(x, rng.standard_normal((200, 8))) < 0.2 * far
+
+
+def test_dpo_variants_build(tmp_path):
+    """Every variant of the 8B DPO config resolves: DPO from the components' transformer against its frozen
+    bf16 self, the report's stabilized values, pairs (half the pre-training 1024^2 stage's images) at 1024^2."""
+    from ernie_jax.data.buckets import RELEASED_1MP, as_buckets
+    from ernie_jax.models.dit import PRESETS
+    from ernie_jax.runner.config import resolve
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_dpo")
+    pretrain = load_experiment("ernie_image_pretrain")
+    assert set(module.VARIANTS) == {f"{mesh}{suffix}" for mesh in (*pretrain.MESH_PRESETS, "tiny")
+                                    for suffix in ("", "-lora")}
+    for variant in module.VARIANTS:
+        config = module.get_config(variant)
+        mesh, lora = variant.removesuffix("-lora"), variant.endswith("-lora")
+        if mesh != "tiny":
+            config.components.path = str(tmp_path)
+            config.data.preferences = (str(tmp_path),)
+        experiment = resolve(config, tmp_path / variant)
+        objective = experiment.objective
+        assert (objective.variant, objective.lambda_win, objective.lambda_lose) == ("ernie", 0.35, 0.15)
+        assert experiment.init_path == str(experiment.components_dir)
+        assert dict(config.frozen.reference) == {"path": "init", "dtype": "bfloat16" if mesh != "tiny" else "float32"}
+        assert (experiment.lora is not None) == lora
+        if mesh == "tiny":
+            assert "pairs" in config.stages
+            continue
+        # The report's beta 0.05 on errors summed over the 128 x 64 x 64 latent elements of a 1024^2 image.
+        assert objective.reduction == "sum" and objective.beta == 0.05 * 128 * 64 * 64
+        stage, = experiment.curriculum.stages
+        assert stage.batch_size == pretrain.MESH_PRESETS[mesh][1][-1] // 2
+        assert stage.buckets == as_buckets(RELEASED_1MP)
+        assert experiment.transformer_config(3072, 128) == PRESETS["full"]
+        assert config.lora.base_dtype == "bfloat16" and (not lora or experiment.lora.rank == 64)
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("v4-8-lora")
+
+
+@pytest.mark.parametrize("variant", ["8xh100", "8xh100-lora"])
+def test_dpo_memory_plan_fits_on_8xh100(variant):
+    """The plan tool's per-device memory of the 8xh100 DPO step, full and LoRA, on a 1-layer model: the
+    policy's train state, the bf16 reference (LoRA: the base, which is also the reference, once) and a batch
+    of pairs."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from ernie_jax.models.dit import PRESETS, abstract_transformer
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_dpo")
+    (report,) = module.memory_plans(module.get_config(variant), num_layers=1)
+    assert report["fits"] and report["side"] == 1024 and report["batch"] == 16
+    assert report["total"] == sum(
+        report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
+                            "temporaries (activations, workspace)", "outputs (not aliased)"))
+    one_layer = dataclasses.replace(PRESETS["full"], num_layers=1)
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
+    # The bf16 DiT split 8 ways, once (norms and biases are not split: 2%).
+    assert abs(report["frozen models"] - count * 2 / 8) <= 0.02 * report["frozen models"]
+    if variant == "8xh100":
+        assert report["frozen models"] == report["parameters"] // 2
+    else:  # rank-64 adapters' Adam moments, far below the whole DiT's (8 bytes a parameter, split 8 ways)
+        assert report["optimizer state"] < count * 8 / 8 / 10
