@@ -9,7 +9,8 @@ One set of preference pairs from the trained demo model (experiments/tiny_shapes
 sigmas, pair order) only. Every `--eval-every` updates the run's weights sample the first `--prompts`
 held-out prompts with the base model's seeds, and the study records:
 - the shapes detector's scores (`shapes_detector.score_images`) and the mean reward (`rewards.shapes_reward`);
-- the win rate against the base on the same prompt and seed (a tie counts half);
+- the win rate against the base on the same prompt and seed (a tie counts half), and the base's own win rate
+  and energy distance with other seeds (the noise floor);
 - the collapse signals: the held-out flow-matching loss of the policy (`eval/loss`), the velocity-norm ratio
   policy / reference on the training pairs (metrics.jsonl), and the energy distance of the generated latents
   to the base's (0 for the base itself).
@@ -61,6 +62,16 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     return mean_distance(x, y) - 0.5 * (mean_distance(x, x) + mean_distance(y, y))
 
 
+# The base's second sample set (other seeds) measures how far two sample sets of one model lie apart.
+FLOOR_SEEDS = 100_000
+
+
+def noise_floor(got: dict, reference: dict) -> dict:
+    """Win rate (ties half) and latent energy distance of one evaluation against the base's."""
+    wins = np.mean((got["rewards"] > reference["rewards"]) + 0.5 * (got["rewards"] == reference["rewards"]))
+    return {"win_rate": float(wins), "latent_energy_distance": energy_distance(got["latents"], reference["latents"])}
+
+
 class Evaluator:
     """Samples the held-out prompts with a given transformer and the base's other components and seeds."""
 
@@ -78,7 +89,7 @@ class Evaluator:
         self.reward, self.steps, self.guidance, self.side = load_reward(reward), steps, guidance, side
         self.batch_size = batch_size
 
-    def __call__(self, transformer) -> dict:
+    def __call__(self, transformer, seed_offset: int = 0) -> dict:
         from ernie_jax.evaluation import shapes_detector
         from ernie_jax.pipeline import ErnieImagePipeline
 
@@ -87,7 +98,8 @@ class Evaluator:
         latents, images = [], []
         for first in range(0, len(self.prompts), self.batch_size):
             out = pipe(prompt=self.prompts[first:first + self.batch_size], negative_prompt="", height=self.side,
-                       width=self.side, num_inference_steps=self.steps, guidance_scale=self.guidance, seed=first,
+                       width=self.side, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                       seed=seed_offset + first,
                        output_type="latent", use_pe=False).images
             latents.append(np.asarray(out))
             images.append(np.rint(np.clip(pipe.decode_latents(out), 0, 1) * 255).astype(np.uint8))
@@ -162,8 +174,11 @@ def main(argv=None) -> None:
     evaluate = Evaluator(base, args.prompts, args.sample_steps, 3.0, SMALL_REWARD if args.small else "shapes", side)
     from conversions.transformer import load_transformer
 
-    reference = evaluate(load_transformer(base / "transformer", "float32"))
-    results = {"base": {"scores": reference["scores"], "reward": float(reference["rewards"].mean())}, "runs": {}}
+    base_transformer = load_transformer(base / "transformer", "float32")
+    reference = evaluate(base_transformer)
+    results = {"base": {"scores": reference["scores"], "reward": float(reference["rewards"].mean()),
+                        "floor": noise_floor(evaluate(base_transformer, seed_offset=FLOOR_SEEDS), reference)},
+               "runs": {}}
     checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
     for name in args.variants:
         for seed in args.seeds:
@@ -178,12 +193,9 @@ def main(argv=None) -> None:
                                  f"--config.evals.eval.every={args.eval_every}", *overrides])
             for step in checkpoints:
                 got = evaluate(restore(run, step))
-                wins = np.mean((got["rewards"] > reference["rewards"]) + 0.5 * (got["rewards"] == reference["rewards"]))
                 results["runs"].setdefault(name, {}).setdefault(str(step), []).append({
                     "seed": seed, "scores": got["scores"], "reward": float(got["rewards"].mean()),
-                    "win_rate": float(wins), "latent_energy_distance": energy_distance(got["latents"],
-                                                                                      reference["latents"]),
-                    **run_metrics(run, step)})
+                    **noise_floor(got, reference), **run_metrics(run, step)})
             (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     Path(args.report).write_text(report(results, args))
     print(f"wrote {args.report} and {out / 'results.json'}")
@@ -203,7 +215,10 @@ def report(results: dict, args) -> str:
              f"{args.sample_steps} sampling steps, CFG 3. Mean ± standard deviation over seeds.", "",
              f"Base (measured in the same run): reward {base['reward']:.3f}, all-correct "
              f"{base['scores']['all']:.3f}, shape {base['scores']['shape']:.3f}, colour "
-             f"{base['scores']['colour']:.3f}, position {base['scores']['position']:.3f}.", "",
+             f"{base['scores']['colour']:.3f}, position {base['scores']['position']:.3f}. The base against itself "
+             f"with other seeds (the noise floor of the two paired columns): win rate "
+             f"{base['floor']['win_rate']:.3f}, latent energy distance {base['floor']['latent_energy_distance']:.3f}.",
+             "",
              "| variant | step | reward | win rate vs base | all-correct | shape | held-out FM loss | "
              "velocity-norm ratio | latent energy distance to base |",
              "|---|---|---|---|---|---|---|---|---|"]
