@@ -164,3 +164,32 @@ def test_dpo_memory_plan_fits_on_8xh100(variant):
         assert report["frozen models"] == report["parameters"] // 2
     else:  # rank-64 adapters' Adam moments, far below the whole DiT's (8 bytes a parameter, split 8 ways)
         assert report["optimizer state"] < count * 8 / 8 / 10
+
+
+def test_sft_variants_build(tmp_path):
+    """Every variant of the SFT config resolves: from the components' transformer, the report's style mix
+    (a quarter of the captions kept dense), LoRA rank 64 on the block projections for `-lora`, 1024^2."""
+    from conversions.lora import BLOCK_LINEARS
+    from ernie_jax.data.buckets import RELEASED_1MP, as_buckets
+    from ernie_jax.runner.config import resolve
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_sft")
+    for variant in module.VARIANTS:
+        config = module.get_config(variant)
+        mesh, lora = variant.removesuffix("-lora"), variant.endswith("-lora")
+        if mesh != "tiny":
+            config.components.path = str(tmp_path)
+            config.data.source = str(tmp_path)
+        experiment = resolve(config, tmp_path / variant)
+        assert experiment.init_path == str(experiment.components_dir)
+        assert experiment.pipeline.caption_styles.keep_dense == 0.25
+        assert (experiment.lora is not None) == lora
+        if lora:
+            assert experiment.lora.rank == (4 if mesh == "tiny" else 64)
+            assert experiment.lora.target_modules == tuple(BLOCK_LINEARS)
+        if mesh != "tiny":
+            (stage,) = experiment.curriculum.stages
+            assert stage.buckets == as_buckets(RELEASED_1MP)
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("v4-8")
