@@ -109,30 +109,14 @@ class Evaluator:
 
 
 def restore(run: Path, step: int):
-    """The run's trained transformer at `step`, from its checkpoint."""
-    from flax import nnx
-
-    from conversions import mistral, vae
-    from ernie_jax.runner.config import resolve
-    from ernie_jax.runner.stages.train import trainable_parts
-    from ernie_jax.training.checkpoints import Checkpoints
-    from ernie_jax.training.state import abstract_train_state
+    """The run's trained transformer at `step`, from its checkpoint (the export stage's restore)."""
     from ml_collections import ConfigDict
 
-    config = ConfigDict(json.loads((run / "config.json").read_text()))
-    experiment = resolve(config, run)
-    components = experiment.components_dir
-    transformer_config = experiment.transformer_config(
-        mistral.open_text_encoder(components / "text_encoder").config.hidden_size,
-        vae.open_vae(components / "vae").config.packed_channels)
-    graphdefs, abstract = abstract_train_state(trainable_parts(experiment, transformer_config), seed=config.seed,
-                                               mesh=experiment.mesh(), rules=experiment.rules)
-    checkpoints = Checkpoints(run / "checkpoints")
-    try:
-        weights = checkpoints.restore_weights(abstract, ema=False, step=step)["transformer"]
-    finally:
-        checkpoints.close()
-    return nnx.merge(graphdefs["transformer"], weights)
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.runner.stages.export import trained_transformer
+
+    experiment = resolve(ConfigDict(json.loads((run / "config.json").read_text())), run)
+    return trained_transformer(experiment, ema=False, step=step)
 
 
 def run_metrics(run: Path, step: int) -> dict:

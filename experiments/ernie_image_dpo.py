@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from conversions.lora import BLOCK_LINEARS
-from experiments.ernie_image_pretrain import MESH_PRESETS, memory_plans  # noqa: F401 (memory_plans: this config's)
-from experiments.ernie_image_pretrain import get_config as pretrain_config
+from experiments.ernie_image_pretrain import memory_plans  # noqa: F401 (memory_plans: this config's)
+from experiments.ernie_image_sft import VARIANTS, post_training_config  # noqa: F401 (VARIANTS: this config's)
 
-MESHES = (*MESH_PRESETS, "tiny")
-VARIANTS = tuple(f"{mesh}{suffix}" for mesh in MESHES for suffix in ("", "-lora"))
 SIDE = 1024
 # The report's stabilized DPO (Eqs. 1-2): beta 0.05, lambda_win 0.35, lambda_lose 0.15, read with summed
 # errors (the reading under which the anchors and the DPO term have comparable weight, training_algorithms.md
@@ -45,19 +42,8 @@ BETA = 0.05 * LATENT_ELEMENTS
 
 def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     """The DPO config for `variant` (one of VARIANTS)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"ernie_image_dpo: unknown variant {variant!r}; choose one of {VARIANTS}")
-    mesh, lora = variant.removesuffix("-lora"), variant.endswith("-lora")
-    config = pretrain_config(mesh)
-    config.name = f"ernie_image_dpo_{variant}"
-    config.variant = variant
-    config.init.update(path="components", dtype="bfloat16")
+    config, mesh, lora = post_training_config("ernie_image_dpo", variant)
     config.frozen = ml_collections.ConfigDict({"reference": {"path": "init", "dtype": "bfloat16"}})
-    config.lora = ml_collections.ConfigDict({
-        "rank": 64 if lora else 0,   # 0: the whole DiT trains
-        "alpha": 64.0, "use_rslora": False, "dropout": 0.0, "target_modules": BLOCK_LINEARS,
-        "base_dtype": "bfloat16",    # the frozen base's storage (and the reference's); adapters are float32
-    })
     sigmas = {key: config.objective[key] for key in ("sigma_scheme", "logit_mean", "logit_std", "mode_scale", "shift")}
     config.objective = ml_collections.ConfigDict({
         "name": "dpo", "variant": "ernie", "beta": BETA, "lambda_win": 0.35, "lambda_lose": 0.15,

@@ -27,20 +27,27 @@ MESHES = (*MESH_PRESETS, "tiny")
 VARIANTS = tuple(f"{mesh}{suffix}" for mesh in MESHES for suffix in ("", "-lora"))
 
 
-def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
-    """The SFT config for `variant` (one of VARIANTS)."""
+def post_training_config(name: str, variant: str) -> tuple[ml_collections.ConfigDict, str, bool]:
+    """(config, mesh, lora) of a post-training `variant` (one of VARIANTS): the pre-training config of its mesh
+    starting from the components' transformer, with rank-64 LoRA on a bf16 base for `-lora`."""
     if variant not in VARIANTS:
-        raise ValueError(f"ernie_image_sft: unknown variant {variant!r}; choose one of {VARIANTS}")
+        raise ValueError(f"{name}: unknown variant {variant!r}; choose one of {VARIANTS}")
     mesh, lora = variant.removesuffix("-lora"), variant.endswith("-lora")
     config = pretrain_config(mesh)
-    config.name = f"ernie_image_sft_{variant}"
+    config.name = f"{name}_{variant}"
     config.variant = variant
     config.init.update(path="components", dtype="bfloat16")
     config.lora = ml_collections.ConfigDict({
         "rank": 64 if lora else 0,   # 0: the whole DiT trains
         "alpha": 64.0, "use_rslora": False, "dropout": 0.0, "target_modules": BLOCK_LINEARS,
-        "base_dtype": "bfloat16",    # the frozen base's storage; adapters are float32
+        "base_dtype": "bfloat16",    # the frozen base's storage (and a DPO reference's); adapters are float32
     })
+    return config, mesh, lora
+
+
+def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
+    """The SFT config for `variant` (one of VARIANTS)."""
+    config, mesh, lora = post_training_config("ernie_image_sft", variant)
     final_batch = config.data.batch_sizes[-1]
     config.data.update(stage_steps=(10_000,), batch_sizes=(final_batch,), sides=(1024,))
     # The report's caption diversification (training_algorithms.md section 7): a quarter of the records keep

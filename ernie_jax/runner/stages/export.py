@@ -31,16 +31,40 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
+def trained_transformer(experiment: Experiment, *, ema: bool, step: int) -> nnx.Module:
+    """The transformer of checkpoint `step` (its EMA weights, or with `ema=False` the trained ones) in the
+    shardings training used; with LoRA the adapters on the frozen base they were trained on."""
+    from conversions import mistral, vae
+    from ernie_jax.models import lora
+    from ernie_jax.runner.stages.train import initial_models, trainable_parts
+    from ernie_jax.training.checkpoints import Checkpoints
+    from ernie_jax.training.state import abstract_train_state, split_part
+
+    components = experiment.components_dir
+    transformer_config = experiment.transformer_config(
+        mistral.open_text_encoder(components / "text_encoder").config.hidden_size,
+        vae.open_vae(components / "vae").config.packed_channels)
+    mesh = experiment.mesh()
+    graphdefs, abstract = abstract_train_state(trainable_parts(experiment, transformer_config),
+                                               seed=experiment.config.seed, mesh=mesh, rules=experiment.rules)
+    checkpoints = Checkpoints(experiment.workdir / "checkpoints")
+    try:
+        weights = checkpoints.restore_weights(abstract, ema=ema, step=step)["transformer"]
+    finally:
+        checkpoints.close()
+    if experiment.lora is None:
+        return nnx.merge(graphdefs["transformer"], weights)
+    base = initial_models(experiment, transformer_config, mesh, experiment.rules, fresh=True)["transformer"]
+    return nnx.merge(graphdefs["transformer"], weights, split_part(base, lora.LoRAParam)[2])
+
+
 def run(experiment: Experiment) -> None:
-    from conversions import mistral, transformer, vae
+    from conversions import transformer
     from conversions.common import atomic_directory
     from conversions.lora import save_lora
     from conversions.safetensors_io import write_sharded
     from ernie_jax import parallel
     from ernie_jax.models import lora
-    from ernie_jax.runner.stages.train import initial_models, trainable_parts
-    from ernie_jax.training.checkpoints import Checkpoints
-    from ernie_jax.training.state import abstract_train_state, split_part
 
     config, workdir, num_steps = experiment.config, experiment.workdir, experiment.train.num_steps
     destination = workdir / "pipeline"
@@ -51,24 +75,8 @@ def run(experiment: Experiment) -> None:
     if done != num_steps:
         raise ValueError(f"export: training is not finished ({done or 0} of {num_steps} updates in "
                          f"{workdir / 'checkpoints'}); run the train stage first")
-    components = experiment.components_dir
-    text_width = mistral.open_text_encoder(components / "text_encoder").config.hidden_size
-    channels = vae.open_vae(components / "vae").config.packed_channels
-    transformer_config = experiment.transformer_config(text_width, channels)
-    mesh = experiment.mesh()
-    graphdefs, abstract = abstract_train_state(trainable_parts(experiment, transformer_config), seed=config.seed,
-                                               mesh=mesh, rules=experiment.rules)
-    checkpoints = Checkpoints(workdir / "checkpoints")
-    try:
-        weights = checkpoints.restore_weights(abstract, ema=config.export.use_ema, step=done)["transformer"]
-    finally:
-        checkpoints.close()
-    if experiment.lora is None:
-        model = nnx.merge(graphdefs["transformer"], weights)
-    else:
-        # The trained adapters on the frozen base they were trained on.
-        base = initial_models(experiment, transformer_config, mesh, experiment.rules, fresh=True)["transformer"]
-        model = nnx.merge(graphdefs["transformer"], weights, split_part(base, lora.LoRAParam)[2])
+    model = trained_transformer(experiment, ema=config.export.use_ema, step=done)
+    components, transformer_config = experiment.components_dir, model.config
     dtype = jnp.dtype(config.export.dtype)
 
     def on_host(module: nnx.Module, cast) -> nnx.Module:

@@ -126,7 +126,7 @@ def run(experiment: Experiment) -> None:
     from ernie_jax.training import loop
     from ernie_jax.training.metrics import ProgressBar, TensorBoardWriter
     from ernie_jax.training.objectives.flow_matching import EmptyPrompt
-    from ernie_jax.training.state import part_rests
+    from ernie_jax.training.state import abstract_parts, part_rests
 
     config, workdir, num_steps = experiment.config, experiment.workdir, experiment.train.num_steps
     checkpoint_dir = workdir / "checkpoints"
@@ -156,8 +156,7 @@ def run(experiment: Experiment) -> None:
     objective = experiment.objective_module.make(experiment.objective, ObjectiveContext(empty))
     initial = initial_models(experiment, transformer_config, mesh, rules, fresh=not done)
     frozen_models = {name: frozen_model(experiment, name, initial, mesh, rules) for name in objective.reads}
-    graphdef = nnx.split(nnx.eval_shape(lambda: parts["transformer"].build(nnx.Rngs(0))), parts["transformer"].trained,
-                         ...)[0]
+    graphdef = abstract_parts(parts, seed=config.seed)[0]["transformer"]
     rest = part_rests(parts, seed=config.seed, mesh=mesh, rules=rules, initial=initial).get("transformer")
 
     def ema_transformer(state) -> nnx.Module:
