@@ -24,7 +24,8 @@ module `ernie_jax.training.objectives.<name>`, which has a `Config` dataclass (b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import jax
@@ -40,6 +41,17 @@ class Objective(Protocol):
 
     def loss(self, trainable: Mapping[str, nnx.Module], frozen: Mapping[str, nnx.Module],
              batch: Mapping[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, Metrics]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One update of a training step: `loss` differentiated for the parts `trains`, run `repeats` times in a row
+    (metrics as f"{name}/{key}")."""
+
+    name: str
+    trains: tuple[str, ...]
+    loss: Callable
+    repeats: int = 1
 
 
 def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
