@@ -1,0 +1,410 @@
+"""The DMD / MT-DMD objective: the generator's and the critic's losses and gradients against an independent
+PyTorch implementation around diffusers' ErnieImageTransformer2DModel (with the teacher's CFG applied in
+velocity space as ErnieImagePipeline does), and properties that can fail on small analytic velocity models: the
+gradient in x is the normalised direction, the pipeline's CFG formula (not the off-by-one one), the rollout is
+the sampler's and carries no gradient, the committee reduces to single-teacher DMD2, gates and their masses,
+unrouted teachers are never run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ernie_jax
+from conversions.key_table import to_state_dict
+from conversions.transformer import key_table
+from ernie_jax import sampling
+from ernie_jax.training.objectives import dmd, example_keys, flow_matching
+from tests.conftest import TINY, reference_transformer, relative_error
+from tests.test_dpo import SmallVelocity
+
+BATCH, HEIGHT, WIDTH, TEXT_LENS, STEPS, GUIDANCE = 2, 4, 4, (6, 3), 4, 3.5
+EMPTY_LENGTH = 2
+FP32_TOLERANCE = 1e-5
+GRADIENT_TOLERANCE = 1e-4
+
+
+def torch_dmd(student, critic, teacher, inputs, grid):
+    """Written from DMD2 (tianweiy/DMD2 sd_guidance.py) and the flow conventions, not from dmd.py: the student's
+    Euler rollout without gradient, one step with gradient, the x0-predictions of the critic and of the teacher
+    with ErnieImagePipeline's guidance `pred_uncond + g (pred_cond - pred_uncond)` on velocities, and DMD2's
+    `0.5 mse(x, (x - grad).detach())` with `grad = (fake - real) / mean|x - real|`. Returns (generator loss,
+    critic loss), each with its trained model's graph."""
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    text, lens = t["text"], t["text_lens"]
+    grid = torch.from_numpy(np.asarray(grid))
+    steps = t["steps"]
+    x = t["noise"]
+    with torch.no_grad():
+        for i in range(STEPS - 1):
+            v = student(x, torch.full((BATCH,), float(grid[i]) * 1000), text, lens, return_dict=False)[0]
+            moved = x + (grid[i + 1] - grid[i]) * v
+            x = torch.where((i < steps)[:, None, None, None], moved, x)
+    sigma = grid[steps]
+    b = lambda s: s[:, None, None, None]
+    with torch.no_grad():
+        critic_sample = x - b(sigma) * student(x, sigma * 1000, text, lens, return_dict=False)[0]
+    sample = x - b(sigma) * student(x, sigma * 1000, text, lens, return_dict=False)[0]
+    s = t["dm_sigmas"]
+    with torch.no_grad():
+        x_t = (1 - b(s)) * sample + b(s) * t["dm_noise"]
+        fake = x_t - b(s) * critic(x_t, s * 1000, text, lens, return_dict=False)[0]
+        empty = torch.zeros_like(text)
+        empty[:, :EMPTY_LENGTH] = t["empty"]
+        both = teacher(torch.cat([x_t, x_t]), torch.cat([s, s]) * 1000, torch.cat([empty, text]),
+                       torch.cat([torch.full_like(lens, EMPTY_LENGTH), lens]), return_dict=False)[0]
+        pred_uncond, pred_cond = both.chunk(2)
+        real = x_t - b(s) * (pred_uncond + GUIDANCE * (pred_cond - pred_uncond))
+        grad = (fake - real) / (sample - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    generator = 0.5 * torch.nn.functional.mse_loss(sample, (sample - grad).detach())
+    c = t["critic_sigmas"]
+    x_c = (1 - b(c)) * critic_sample + b(c) * t["critic_noise"]
+    critic_error = (critic(x_c, c * 1000, text, lens, return_dict=False)[0] - (t["critic_noise"] - critic_sample))
+    return generator, (critic_error ** 2).mean()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """torch (student, critic, teacher) and ours: three different random tiny DiTs."""
+    student = reference_transformer(seed=3)
+    critic = copy.deepcopy(student)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for param in critic.parameters():
+            param.add_(0.3 * param.std() * torch.randn_like(param))
+    teacher = reference_transformer(seed=5)
+    loaded = []
+    for name, model in (("student", student), ("critic", critic), ("teacher", teacher)):
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        loaded.append(ernie_jax.load_transformer(folder, "float32"))
+    return (student, critic, teacher), tuple(loaded)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    shape = (BATCH, TINY["in_channels"], HEIGHT, WIDTH)
+    draw = lambda *s: rng.standard_normal(s).astype(np.float32)
+    text = draw(BATCH, max(TEXT_LENS), TINY["text_in_dim"])
+    for i, length in enumerate(TEXT_LENS):
+        text[i, length:] = 0.0
+    return dict(text=text, text_lens=np.asarray(TEXT_LENS, np.int64), noise=draw(*shape),
+                steps=np.array([0, 2], np.int64), dm_noise=draw(*shape), dm_sigmas=np.array([0.35, 0.8], np.float32),
+                critic_noise=draw(*shape), critic_sigmas=np.array([0.6, 0.25], np.float32),
+                empty=draw(EMPTY_LENGTH, TINY["text_in_dim"]))
+
+
+def ours(student, critic, teacher, inputs, grid):
+    text, lens = jnp.asarray(inputs["text"]), jnp.asarray(inputs["text_lens"])
+    gate = jnp.ones((BATCH, 1))
+    draw = dmd.GeneratorDraw(*(jnp.asarray(inputs[k]) for k in ("noise", "steps", "dm_noise", "dm_sigmas",
+                                                                 "dm_noise", "dm_sigmas")))
+    generator = dmd.generator_loss(student, critic, {"teacher": teacher}, text, lens, draw, gate, gate, grid=grid,
+                                   guidance_scale=GUIDANCE, empty_prompt=flow_matching.EmptyPrompt(
+                                       jnp.asarray(inputs["empty"]), EMPTY_LENGTH), eps=0.0)
+    critic_draw = flow_matching.NoiseDraw(jnp.asarray(inputs["critic_noise"]), jnp.asarray(inputs["critic_sigmas"]),
+                                          jnp.zeros(BATCH, bool))
+    critic_out = dmd.critic_loss(critic, student, text, lens, jnp.asarray(inputs["noise"]),
+                                 jnp.asarray(inputs["steps"]), critic_draw, grid=grid)
+    return generator, critic_out
+
+
+def test_generator_and_critic_losses_and_gradients_match_torch(models, inputs):
+    (torch_student, torch_critic, torch_teacher), (student, critic, teacher) = models
+    grid = dmd.student_grid(STEPS, 3.0)
+    s_graph, s_params, s_rest = nnx.split(student, nnx.Param, ...)
+    c_graph, c_params, c_rest = nnx.split(critic, nnx.Param, ...)
+
+    def losses(s_params, c_params):
+        (generator, metrics), (critic_value, _) = ours(nnx.merge(s_graph, s_params, s_rest),
+                                                       nnx.merge(c_graph, c_params, c_rest), teacher, inputs, grid)
+        return generator, critic_value, metrics
+
+    @jax.jit
+    def run(s_params, c_params):
+        generator, critic_value, metrics = losses(s_params, c_params)
+        g_grad = jax.grad(lambda p: losses(p, c_params)[0])(s_params)
+        c_grad = jax.grad(lambda p: losses(s_params, p)[1])(c_params)
+        return generator, critic_value, metrics, g_grad, c_grad
+
+    generator, critic_value, metrics, g_grad, c_grad = run(s_params, c_params)
+    torch_generator, torch_critic_loss = torch_dmd(torch_student, torch_critic, torch_teacher, inputs, grid)
+    assert relative_error(generator, float(torch_generator.detach())) <= FP32_TOLERANCE
+    assert relative_error(critic_value, float(torch_critic_loss.detach())) <= FP32_TOLERANCE
+    assert float(metrics["ca_norm"]) > 0.01 and float(metrics["dm_norm"]) > 0.01
+    torch_generator.backward()
+    torch_critic_loss.backward()
+    for grads, torch_model, model in ((g_grad, torch_student, student), (c_grad, torch_critic, critic)):
+        expected = {name: param.grad.numpy() for name, param in torch_model.named_parameters()}
+        actual = to_state_dict(key_table(model.config), nnx.to_pure_dict(grads), model.config.num_layers)
+        assert actual.keys() == expected.keys()
+        for name in expected:
+            assert np.abs(expected[name]).max() > 0, name
+            assert relative_error(actual[name], expected[name]) <= GRADIENT_TOLERANCE, name
+
+
+def test_the_last_student_step_is_the_inference_samplers_output(models, inputs):
+    """At k = K - 1 the student's x0-prediction is what `ernie_jax.sampling` returns at K steps, cfg 1 (its last
+    Euler step to sigma 0 is x - sigma v): training sees the sampler's inputs."""
+    student = models[1][0]
+    grid = dmd.student_grid(STEPS, 4.0)
+    np.testing.assert_array_equal(grid, sampling.flow_match_sigmas(STEPS, 4.0))
+    noise, text, lens = (jnp.asarray(inputs[k]) for k in ("noise", "text", "text_lens"))
+    ours_x = dmd.student_sample(student, text, lens, noise, jnp.full((BATCH,), STEPS - 1), grid)
+    graphdef, params = nnx.split(student)
+    expected = sampling.denoise_loop(graphdef, params, noise, text, lens, jnp.asarray(grid), 1.0, use_cfg=False)
+    assert relative_error(ours_x, expected) <= FP32_TOLERANCE
+
+
+# ---- properties on small analytic models
+
+SHAPE, TEXT_DIM = (3, 2, 3), 4
+
+
+def small_inputs(batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    return dict(text=draw(batch, 5, TEXT_DIM), text_lens=jnp.asarray(rng.integers(1, 6, batch)),
+                noise=draw(batch, *SHAPE), steps=jnp.asarray(rng.integers(0, STEPS, batch)),
+                dm_noise=draw(batch, *SHAPE), dm_sigmas=jnp.asarray(rng.uniform(0.1, 0.9, batch), jnp.float32),
+                ca_noise=draw(batch, *SHAPE), ca_sigmas=jnp.asarray(rng.uniform(0.1, 0.9, batch), jnp.float32))
+
+
+EMPTY = flow_matching.EmptyPrompt(jnp.asarray(np.random.default_rng(9).standard_normal((2, TEXT_DIM)), jnp.float32), 2)
+GRID = dmd.student_grid(STEPS, 3.0)
+
+
+def small_loss(student, critic, teachers, inputs, dm_gate=None, ca_gate=None, **options):
+    batch = inputs["text"].shape[0]
+    one = jnp.full((batch, len(teachers)), 1.0 / len(teachers))
+    draw = dmd.GeneratorDraw(*(inputs[k] for k in dmd.GeneratorDraw._fields))
+    options = {"guidance_scale": GUIDANCE, "empty_prompt": EMPTY, **options}
+    return dmd.generator_loss(student, critic, teachers, inputs["text"], inputs["text_lens"], draw,
+                              one if dm_gate is None else dm_gate, one if ca_gate is None else ca_gate, grid=GRID,
+                              **options)
+
+
+class FixedSample(nnx.Module):
+    """A student whose x0-prediction at any input is its parameter `sample [B, C, H, W]`:
+    v = (x - sample) / sigma."""
+
+    def __init__(self, sample):
+        self.sample = nnx.Param(sample)
+
+    def __call__(self, x, timestep, text, text_lens):
+        return (x - self.sample[...]) / (timestep / 1000.0)[:, None, None, None]
+
+
+def test_gradient_in_x_is_the_normalised_direction_with_the_pipelines_cfg():
+    """d loss / d x = (x0_fake - x0_real) / (mean|x - x0_real|) / (B C H W), with x0_real from the teacher's
+    velocities combined as the pipeline does, u + g (c - u); the off-by-one c + g (c - u) gives another
+    direction."""
+    inputs = small_inputs()
+    sample = jnp.asarray(np.random.default_rng(1).standard_normal((4, *SHAPE)), jnp.float32)
+    critic, teacher = SmallVelocity(1), SmallVelocity(2)
+    graphdef, params = nnx.split(FixedSample(sample))
+    grad = jax.grad(lambda p: small_loss(nnx.merge(graphdef, p), critic, {"t": teacher}, inputs, eps=0.0)[0])(params)
+    s = inputs["dm_sigmas"][:, None, None, None]
+    x_t = (1 - s) * sample + s * inputs["dm_noise"]
+    t = inputs["dm_sigmas"] * 1000
+    text, lens = inputs["text"], inputs["text_lens"]
+    empty_text, empty_lens = flow_matching.drop_text(text, lens, jnp.ones(4, bool), EMPTY)
+    cond, uncond = teacher(x_t, t, text, lens), teacher(x_t, t, empty_text, empty_lens)
+    fake = x_t - s * critic(x_t, t, text, lens)
+
+    def direction(guided_velocity):
+        real = x_t - s * guided_velocity
+        return (fake - real) / jnp.mean(jnp.abs(sample - real), axis=(1, 2, 3), keepdims=True) / sample.size
+
+    actual = grad["sample"][...]
+    assert relative_error(actual, direction(uncond + GUIDANCE * (cond - uncond))) <= 1e-5
+    assert relative_error(actual, direction(cond + GUIDANCE * (cond - uncond))) > 0.1
+
+
+def test_backward_simulation_at_step_zero_is_one_student_step_on_pure_noise_and_gradient_flows_only_at_step_k():
+    student, inputs = SmallVelocity(0), small_inputs()
+    text, lens, noise = inputs["text"], inputs["text_lens"], inputs["noise"]
+    at_zero = dmd.student_sample(student, text, lens, noise, jnp.zeros(4, int), GRID)
+    expected = noise - student(noise, jnp.full((4,), 1000.0), text, lens)
+    assert relative_error(at_zero, expected) <= 1e-6
+    # With k = 2: the input of step k is the Euler rollout; the gradient equals that of the student evaluated on
+    # that input held constant (no gradient through the k earlier forwards), and differs from the full
+    # derivative through them.
+    steps = jnp.full((4,), 2)
+    graphdef, params = nnx.split(student)
+    x = noise
+    for i in range(2):
+        x = x + (GRID[i + 1] - GRID[i]) * student(x, jnp.full((4,), GRID[i] * 1000), text, lens)
+    sigma = jnp.full((4,), GRID[2])
+
+    def held(p):
+        model = nnx.merge(graphdef, p)
+        return jnp.sum(dmd.x0_from_velocity(x, sigma, model(x, sigma * 1000, text, lens)) ** 2)
+
+    def through(p, rollout):
+        model = nnx.merge(graphdef, p)
+        return jnp.sum(dmd.student_sample(model, text, lens, noise, steps, GRID, rollout=rollout(model)) ** 2)
+
+    def unrolled(p):  # every forward differentiated: what a leak through the rollout would give
+        model, y = nnx.merge(graphdef, p), noise
+        for i in range(2):
+            y = y + (GRID[i + 1] - GRID[i]) * model(y, jnp.full((4,), GRID[i] * 1000), text, lens)
+        return jnp.sum(dmd.x0_from_velocity(y, sigma, model(y, sigma * 1000, text, lens)) ** 2)
+
+    expected = jax.grad(held)(params)
+    assert relative_error(jax.grad(unrolled)(params)["scale"][...], expected["scale"][...]) > 1e-2
+    # Whatever the rollout callable (the default, the objective's `stopped` copy, even the student itself), the
+    # step-k input carries no gradient.
+    for rollout in (lambda model: None, dmd.stopped, lambda model: model):
+        grad = jax.grad(through)(params, rollout)
+        for name in ("scale", "bias", "time", "text"):
+            assert relative_error(grad[name][...], expected[name][...]) <= 1e-5, name
+
+
+def test_committee_of_identical_teachers_under_any_gate_is_single_teacher_dmd2():
+    inputs = small_inputs()
+    student, critic, teacher = SmallVelocity(0), SmallVelocity(1), SmallVelocity(2)
+    rng = np.random.default_rng(3)
+    for decoupled in (False, True):
+        single = small_loss(student, critic, {"t": teacher}, inputs, decoupled=decoupled)
+        gates = [jnp.asarray(rng.dirichlet(np.ones(3), 4), jnp.float32) for _ in range(2)]
+        gates[1] = gates[1].at[:, 0].set(0.0)
+        gates[1] = gates[1] / gates[1].sum(1, keepdims=True)
+        committee = small_loss(student, critic, {"a": teacher, "b": teacher, "c": teacher}, inputs, *gates,
+                               decoupled=decoupled)
+        assert float(committee[0]) == pytest.approx(float(single[0]), rel=1e-5)
+        for name in ("dm_norm", "ca_norm", "grad_norm"):
+            assert float(committee[1][name]) == pytest.approx(float(single[1][name]), rel=1e-5), name
+        assert float(committee[1]["gate/ca/a"]) == 0.0
+        assert float(committee[1]["gate/dm/b"]) == pytest.approx(float(np.mean(gates[0][:, 1])), rel=1e-6)
+
+
+def test_committee_mixes_teachers_x0_by_the_gate_and_hard_gates_pick_one():
+    """Two different teachers: a hard gate equals the routed teacher alone (per example), a soft one the
+    weighted mix of their x0 (linear in the weights; the loss itself is not, so the mix is checked on x0)."""
+    inputs = small_inputs()
+    a, b = SmallVelocity(2), SmallVelocity(3)
+    x_t, sigmas, text, lens = inputs["dm_noise"], inputs["dm_sigmas"], inputs["text"], inputs["text_lens"]
+    weights = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.25, 0.75], [0.5, 0.5]])
+    (mixed,) = dmd.committee_x0([a, b], [weights], x_t, sigmas, text, lens)
+    x0 = [dmd.x0_from_velocity(x_t, sigmas, m(x_t, sigmas * 1000, text, lens)) for m in (a, b)]
+    expected = weights[:, 0, None, None, None] * x0[0] + weights[:, 1, None, None, None] * x0[1]
+    assert relative_error(mixed, expected) <= 1e-6
+    assert relative_error(mixed[0], x0[0][0]) <= 1e-6 and relative_error(mixed[1], x0[1][1]) <= 1e-6
+    assert relative_error(x0[0], x0[1]) > 0.1
+
+
+class NaNVelocity(nnx.Module):
+    """A teacher whose forward gives NaN: any example that sees it is NaN, so a finite loss proves it never ran."""
+
+    def __call__(self, x, timestep, text, text_lens):
+        return jnp.full(x.shape, jnp.nan)
+
+
+def test_unrouted_teacher_is_never_evaluated():
+    inputs = small_inputs()
+    student, critic, good = SmallVelocity(0), SmallVelocity(1), SmallVelocity(2)
+    teachers = {"good": good, "nan": NaNVelocity()}
+    to_good = jnp.tile(jnp.asarray([[1.0, 0.0]]), (4, 1))
+    loss = jax.jit(lambda: small_loss(student, critic, teachers, inputs, to_good, to_good)[0])()
+    assert np.isfinite(float(loss))
+    # Routed to one example only (weight 1 there), it runs, and its NaN reaches the loss.
+    one = to_good.at[3].set(jnp.asarray([0.0, 1.0]))
+    assert np.isnan(float(jax.jit(lambda: small_loss(student, critic, teachers, inputs, one, to_good)[0])()))
+    assert np.isnan(float(jax.jit(lambda: small_loss(student, critic, teachers, inputs, to_good, one)[0])()))
+
+
+def test_gate_table_by_sigma_domain_and_term():
+    config = dmd.Config(teachers=("layout", "render", "text"), sigma_edges=(0.3, 0.7),
+                        sigma_routes=("render", {"layout": 1.0, "render": 1.0}, "layout"),
+                        domain_routes=({"text": 3.0, "layout": 1.0, "render": 1.0}, {"layout": 1.0, "render": 1.0}),
+                        objective_routes={"dm": {"layout": 1.0, "render": 1.0}})
+    sigmas = jnp.asarray([0.1, 0.5, 0.9, 0.5, 0.5, 0.1])
+    domain = jnp.asarray([0, 0, 0, 1, 7, -1])
+    dm = np.asarray(dmd.gate_weights(config, sigmas, domain, "dm"))
+    ca = np.asarray(dmd.gate_weights(config, sigmas, domain, "ca"))
+    np.testing.assert_allclose(dm, [[0, 1, 0], [0.5, 0.5, 0], [1, 0, 0], [0.5, 0.5, 0], [0.5, 0.5, 0], [0, 1, 0]])
+    # The sigma rows never route to the text expert, so CA (no objective factor) equals DM here; without them the
+    # domain's soft row reaches it.
+    np.testing.assert_allclose(ca, dm)
+    config = dataclasses.replace(config, sigma_edges=(), sigma_routes=())
+    ca = np.asarray(dmd.gate_weights(config, sigmas, domain, "ca"))
+    np.testing.assert_allclose(ca[0], [0.2, 0.2, 0.6])
+    np.testing.assert_allclose(ca[3], [0.5, 0.5, 0])
+    assert np.allclose(ca.sum(1), 1.0)
+    with pytest.raises(ValueError, match="no teacher any weight for sigma bin 0, domain 0 and term 'dm'"):
+        dmd.Config(teachers=("a", "b"), sigma_edges=(0.5,), sigma_routes=("a", "b"), domain_routes=("b",))
+
+
+def test_one_sigma_bin_per_batch_keeps_the_marginal():
+    for sigmas in (flow_matching.SigmaSampling("uniform", shift=3.0), flow_matching.SigmaSampling(logit_mean=0.5)):
+        config = dmd.Config(teachers=("a", "b"), sigma_edges=(0.6,), sigma_routes=("a", "b"),
+                            sigma_bin_per_batch=True, dm_sigmas=sigmas)
+        keys = jax.random.split(jax.random.key(0), 4000).reshape(1000, 4)
+        drawn = np.asarray(jax.vmap(lambda k: dmd.draw_sigmas(config, sigmas, k))(keys))
+        high = drawn > 0.6
+        assert np.all(high.all(1) | (~high).all(1))  # one bin per batch
+        direct = np.asarray(sigmas.sample(jax.random.key(1), 4000))
+        assert abs(high.mean() - (direct > 0.6).mean()) < 0.04
+        np.testing.assert_allclose(np.quantile(drawn, [0.1, 0.3, 0.5, 0.7, 0.9]),
+                                   np.quantile(direct, [0.1, 0.3, 0.5, 0.7, 0.9]), atol=0.03)
+
+
+def test_objective_updates_batch_keys_and_microbatches():
+    config = dmd.Config(teachers=("a", "b"), domain_routes=("a", "b"), latent_shape=SHAPE, student_steps=STEPS,
+                        decoupled=True, critic_updates=5)
+    objective = dmd.make(config, type("Context", (), {"empty_prompt": EMPTY})())
+    assert objective.batch_keys == ("text", "text_lens", "domain")
+    assert (objective.trains, objective.reads) == (("critic", "generator"), ("a", "b"))
+    critic_update, generator_update = objective.updates
+    assert (critic_update.name, critic_update.trains, critic_update.repeats) == ("critic", ("critic",), 5)
+    assert (generator_update.name, generator_update.trains, generator_update.repeats) == ("generator",
+                                                                                           ("generator",), 1)
+    inputs = small_inputs()
+    batch = dict(text=inputs["text"], text_lens=inputs["text_lens"], domain=jnp.asarray([0, 1, 1, 5]))
+    models = {"generator": SmallVelocity(0), "critic": SmallVelocity(1), "a": SmallVelocity(2), "b": SmallVelocity(3)}
+    keys = example_keys(jax.random.key(7), 4)
+    for update in objective.updates:
+        trainable = {name: models[name] for name in update.trains}
+        frozen = {name: m for name, m in models.items() if name not in update.trains}
+        loss, metrics = update.loss(trainable, frozen, batch, keys)
+        halves = [update.loss(trainable, frozen, {k: v[part] for k, v in batch.items()}, keys[part])
+                  for part in (slice(0, 2), slice(2, 4))]
+        assert float(loss) == pytest.approx(np.mean([float(l) for l, _ in halves]), rel=1e-5)
+        for name in metrics:
+            if name != "sample_std":
+                assert float(metrics[name]) == pytest.approx(np.mean([float(m[name]) for _, m in halves]),
+                                                             rel=1e-5, abs=1e-7), name
+        other, _ = update.loss(trainable, frozen, batch, example_keys(jax.random.key(8), 4))
+        assert abs(float(other) - float(loss)) > 1e-4
+    _, metrics = generator_update.loss({"generator": models["generator"]}, models, batch, keys)
+    assert float(metrics["gate/dm/a"]) == pytest.approx(0.25 + 0.25 * 0.5)
+    with pytest.raises(ValueError, match="batch lacks \\['domain'\\]"):
+        generator_update.loss({"generator": models["generator"]}, models, {k: batch[k] for k in ("text", "text_lens")},
+                              keys)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(teachers=()), "teachers"), (dict(teachers=("critic",)), "teachers"), (dict(student_steps=0), "student_steps"),
+    (dict(student_shift=0.0), "student_shift"), (dict(student_input="data"), "student_input"),
+    (dict(guidance_scale=0.5), "guidance_scale"), (dict(dm_weight=-1.0), "dm_weight"),
+    (dict(ca_weight=-1.0), "ca_weight"), (dict(normaliser_eps=0.0), "normaliser_eps"),
+    (dict(sigma_edges=(0.6, 0.3), sigma_routes=("teacher",) * 3), "sigma_edges"),
+    (dict(sigma_edges=(0.5,)), "sigma_routes"), (dict(sigma_edges=(0.5,), sigma_routes=("teacher",)), "sigma_routes"),
+    (dict(domain_routes=("other",)), "domain_routes\\[0\\]: unknown teacher 'other'"),
+    (dict(objective_routes={"gan": "teacher"}), "objective_routes"),
+    (dict(sigma_edges=(0.5,), sigma_routes=("teacher",) * 2, sigma_bin_per_batch=True,
+          dm_sigmas={"sigma_scheme": "mode"}), "sigma_bin_per_batch"),
+    (dict(dm_sigmas={"scheme": "uniform"}), "unknown DMD dm_sigmas fields"), (dict(critic_updates=0), "critic_updates"),
+    (dict(latent_shape=(4, 8)), "latent_shape")])
+def test_bad_config_raises_naming_the_field(settings, message):
+    with pytest.raises(ValueError, match=message):
+        dmd.Config(**settings)
