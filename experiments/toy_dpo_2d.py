@@ -104,18 +104,19 @@ def nearest_mode(x: jax.Array) -> jax.Array:
     return jnp.argmin(jnp.linalg.norm(x[:, None, :] - mode_centres()[None], axis=-1), axis=1)
 
 
-def init_mlp(key: jax.Array, hidden: int) -> list[tuple[jax.Array, jax.Array]]:
-    """Three hidden SiLU layers over (x, sigma's Fourier features)."""
-    sizes = (2 + 2 * TIME_FREQUENCIES, hidden, hidden, hidden, 2)
+def init_mlp(key: jax.Array, hidden: int, condition_dim: int = 0) -> list[tuple[jax.Array, jax.Array]]:
+    """Three hidden SiLU layers over (x, sigma's Fourier features, an optional condition vector)."""
+    sizes = (2 + 2 * TIME_FREQUENCIES + condition_dim, hidden, hidden, hidden, 2)
     keys = jax.random.split(key, len(sizes) - 1)
     return [(jax.random.normal(k, (fan_in, fan_out)) / math.sqrt(fan_in), jnp.zeros(fan_out))
             for k, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:])]
 
 
-def velocity(params, x: jax.Array, sigmas: jax.Array) -> jax.Array:
-    """`x [N, 2]`, `sigmas [N]` -> the predicted velocity eps - x0 `[N, 2]`."""
+def velocity(params, x: jax.Array, sigmas: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    """`x [N, 2]`, `sigmas [N]` (and `condition [N, condition_dim]` for a conditional MLP) -> the predicted
+    velocity eps - x0 `[N, 2]`."""
     angles = math.pi * sigmas[:, None] * jnp.arange(1, TIME_FREQUENCIES + 1)
-    h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles)], axis=1)
+    h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles)] + ([] if condition is None else [condition]), axis=1)
     for weight, bias in params[:-1]:
         h = jax.nn.silu(h @ weight + bias)
     weight, bias = params[-1]
