@@ -84,7 +84,7 @@ class Settings:
 
 
 SMALL = Settings(seeds=2, hidden=64, teacher_steps=600, teacher_batch=256, generator_updates=150, batch=128,
-                 samples=400, variants=("dmd2",), experiment_c=False)
+                 samples=400, variants=("dmd2", "noised_data"), experiment_c=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from conversions.key_table import to_state_dict
 from conversions.transformer import key_table
 from ernie_jax import parallel, sampling
 from ernie_jax.models import layers
+from ernie_jax.models.gan_head import GANHead
 from ernie_jax.training import state, step
 from ernie_jax.training.objectives import dmd, example_keys, flow_matching
 from tests.conftest import TINY, reference_transformer, relative_error
@@ -34,12 +35,33 @@ FP32_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
 
 
-def torch_dmd(student, critic, teacher, inputs, grid):
+def torch_features(model, *args):
+    """diffusers' velocity and the last block's image tokens `[B, N, D]` (the input of its final norm, which is
+    sequence-first there)."""
+    captured = []
+    handle = model.final_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        velocity = model(*args, return_dict=False)[0]
+    finally:
+        handle.remove()
+    return velocity, captured[0][:HEIGHT * WIDTH].transpose(0, 1)
+
+
+def torch_head(weights, features):
+    """DMD2's classifier as GANHead documents it: mean over tokens, LayerNorm, linear, SiLU, linear."""
+    pooled = torch.nn.functional.layer_norm(features.mean(1), (features.shape[-1],), eps=1e-6)
+    hidden = torch.nn.functional.silu(pooled @ weights["hidden"]["kernel"] + weights["hidden"]["bias"])
+    return (hidden @ weights["logit"]["kernel"] + weights["logit"]["bias"])[:, 0]
+
+
+def torch_dmd(student, critic, teacher, inputs, grid, head=None):
     """Written from DMD2 (tianweiy/DMD2 sd_guidance.py) and the flow conventions, not from dmd.py: the student's
     Euler rollout without gradient, one step with gradient, the x0-predictions of the critic and of the teacher
     with ErnieImagePipeline's guidance `pred_uncond + g (pred_cond - pred_uncond)` on velocities, and DMD2's
-    `0.5 mse(x, (x - grad).detach())` with `grad = (fake - real) / mean|x - real|`. Returns (generator loss,
-    critic loss), each with its trained model's graph."""
+    `0.5 mse(x, (x - grad).detach())` with `grad = (fake - real) / mean|x - real|`; with `head` (torch weights of
+    the GAN head), DMD2's diffusion GAN: generator `GAN_WEIGHT softplus(-D(critic features of x_t))` with x_t
+    carrying x's gradient, critic `DISCRIMINATOR_WEIGHT (softplus(D(fake)) + softplus(-D(real)))`. Returns
+    (generator loss, critic loss), each with its trained models' graph."""
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
     text, lens = t["text"], t["text_lens"]
     grid = torch.from_numpy(np.asarray(grid))
@@ -56,6 +78,11 @@ def torch_dmd(student, critic, teacher, inputs, grid):
         critic_sample = x - b(sigma) * student(x, sigma * 1000, text, lens, return_dict=False)[0]
     sample = x - b(sigma) * student(x, sigma * 1000, text, lens, return_dict=False)[0]
     s = t["dm_sigmas"]
+    gan_generator = 0.0
+    if head is not None:
+        x_t = (1 - b(s)) * sample + b(s) * t["dm_noise"]
+        velocity, features = torch_features(critic, x_t, s * 1000, text, lens)
+        gan_generator = GAN_WEIGHT * torch.nn.functional.softplus(-torch_head(head, features)).mean()
     with torch.no_grad():
         x_t = (1 - b(s)) * sample + b(s) * t["dm_noise"]
         fake = x_t - b(s) * critic(x_t, s * 1000, text, lens, return_dict=False)[0]
@@ -66,11 +93,21 @@ def torch_dmd(student, critic, teacher, inputs, grid):
         pred_uncond, pred_cond = both.chunk(2)
         real = x_t - b(s) * (pred_uncond + GUIDANCE * (pred_cond - pred_uncond))
         grad = (fake - real) / (sample - real).abs().mean(dim=(1, 2, 3), keepdim=True)
-    generator = 0.5 * torch.nn.functional.mse_loss(sample, (sample - grad).detach())
+    generator = 0.5 * torch.nn.functional.mse_loss(sample, (sample - grad).detach()) + gan_generator
     c = t["critic_sigmas"]
     x_c = (1 - b(c)) * critic_sample + b(c) * t["critic_noise"]
     critic_error = (critic(x_c, c * 1000, text, lens, return_dict=False)[0] - (t["critic_noise"] - critic_sample))
-    return generator, (critic_error ** 2).mean()
+    critic_loss = (critic_error ** 2).mean()
+    if head is not None:
+        def logit(x0, noise, sigmas):
+            return torch_head(head, torch_features(critic, (1 - b(sigmas)) * x0 + b(sigmas) * noise, sigmas * 1000,
+                                                   text, lens)[1])
+
+        fake_logit = logit(critic_sample, t["fake_noise"], t["fake_sigmas"])
+        real_logit = logit(t["real"], t["real_noise"], t["real_sigmas"])
+        softplus = torch.nn.functional.softplus
+        critic_loss = critic_loss + DISCRIMINATOR_WEIGHT * (softplus(fake_logit) + softplus(-real_logit)).mean()
+    return generator, critic_loss
 
 
 @pytest.fixture(scope="module")
@@ -102,56 +139,95 @@ def inputs():
     return dict(text=text, text_lens=np.asarray(TEXT_LENS, np.int64), noise=draw(*shape),
                 steps=np.array([0, 2], np.int64), dm_noise=draw(*shape), dm_sigmas=np.array([0.35, 0.8], np.float32),
                 critic_noise=draw(*shape), critic_sigmas=np.array([0.6, 0.25], np.float32),
-                empty=draw(EMPTY_LENGTH, TINY["text_in_dim"]))
+                empty=draw(EMPTY_LENGTH, TINY["text_in_dim"]), real=draw(*shape), fake_noise=draw(*shape),
+                fake_sigmas=np.array([0.5, 0.9], np.float32), real_noise=draw(*shape),
+                real_sigmas=np.array([0.2, 0.7], np.float32))
 
 
-def ours(student, critic, teacher, inputs, grid):
+GAN_WEIGHT, DISCRIMINATOR_WEIGHT = 0.3, 0.7
+
+
+def ours(student, critic, teacher, inputs, grid, head=None):
     text, lens = jnp.asarray(inputs["text"]), jnp.asarray(inputs["text_lens"])
+    gan = lambda weight: None if head is None else dmd.GAN(critic.velocity_and_features, head, weight)
     gate = jnp.ones((BATCH, 1))
     draw = dmd.GeneratorDraw(*(jnp.asarray(inputs[k]) for k in ("noise", "steps", "dm_noise", "dm_sigmas",
                                                                  "dm_noise", "dm_sigmas")))
     generator = dmd.generator_loss(student, critic, {"teacher": teacher}, text, lens, draw, gate, gate, grid=grid,
                                    guidance_scale=GUIDANCE, empty_prompt=flow_matching.EmptyPrompt(
-                                       jnp.asarray(inputs["empty"]), EMPTY_LENGTH), eps=0.0)
+                                       jnp.asarray(inputs["empty"]), EMPTY_LENGTH), eps=0.0, gan=gan(GAN_WEIGHT))
     critic_draw = flow_matching.NoiseDraw(jnp.asarray(inputs["critic_noise"]), jnp.asarray(inputs["critic_sigmas"]),
                                           jnp.zeros(BATCH, bool))
     critic_out = dmd.critic_loss(critic, student, text, lens, jnp.asarray(inputs["noise"]),
-                                 jnp.asarray(inputs["steps"]), critic_draw, grid=grid)
+                                 jnp.asarray(inputs["steps"]), critic_draw, grid=grid, gan=gan(DISCRIMINATOR_WEIGHT),
+                                 real=jnp.asarray(inputs["real"]), discriminator_draw=dmd.DiscriminatorDraw(
+                                     *(jnp.asarray(inputs[k]) for k in ("fake_noise", "fake_sigmas", "real_noise",
+                                                                        "real_sigmas"))))
     return generator, critic_out
 
 
-def test_generator_and_critic_losses_and_gradients_match_torch(models, inputs):
+def test_generator_and_critic_losses_and_gradients_match_torch_with_the_gan_head(models, inputs):
+    """With the GAN head on, so that every path is checked: the DMD term, the generator's GAN term through the
+    critic's features into x, the critic's flow matching and its discriminator loss (the critic's and the
+    head's gradients). `test_gan_weight_zero_is_no_gan` ties the plain loss to this one."""
     (torch_student, torch_critic, torch_teacher), (student, critic, teacher) = models
     grid = dmd.student_grid(STEPS, 3.0)
+    head = GANHead(TINY["hidden_size"], 32, rngs=nnx.Rngs(11))
     s_graph, s_params, s_rest = nnx.split(student, nnx.Param, ...)
     c_graph, c_params, c_rest = nnx.split(critic, nnx.Param, ...)
+    h_graph, h_params = nnx.split(head)
 
-    def losses(s_params, c_params):
-        (generator, metrics), (critic_value, _) = ours(nnx.merge(s_graph, s_params, s_rest),
-                                                       nnx.merge(c_graph, c_params, c_rest), teacher, inputs, grid)
-        return generator, critic_value, metrics
+    def losses(s_params, c_params, h_params):
+        (generator, metrics), (critic_value, critic_metrics) = ours(
+            nnx.merge(s_graph, s_params, s_rest), nnx.merge(c_graph, c_params, c_rest), teacher, inputs, grid,
+            head=nnx.merge(h_graph, h_params))
+        return generator, critic_value, {**metrics, **{f"critic/{k}": v for k, v in critic_metrics.items()}}
 
     @jax.jit
-    def run(s_params, c_params):
-        generator, critic_value, metrics = losses(s_params, c_params)
-        g_grad = jax.grad(lambda p: losses(p, c_params)[0])(s_params)
-        c_grad = jax.grad(lambda p: losses(s_params, p)[1])(c_params)
-        return generator, critic_value, metrics, g_grad, c_grad
+    def run(s_params, c_params, h_params):
+        generator, critic_value, metrics = losses(s_params, c_params, h_params)
+        g_grad = jax.grad(lambda p: losses(p, c_params, h_params)[0])(s_params)
+        c_grad, h_grad = jax.grad(lambda p, h: losses(s_params, p, h)[1], argnums=(0, 1))(c_params, h_params)
+        return generator, critic_value, metrics, g_grad, c_grad, h_grad
 
-    generator, critic_value, metrics, g_grad, c_grad = run(s_params, c_params)
-    torch_generator, torch_critic_loss = torch_dmd(torch_student, torch_critic, torch_teacher, inputs, grid)
+    generator, critic_value, metrics, g_grad, c_grad, h_grad = run(s_params, c_params, h_params)
+    torch_weights = {name: {k: torch.from_numpy(np.array(v)).requires_grad_() for k, v in layer.items()}
+                     for name, layer in nnx.to_pure_dict(h_params).items()}
+    torch_generator, torch_critic_loss = torch_dmd(torch_student, torch_critic, torch_teacher, inputs, grid,
+                                                   head=torch_weights)
     assert relative_error(generator, float(torch_generator.detach())) <= FP32_TOLERANCE
     assert relative_error(critic_value, float(torch_critic_loss.detach())) <= FP32_TOLERANCE
+    # Every term is really there.
     assert float(metrics["ca_norm"]) > 0.01 and float(metrics["dm_norm"]) > 0.01
-    torch_generator.backward()
-    torch_critic_loss.backward()
-    for grads, torch_model, model in ((g_grad, torch_student, student), (c_grad, torch_critic, critic)):
-        expected = {name: param.grad.numpy() for name, param in torch_model.named_parameters()}
+    assert float(metrics["gan_generator"]) > 0.1 and float(metrics["critic/gan_discriminator"]) > 0.1
+    # Each loss differentiated for its own update's parts only (the generator's GAN term also reaches the
+    # critic and the head in torch's graph; in its update they are frozen).
+    head_leaves = [(name, key) for name, layer in torch_weights.items() for key in layer]
+    critic_params = dict(torch_critic.named_parameters())
+    critic_and_head = torch.autograd.grad(torch_critic_loss, list(critic_params.values())
+                                          + [torch_weights[n][k] for n, k in head_leaves])
+    student_params = dict(torch_student.named_parameters())
+    student_grads = torch.autograd.grad(torch_generator, list(student_params.values()))
+    for grads, names, expected_grads, model in ((g_grad, student_params, student_grads, student),
+                                                (c_grad, critic_params, critic_and_head[:len(critic_params)], critic)):
+        expected = {name: grad.numpy() for name, grad in zip(names, expected_grads)}
         actual = to_state_dict(key_table(model.config), nnx.to_pure_dict(grads), model.config.num_layers)
         assert actual.keys() == expected.keys()
         for name in expected:
             assert np.abs(expected[name]).max() > 0, name
             assert relative_error(actual[name], expected[name]) <= GRADIENT_TOLERANCE, name
+    ours_head = nnx.to_pure_dict(h_grad)
+    for (name, key), expected in zip(head_leaves, critic_and_head[len(critic_params):]):
+        assert relative_error(ours_head[name][key], expected.numpy()) <= GRADIENT_TOLERANCE, (name, key)
+
+
+def test_velocity_and_features_shares_the_velocity(models, inputs):
+    student = models[1][0]
+    args = (jnp.asarray(inputs["noise"]), jnp.asarray([300.0, 800.0]), jnp.asarray(inputs["text"]),
+            jnp.asarray(inputs["text_lens"]))
+    velocity, features = student.velocity_and_features(*args)
+    assert relative_error(velocity, student(*args)) <= 1e-6  # eager dispatch rounds differently, within 6e-7
+    assert features.shape == (BATCH, HEIGHT * WIDTH, TINY["hidden_size"])
 
 
 def test_the_last_student_step_is_the_inference_samplers_output(models, inputs):

@@ -281,6 +281,13 @@ class ErnieImageTransformer(nnx.Module):
 
     @compiled_method
     def __call__(self, hidden_states, timestep, text_bth, text_lens) -> jax.Array:
+        """The velocity `[B, C, H, W]` of `hidden_states [B, C, H, W]` at `timestep [B]` (0..1000) given
+        `text_bth [B, T, D_text]` with `text_lens [B]` valid tokens."""
+        return self.velocity_and_features(hidden_states, timestep, text_bth, text_lens)[0]
+
+    def velocity_and_features(self, hidden_states, timestep, text_bth, text_lens) -> tuple[jax.Array, jax.Array]:
+        """`__call__`'s velocity and the last block's image-token hidden states `[B, N, D]` (N = H W / p^2, before
+        the final norm): the features a diffusion-GAN head reads (DMD2)."""
         cfg = self.config
         hidden_states = jnp.asarray(hidden_states)
         b, c, h, w = hidden_states.shape
@@ -310,10 +317,11 @@ class ErnieImageTransformer(nnx.Module):
         modulation = jnp.split(self.adaLN_modulation(jax.nn.silu(conditioning))[:, None, :], 6, axis=-1)
         x = self._run_blocks(x, tuple(modulation), rope, key_lengths)
 
+        features = x[:, :num_image]
         x = self.final_norm(x, conditioning).astype(x.dtype)
         patches = self.final_linear(x[:, :num_image])
         out = patches.reshape(b, grid_h, grid_w, p, p, cfg.out_channels)
-        return out.transpose(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, h, w)
+        return out.transpose(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, h, w), features
 
     def _run_blocks(self, x, modulation, rope, key_lengths):
         def step(block, carry, _):

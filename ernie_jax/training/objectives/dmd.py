@@ -87,7 +87,7 @@ Shapes: B batch, C latent channels, H/W latent height/width, T padded text lengt
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -97,13 +97,14 @@ from flax import nnx
 from jax.scipy.special import ndtr, ndtri
 
 from ernie_jax import sampling
+from ernie_jax.models.gan_head import GANHead
 from ernie_jax.training import objectives
 from ernie_jax.training.objectives.flow_matching import (EmptyPrompt, FlowMatchingConfig, NoiseDraw, SigmaSampling,
                                                          VelocityFn, drop_text, draw_noise, flow_matching_loss)
 
 STUDENT_INPUTS = ("backward_simulation", "noised_data")
 TERMS = ("dm", "ca")
-GENERATOR, CRITIC = "generator", "critic"
+GENERATOR, CRITIC, DISCRIMINATOR = "generator", "critic", "discriminator"
 
 
 def x0_from_velocity(x_sigma: jax.Array, sigmas: jax.Array, velocity: jax.Array) -> jax.Array:
@@ -200,13 +201,15 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
                    text_lens: jax.Array, draw: GeneratorDraw, dm_gate: jax.Array, ca_gate: jax.Array, *,
                    grid: jax.Array, guidance_scale: float, empty_prompt: EmptyPrompt | None, decoupled: bool = False,
                    dm_weight: float = 1.0, ca_weight: float = 1.0, eps: float = 1e-6,
-                   rollout: VelocityFn | None = None, latents: jax.Array | None = None
-                   ) -> tuple[jax.Array, objectives.Metrics]:
+                   rollout: VelocityFn | None = None, latents: jax.Array | None = None,
+                   gan: GAN | None = None) -> tuple[jax.Array, objectives.Metrics]:
     """The generator's DMD loss and metrics (the module docstring gives the math).
 
     `teachers`: name -> velocity, in the order of the gates' columns; `dm_gate`, `ca_gate` `[B, K]` (rows
     summing to 1) weight them for each term. `grid`: the student's sigmas `[K_steps + 1]`; `rollout`, `latents`:
-    as `student_sample`. `empty_prompt` is needed when the CA term is on (ca_weight != 0 and g != 1).
+    as `student_sample`. `empty_prompt` is needed when the CA term is on (ca_weight != 0 and g != 1). With
+    `gan`, the critic runs as `gan.critic_features` on the DM term's x_t noised from x *with* its gradient, and
+    `gan.weight softplus(-D(features))` joins the loss (D = `gan.head`; x0_fake is that forward's, stopped).
     """
     x = student_sample(student, text, text_lens, draw.noise, draw.steps, grid, rollout=rollout, latents=latents)
     sample = jax.lax.stop_gradient(x)
@@ -227,8 +230,14 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
         return -(x0_cfg - x0_cond_ca), x0_cfg, x0_cond_dm
 
     x_dm = noised(sample, draw.dm_noise, draw.dm_sigmas)
-    x0_fake = jax.lax.stop_gradient(x0_from_velocity(x_dm, draw.dm_sigmas,
-                                                     critic(x_dm, draw.dm_sigmas * 1000.0, text, text_lens)))
+    if gan is None:
+        fake_velocity = critic(x_dm, draw.dm_sigmas * 1000.0, text, text_lens)
+    else:
+        # The same input values as x_dm, but carrying x's gradient into the critic's features.
+        fake_velocity, features = gan.critic_features(noised(x, draw.dm_noise, draw.dm_sigmas),
+                                                      draw.dm_sigmas * 1000.0, text, text_lens)
+        gan_generator = jnp.mean(jax.nn.softplus(-gan.head(features)))
+    x0_fake = jax.lax.stop_gradient(x0_from_velocity(x_dm, draw.dm_sigmas, fake_velocity))
     if not decoupled:
         if guided:
             ca, _, x0_cond = guidance(x_dm, draw.dm_sigmas)
@@ -249,25 +258,72 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
             normalised = normalised + ca_weight * ca / (per_sample_mean(jnp.abs(sample - x0_cfg)) + eps)[
                 :, None, None, None]
     loss = 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - normalised)))
-    metrics = {"loss": loss, "dm_norm": rms(dm), "ca_norm": jnp.float32(0.0) if ca is None else rms(ca),
+    metrics = {"dmd_loss": loss, "dm_norm": rms(dm), "ca_norm": jnp.float32(0.0) if ca is None else rms(ca),
                "grad_norm": rms(normalised), **sample_statistics(sample)}
+    if gan is not None:
+        loss = loss + gan.weight * gan_generator
+        metrics["gan_generator"] = gan_generator
+    metrics["loss"] = loss
     for index, name in enumerate(teachers):
         metrics[f"gate/dm/{name}"] = jnp.mean(dm_gate[:, index])
         metrics[f"gate/ca/{name}"] = jnp.mean(ca_gate[:, index]) if guided else jnp.float32(0.0)
     return loss, metrics
 
 
+class GAN(NamedTuple):
+    """The diffusion-GAN head's part of a loss: `critic_features` (x, timestep, text, text_lens) -> (velocity,
+    image-token features `[B, N, D]`) (the critic's `velocity_and_features`), `head` features -> logits `[B]`
+    (`models.gan_head.GANHead`) and the term's `weight`."""
+
+    critic_features: Callable
+    head: Callable
+    weight: float
+
+
+class DiscriminatorDraw(NamedTuple):
+    """The discriminator's inputs: the student samples' `fake_noise`, `fake_sigmas` and the data's `real_noise`,
+    `real_sigmas` (`[B, C, H, W]`, `[B]`)."""
+
+    fake_noise: jax.Array
+    fake_sigmas: jax.Array
+    real_noise: jax.Array
+    real_sigmas: jax.Array
+
+
 def critic_loss(critic: VelocityFn, student: VelocityFn, text: jax.Array, text_lens: jax.Array, noise: jax.Array,
                 steps: jax.Array, draw: NoiseDraw, *, grid: jax.Array, weighting: str = "none",
-                empty_prompt: EmptyPrompt | None = None, latents: jax.Array | None = None
-                ) -> tuple[jax.Array, objectives.Metrics]:
+                empty_prompt: EmptyPrompt | None = None, latents: jax.Array | None = None,
+                gan: GAN | None = None, real: jax.Array | None = None,
+                discriminator_draw: DiscriminatorDraw | None = None) -> tuple[jax.Array, objectives.Metrics]:
     """The critic's flow-matching loss on the student's samples (drawn from `noise`, `steps` as
-    `student_sample`, without gradient), with `draw`'s noise, sigmas and text dropout."""
+    `student_sample`, without gradient), with `draw`'s noise, sigmas and text dropout.
+
+    With `gan`: plus `gan.weight mean(softplus(D(fake)) + softplus(-D(real)))`, D the head on the critic's
+    features of the samples and of the data `real [B, C, H, W]`, each noised by `discriminator_draw` (two more
+    critic forwards, differentiated for both the critic and the head).
+    """
     stopped = lambda *args: jax.lax.stop_gradient(student(*args))
     x = jax.lax.stop_gradient(student_sample(stopped, text, text_lens, noise, steps, grid, latents=latents))
     loss, metrics = flow_matching_loss(critic, x, text, text_lens, draw, weighting=weighting,
                                        empty_prompt=empty_prompt)
-    return loss, {**metrics, **sample_statistics(x)}
+    metrics = {**metrics, **sample_statistics(x)}
+    if gan is not None:
+        if real is None or discriminator_draw is None:
+            raise ValueError("the GAN head's discriminator loss needs the data latents (real) and its draw")
+        d = discriminator_draw
+
+        def logits(x0, noise_, sigmas):
+            return gan.head(gan.critic_features(noised(x0, noise_, sigmas), sigmas * 1000.0, text, text_lens)[1])
+
+        fake_logits = logits(x, d.fake_noise, d.fake_sigmas)
+        real_logits = logits(real, d.real_noise, d.real_sigmas)
+        discriminator = jnp.mean(jax.nn.softplus(fake_logits) + jax.nn.softplus(-real_logits))
+        metrics.update(flow_matching=loss, gan_discriminator=discriminator,
+                       discriminator_accuracy=0.5 * jnp.mean((fake_logits < 0).astype(jnp.float32)
+                                                             + (real_logits > 0).astype(jnp.float32)))
+        loss = loss + gan.weight * discriminator
+        metrics["loss"] = loss
+    return loss, metrics
 
 
 Route = str | Mapping[str, float]
@@ -316,7 +372,10 @@ class Config:
     `normaliser_eps`. Gate: `sigma_edges`, `sigma_routes`, `domain_routes`, `objective_routes`,
     `sigma_bin_per_batch`. Critic: `critic` (a `FlowMatchingConfig` or mapping of its fields),
     `critic_updates` (TTUR). `latent_shape` `(C, H, W)` of the student's samples; None: read from the batch's
-    `latents` (which then becomes a required batch key).
+    `latents` (which then becomes a required batch key). GAN head (DMD2's diffusion GAN; needs `latents`):
+    `gan_weight` (the generator's softplus(-D(fake)) term; 0 = no head and no "discriminator" part),
+    `gan_discriminator_weight` (the discriminator loss's weight in the critic update), `gan_hidden` (the head's
+    width), `gan_sigmas` (the noise levels the discriminator sees).
     """
 
     teachers: tuple[str, ...] = ("teacher",)
@@ -339,9 +398,14 @@ class Config:
         default_factory=lambda: FlowMatchingConfig(sigma_scheme="uniform"))
     critic_updates: int = 5
     latent_shape: tuple[int, int, int] | None = None
+    gan_weight: float = 0.0
+    gan_discriminator_weight: float = 0.01
+    gan_hidden: int = 256
+    gan_sigmas: SigmaSampling = dataclasses.field(default_factory=lambda: SigmaSampling(sigma_scheme="uniform"))
 
     def __post_init__(self):
-        for name, kind in (("dm_sigmas", SigmaSampling), ("ca_sigmas", SigmaSampling), ("critic", FlowMatchingConfig)):
+        for name, kind in (("dm_sigmas", SigmaSampling), ("ca_sigmas", SigmaSampling), ("critic", FlowMatchingConfig),
+                           ("gan_sigmas", SigmaSampling)):
             value = getattr(self, name)
             if not isinstance(value, kind):  # a mapping of the dataclass's fields, as configs give it
                 known = {field.name for field in dataclasses.fields(kind)}
@@ -356,8 +420,11 @@ class Config:
         if not self.teachers or len(set(self.teachers)) != len(self.teachers) or not all(
                 isinstance(t, str) for t in self.teachers):
             raise ValueError(f"teachers must be distinct names, got {self.teachers!r}")
-        if {GENERATOR, CRITIC} & set(self.teachers):
-            raise ValueError(f"teachers may not be named {GENERATOR!r} or {CRITIC!r} (the trained parts)")
+        if {GENERATOR, CRITIC, DISCRIMINATOR} & set(self.teachers):
+            raise ValueError(f"teachers may not be named {GENERATOR!r}, {CRITIC!r} or {DISCRIMINATOR!r} (the "
+                             f"trained parts)")
+        if int(self.gan_hidden) != self.gan_hidden or self.gan_hidden < 1:
+            raise ValueError(f"gan_hidden must be a positive integer, got {self.gan_hidden!r}")
         if int(self.student_steps) != self.student_steps or self.student_steps < 1:
             raise ValueError(f"student_steps must be a positive integer, got {self.student_steps!r}")
         if not self.student_shift > 0:
@@ -366,7 +433,7 @@ class Config:
             raise ValueError(f"student_input must be one of {STUDENT_INPUTS}, got {self.student_input!r}")
         if not self.guidance_scale >= 1:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale!r}")
-        for name in ("dm_weight", "ca_weight"):
+        for name in ("dm_weight", "ca_weight", "gan_weight", "gan_discriminator_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if not self.normaliser_eps > 0:
@@ -449,7 +516,8 @@ def stopped(module: nnx.Module) -> nnx.Module:
 
 
 # Fold-in constants naming each random stream of an example's key.
-_STEPS, _START, _DM_NOISE, _DM_SIGMA, _CA_NOISE, _CA_SIGMA, _CRITIC = range(7)
+(_STEPS, _START, _DM_NOISE, _DM_SIGMA, _CA_NOISE, _CA_SIGMA, _CRITIC, _FAKE_NOISE, _FAKE_SIGMA, _REAL_NOISE,
+ _REAL_SIGMA) = range(11)
 
 
 class DMD:
@@ -465,14 +533,25 @@ class DMD:
         self.config = config
         self.empty_prompt = empty_prompt
         self.grid = student_grid(config.student_steps, config.student_shift)
-        needs_latents = config.latent_shape is None or config.student_input == "noised_data"
+        self.gan = config.gan_weight > 0
+        needs_latents = config.latent_shape is None or config.student_input == "noised_data" or self.gan
         self.batch_keys = ("text", "text_lens") + (("latents",) if needs_latents else ()) + (
             ("domain",) if config.domain_routes else ())
         self.optional_batch_keys = ()
-        self.trains = (CRITIC, GENERATOR)
+        critic_parts = (CRITIC, DISCRIMINATOR) if self.gan else (CRITIC,)
+        self.trains = critic_parts + (GENERATOR,)
         self.reads = config.teachers
-        self.updates = (objectives.Update(CRITIC, (CRITIC,), self.critic_loss, repeats=config.critic_updates),
+        self.updates = (objectives.Update(CRITIC, critic_parts, self.critic_loss, repeats=config.critic_updates),
                         objectives.Update(GENERATOR, (GENERATOR,), self.generator_loss))
+        # The parts that are not the DiT (the runner builds them as `build(transformer_config, rngs)`).
+        self.part_models = {DISCRIMINATOR: self.build_discriminator} if self.gan else {}
+
+    def build_discriminator(self, transformer_config, rngs: nnx.Rngs) -> GANHead:
+        """The GAN head on the critic's features, float32 (a few hundred thousand parameters)."""
+        return GANHead(transformer_config.hidden_size, self.config.gan_hidden, rngs=rngs)
+
+    def _gan(self, critic: nnx.Module, head: nnx.Module, weight: float) -> GAN | None:
+        return GAN(critic.velocity_and_features, head, weight) if self.gan else None
 
     def _check(self, batch: Mapping) -> None:
         missing = [key for key in self.batch_keys if key not in batch]
@@ -513,7 +592,8 @@ class DMD:
                               gate_weights(config, ca_sigmas, domain, "ca"), grid=self.grid,
                               guidance_scale=config.guidance_scale, empty_prompt=self.empty_prompt,
                               decoupled=config.decoupled, dm_weight=config.dm_weight, ca_weight=config.ca_weight,
-                              eps=config.normaliser_eps, rollout=stopped(student), latents=self._latents(batch))
+                              eps=config.normaliser_eps, rollout=stopped(student), latents=self._latents(batch),
+                              gan=self._gan(frozen[CRITIC], frozen.get(DISCRIMINATOR), config.gan_weight))
 
     def critic_loss(self, trainable: Mapping[str, nnx.Module], frozen: Mapping[str, nnx.Module],
                     batch: Mapping[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, objectives.Metrics]:
@@ -521,10 +601,23 @@ class DMD:
         self._check(batch)
         noise, steps = self._start(batch, keys)
         draw = draw_noise(jax.vmap(lambda k: jax.random.fold_in(k, _CRITIC))(keys), noise.shape, config.critic)
+        discriminator_draw = None
+        if self.gan:
+            def normal(stream):
+                return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), noise.shape[1:]))(keys)
+
+            def sigmas(stream):
+                return jax.vmap(lambda k: config.gan_sigmas.sample(jax.random.fold_in(k, stream), 1)[0])(keys)
+
+            discriminator_draw = DiscriminatorDraw(normal(_FAKE_NOISE), sigmas(_FAKE_SIGMA), normal(_REAL_NOISE),
+                                                   sigmas(_REAL_SIGMA))
         return critic_loss(trainable[CRITIC], frozen[GENERATOR], batch["text"], batch["text_lens"], noise, steps,
                            draw, grid=self.grid, weighting=config.critic.weighting,
                            empty_prompt=self.empty_prompt if config.critic.text_dropout > 0 else None,
-                           latents=self._latents(batch))
+                           latents=self._latents(batch),
+                           gan=self._gan(trainable[CRITIC], trainable.get(DISCRIMINATOR),
+                                         config.gan_discriminator_weight),
+                           real=batch.get("latents") if self.gan else None, discriminator_draw=discriminator_draw)
 
 
 def make(config: Config, context) -> DMD:
