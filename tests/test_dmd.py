@@ -33,6 +33,7 @@ BATCH, HEIGHT, WIDTH, TEXT_LENS, STEPS, GUIDANCE = 2, 4, 4, (6, 3), 4, 3.5
 EMPTY_LENGTH = 2
 FP32_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
+GAN_WEIGHT, DISCRIMINATOR_WEIGHT = 0.3, 0.7
 
 
 def torch_features(model, *args):
@@ -144,26 +145,26 @@ def inputs():
                 real_sigmas=np.array([0.2, 0.7], np.float32))
 
 
-GAN_WEIGHT, DISCRIMINATOR_WEIGHT = 0.3, 0.7
-
-
-def ours(student, critic, teacher, inputs, grid, head=None):
+def our_generator(student, critic, teacher, head, inputs, grid):
     text, lens = jnp.asarray(inputs["text"]), jnp.asarray(inputs["text_lens"])
-    gan = lambda weight: None if head is None else dmd.GAN(critic.velocity_and_features, head, weight)
     gate = jnp.ones((BATCH, 1))
     draw = dmd.GeneratorDraw(*(jnp.asarray(inputs[k]) for k in ("noise", "steps", "dm_noise", "dm_sigmas",
                                                                  "dm_noise", "dm_sigmas")))
-    generator = dmd.generator_loss(student, critic, {"teacher": teacher}, text, lens, draw, gate, gate, grid=grid,
-                                   guidance_scale=GUIDANCE, empty_prompt=flow_matching.EmptyPrompt(
-                                       jnp.asarray(inputs["empty"]), EMPTY_LENGTH), eps=0.0, gan=gan(GAN_WEIGHT))
+    empty = flow_matching.EmptyPrompt(jnp.asarray(inputs["empty"]), EMPTY_LENGTH)
+    return dmd.generator_loss(student, critic, {"teacher": teacher}, text, lens, draw, gate, gate, grid=grid,
+                              guidance_scale=GUIDANCE, empty_prompt=empty, eps=0.0,
+                              gan=dmd.GAN(critic.velocity_and_features, head, GAN_WEIGHT))
+
+
+def our_critic(critic, student, head, inputs, grid):
     critic_draw = flow_matching.NoiseDraw(jnp.asarray(inputs["critic_noise"]), jnp.asarray(inputs["critic_sigmas"]),
                                           jnp.zeros(BATCH, bool))
-    critic_out = dmd.critic_loss(critic, student, text, lens, jnp.asarray(inputs["noise"]),
-                                 jnp.asarray(inputs["steps"]), critic_draw, grid=grid, gan=gan(DISCRIMINATOR_WEIGHT),
-                                 real=jnp.asarray(inputs["real"]), discriminator_draw=dmd.DiscriminatorDraw(
-                                     *(jnp.asarray(inputs[k]) for k in ("fake_noise", "fake_sigmas", "real_noise",
-                                                                        "real_sigmas"))))
-    return generator, critic_out
+    discriminator_draw = dmd.DiscriminatorDraw(*(jnp.asarray(inputs[k]) for k in (
+        "fake_noise", "fake_sigmas", "real_noise", "real_sigmas")))
+    return dmd.critic_loss(critic, student, jnp.asarray(inputs["text"]), jnp.asarray(inputs["text_lens"]),
+                           jnp.asarray(inputs["noise"]), jnp.asarray(inputs["steps"]), critic_draw, grid=grid,
+                           gan=dmd.GAN(critic.velocity_and_features, head, DISCRIMINATOR_WEIGHT),
+                           real=jnp.asarray(inputs["real"]), discriminator_draw=discriminator_draw)
 
 
 def test_generator_and_critic_losses_and_gradients_match_torch_with_the_gan_head(models, inputs):
@@ -177,18 +178,16 @@ def test_generator_and_critic_losses_and_gradients_match_torch_with_the_gan_head
     c_graph, c_params, c_rest = nnx.split(critic, nnx.Param, ...)
     h_graph, h_params = nnx.split(head)
 
-    def losses(s_params, c_params, h_params):
-        (generator, metrics), (critic_value, critic_metrics) = ours(
-            nnx.merge(s_graph, s_params, s_rest), nnx.merge(c_graph, c_params, c_rest), teacher, inputs, grid,
-            head=nnx.merge(h_graph, h_params))
-        return generator, critic_value, {**metrics, **{f"critic/{k}": v for k, v in critic_metrics.items()}}
-
     @jax.jit
     def run(s_params, c_params, h_params):
-        generator, critic_value, metrics = losses(s_params, c_params, h_params)
-        g_grad = jax.grad(lambda p: losses(p, c_params, h_params)[0])(s_params)
-        c_grad, h_grad = jax.grad(lambda p, h: losses(s_params, p, h)[1], argnums=(0, 1))(c_params, h_params)
-        return generator, critic_value, metrics, g_grad, c_grad, h_grad
+        critic_model, head_model = nnx.merge(c_graph, c_params, c_rest), nnx.merge(h_graph, h_params)
+        (generator, metrics), g_grad = jax.value_and_grad(lambda p: our_generator(
+            nnx.merge(s_graph, p, s_rest), critic_model, teacher, head_model, inputs, grid), has_aux=True)(s_params)
+        (critic_value, critic_metrics), (c_grad, h_grad) = jax.value_and_grad(lambda p, h: our_critic(
+            nnx.merge(c_graph, p, c_rest), nnx.merge(s_graph, s_params, s_rest), nnx.merge(h_graph, h), inputs,
+            grid), argnums=(0, 1), has_aux=True)(c_params, h_params)
+        return generator, critic_value, {**metrics, **{f"critic/{k}": v for k, v in critic_metrics.items()}}, \
+            g_grad, c_grad, h_grad
 
     generator, critic_value, metrics, g_grad, c_grad, h_grad = run(s_params, c_params, h_params)
     torch_weights = {name: {k: torch.from_numpy(np.array(v)).requires_grad_() for k, v in layer.items()}
