@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -347,6 +348,30 @@ def test_backward_simulation_at_step_zero_is_one_student_step_on_pure_noise_and_
             assert relative_error(grad[name][...], expected[name][...]) <= 1e-5, name
 
 
+def test_gan_weight_zero_is_no_gan():
+    """The GAN path (the critic run through `velocity_and_features` on x_t carrying x's gradient) at weight 0
+    gives the plain loss and gradients: what the torch test checks with the head on also holds without it."""
+    inputs = small_inputs()
+    critic, teacher = PixelVelocity(nnx.Rngs(1)), SmallVelocity(2)
+    head = GANHead(SHAPE[0] + 1 + TEXT_DIM, 8, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(SmallVelocity(0))
+
+    def loss(p, gan):
+        return small_loss(nnx.merge(graphdef, p), critic, {"t": teacher}, inputs, gan=gan)
+
+    plain, plain_grad = jax.value_and_grad(lambda p: loss(p, None)[0])(params)
+    (zero, metrics), zero_grad = jax.value_and_grad(lambda p: loss(
+        p, dmd.GAN(critic.velocity_and_features, head, 0.0)), has_aux=True)(params)
+    assert float(zero) == pytest.approx(float(plain), rel=1e-6)
+    assert float(metrics["gan_generator"]) > 0.1
+    for name in ("scale", "bias", "time", "text"):
+        assert relative_error(zero_grad[name][...], plain_grad[name][...]) <= 1e-6, name
+    (weighted, _), weighted_grad = jax.value_and_grad(lambda p: loss(
+        p, dmd.GAN(critic.velocity_and_features, head, 0.5)), has_aux=True)(params)
+    assert float(weighted) == pytest.approx(float(plain) + 0.5 * float(metrics["gan_generator"]), rel=1e-6)
+    assert relative_error(weighted_grad["scale"][...], plain_grad["scale"][...]) > 1e-3
+
+
 def test_committee_of_identical_teachers_under_any_gate_is_single_teacher_dmd2():
     inputs = small_inputs()
     student, critic, teacher = SmallVelocity(0), SmallVelocity(1), SmallVelocity(2)
@@ -483,7 +508,9 @@ def test_objective_updates_batch_keys_and_microbatches():
     (dict(sigma_edges=(0.5,), sigma_routes=("teacher",) * 2, sigma_bin_per_batch=True,
           dm_sigmas={"sigma_scheme": "mode"}), "sigma_bin_per_batch"),
     (dict(dm_sigmas={"scheme": "uniform"}), "unknown DMD dm_sigmas fields"), (dict(critic_updates=0), "critic_updates"),
-    (dict(latent_shape=(4, 8)), "latent_shape")])
+    (dict(latent_shape=(4, 8)), "latent_shape"), (dict(gan_weight=-0.1), "gan_weight"),
+    (dict(gan_discriminator_weight=-1.0), "gan_discriminator_weight"), (dict(gan_hidden=0), "gan_hidden"),
+    (dict(gan_sigmas={"sigma_scheme": "lognorm"}), "sigma_scheme")])
 def test_bad_config_raises_naming_the_field(settings, message):
     with pytest.raises(ValueError, match=message):
         dmd.Config(**settings)
@@ -499,32 +526,45 @@ class PixelVelocity(nnx.Module):
                                     dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, x, timestep, text, text_lens):
+        return self.velocity_and_features(x, timestep, text, text_lens)[0]
+
+    def velocity_and_features(self, x, timestep, text, text_lens):
+        """The velocity and its per-pixel inputs as tokens `[B, H W, C + 1 + D]` (the DiT's method's shape)."""
         valid = jnp.arange(text.shape[1])[None, :] < text_lens[:, None]
         pooled = jnp.sum(text * valid[..., None], 1) / jnp.maximum(text_lens, 1)[:, None]
         b, c, h, w = x.shape
         features = jnp.concatenate([x, jnp.broadcast_to((timestep / 1000.0)[:, None, None, None], (b, 1, h, w)),
                                     jnp.broadcast_to(pooled[:, :, None, None], (b, pooled.shape[1], h, w))], 1)
-        return jnp.moveaxis(self.linear(jnp.moveaxis(features, 1, -1)), -1, 1)
+        tokens = jnp.moveaxis(features, 1, -1)
+        return jnp.moveaxis(self.linear(tokens), -1, 1), tokens.reshape(b, h * w, -1)
 
 
-def test_training_steps_through_the_trainer_take_turns_and_move_both_parts():
-    """Two steps of `training.step.make_train_step` (generator and critic parts, one frozen teacher): each step
-    is 5 critic updates then 1 generator update, both parts move, the metrics are finite."""
+def test_training_steps_through_the_trainer_take_turns_and_move_every_part():
+    """Two steps of `training.step.make_train_step` (generator, critic and GAN-head parts, one frozen teacher):
+    each step is 5 critic + discriminator updates then 1 generator update, every part moves, the metrics are
+    finite. The head is built as the runner would, from the objective's `part_models`."""
     mesh = parallel.make_mesh({}, devices=jax.devices()[:1])
-    parts = {name: state.TrainablePart(PixelVelocity, optax.adam(1e-2), ema_decay=0.5)
-             for name in ("generator", "critic")}
+    objective = dmd.make(dmd.Config(student_steps=STEPS, latent_shape=SHAPE, gan_weight=0.5, gan_hidden=8),
+                         type("Context", (), {"empty_prompt": EMPTY}))
+    assert objective.trains == ("critic", "discriminator", "generator")
+    assert objective.updates[0].trains == ("critic", "discriminator")
+    width = type("TransformerConfig", (), {"hidden_size": SHAPE[0] + 1 + TEXT_DIM})
+    builders = {"generator": PixelVelocity, "critic": PixelVelocity,
+                "discriminator": functools.partial(objective.part_models["discriminator"], width)}
+    parts = {name: state.TrainablePart(build, optax.adam(1e-2), ema_decay=0.5) for name, build in builders.items()}
     graphdefs, initial = state.create_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
     teacher = PixelVelocity(nnx.Rngs(7))
     graphdefs = {**graphdefs, "teacher": nnx.graphdef(teacher)}
-    objective = dmd.make(dmd.Config(student_steps=STEPS, latent_shape=SHAPE),
-                         type("Context", (), {"empty_prompt": EMPTY}))
     inputs = small_inputs(batch=12)
-    batch = {"text": inputs["text"], "text_lens": inputs["text_lens"]}
+    batch = {"text": inputs["text"], "text_lens": inputs["text_lens"],
+             "latents": jax.random.normal(jax.random.key(3), (12, *SHAPE))}
     train_step = jax.jit(step.make_train_step(parts, graphdefs, objective))
     current = initial
     for _ in range(2):
         current, metrics = train_step(current, {"teacher": nnx.state(teacher)}, batch)
-    assert int(current.opt_state["critic"][0].count) == 10 and int(current.opt_state["generator"][0].count) == 2
+    counts = {name: int(current.opt_state[name][0].count) for name in parts}
+    assert counts == {"generator": 2, "critic": 10, "discriminator": 10}
+    assert {"critic/gan_discriminator", "critic/discriminator_accuracy", "generator/gan_generator"} <= set(metrics)
     for name in parts:
         moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(current.params[name]),
                                                                  jax.tree.leaves(initial.params[name])))
