@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 import time
 from pathlib import Path
@@ -95,7 +94,6 @@ class Variant:
     name: str
     critic_updates: int
     student_input: str = "backward_simulation"
-    critic_updates: int
     domain_routes: tuple[str, ...] = ()
 
 

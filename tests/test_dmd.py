@@ -14,8 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import optax
+import pytest
 import torch
 from flax import nnx
 
@@ -83,7 +83,7 @@ def torch_dmd(student, critic, teacher, inputs, grid, head=None):
     gan_generator = 0.0
     if head is not None:
         x_t = (1 - b(s)) * sample + b(s) * t["dm_noise"]
-        velocity, features = torch_features(critic, x_t, s * 1000, text, lens)
+        _, features = torch_features(critic, x_t, s * 1000, text, lens)
         gan_generator = GAN_WEIGHT * torch.nn.functional.softplus(-torch_head(head, features)).mean()
     with torch.no_grad():
         x_t = (1 - b(s)) * sample + b(s) * t["dm_noise"]
@@ -213,9 +213,9 @@ def test_generator_and_critic_losses_and_gradients_match_torch_with_the_gan_head
         expected = {name: grad.numpy() for name, grad in zip(names, expected_grads)}
         actual = to_state_dict(key_table(model.config), nnx.to_pure_dict(grads), model.config.num_layers)
         assert actual.keys() == expected.keys()
-        for name in expected:
-            assert np.abs(expected[name]).max() > 0, name
-            assert relative_error(actual[name], expected[name]) <= GRADIENT_TOLERANCE, name
+        for name, value in expected.items():
+            assert np.abs(value).max() > 0, name
+            assert relative_error(actual[name], value) <= GRADIENT_TOLERANCE, name
     ours_head = nnx.to_pure_dict(h_grad)
     for (name, key), expected in zip(head_leaves, critic_and_head[len(critic_params):]):
         assert relative_error(ours_head[name][key], expected.numpy()) <= GRADIENT_TOLERANCE, (name, key)
@@ -452,7 +452,7 @@ def test_one_sigma_bin_per_batch_keeps_the_marginal():
         config = dmd.Config(teachers=("a", "b"), sigma_edges=(0.6,), sigma_routes=("a", "b"),
                             sigma_bin_per_batch=True, dm_sigmas=sigmas)
         keys = jax.random.split(jax.random.key(0), 4000).reshape(1000, 4)
-        drawn = np.asarray(jax.vmap(lambda k: dmd.draw_sigmas(config, sigmas, k))(keys))
+        drawn = np.asarray(jax.vmap(functools.partial(dmd.draw_sigmas, config, sigmas))(keys))
         high = drawn > 0.6
         assert np.all(high.all(1) | (~high).all(1))  # one bin per batch
         direct = np.asarray(sigmas.sample(jax.random.key(1), 4000))
@@ -532,7 +532,7 @@ class PixelVelocity(nnx.Module):
         """The velocity and its per-pixel inputs as tokens `[B, H W, C + 1 + D]` (the DiT's method's shape)."""
         valid = jnp.arange(text.shape[1])[None, :] < text_lens[:, None]
         pooled = jnp.sum(text * valid[..., None], 1) / jnp.maximum(text_lens, 1)[:, None]
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         features = jnp.concatenate([x, jnp.broadcast_to((timestep / 1000.0)[:, None, None, None], (b, 1, h, w)),
                                     jnp.broadcast_to(pooled[:, :, None, None], (b, pooled.shape[1], h, w))], 1)
         tokens = jnp.moveaxis(features, 1, -1)

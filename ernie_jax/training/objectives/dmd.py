@@ -72,14 +72,26 @@ distribution is unchanged, but the draw then depends on the microbatching.
 **The critic update** (TTUR): the student samples `x` drawn as above (no gradient anywhere), and
 `flow_matching_loss(critic, x, ...)` with `Config.critic`'s sigma draw, weighting and text dropout.
 
+**The GAN head** (DMD2's `diffusion_gan`; `gan_weight > 0`, needs `latents`): a classifier
+(`models.gan_head.GANHead`, the trainable part "discriminator") on the critic's last-block image-token features
+(`ErnieImageTransformer.velocity_and_features`) at a noisy input. Generator: `+ gan_weight mean(softplus(-D))` on
+the DM term's x_t, which then carries x's gradient through the (frozen) critic's features (the same critic
+forward gives x0_fake). Critic update (trains critic and head): `+ gan_discriminator_weight mean(softplus(D(fake))
++ softplus(-D(real)))`, fake = the samples, real = the batch's `latents`, each noised to its own sigma from
+`gan_sigmas` (two more critic forwards per critic update).
+
 One training step is `critic_updates` (default 5) critic updates then one generator update (`updates`), each
 on its own slice of the batch (the trainer's `objectives.Update`).
 
-Metrics (float32 scalars, batch means): generator: `loss`, `dm_norm` and `ca_norm` (per-sample RMS of the DM and
-CA directions, before normalisation), `grad_norm` (RMS of the normalised direction), `gate/dm/NAME` and
-`gate/ca/NAME` (the mean gate weight of each teacher: its share of the term's supervision), `sample_mean`,
-`sample_std`, `sample_abs_mean` (of the student samples x: mean drift and oversaturation); critic: `loss`, `mse`
-and the same sample statistics.
+Metrics (float32 scalars, batch means; the trainer prefixes them `critic/` and `generator/`): generator:
+`loss`, `dmd_loss` (the DMD term alone), `dm_norm` and `ca_norm` (per-sample RMS of the DM and CA directions,
+before normalisation), `grad_norm` (RMS of the normalised direction), `gate/dm/NAME` and `gate/ca/NAME` (the mean
+gate weight of each teacher: its share of the term's supervision), `sample_mean`, `sample_std`,
+`sample_abs_mean` (of the student samples x: mean drift and oversaturation), `gan_generator` (with the head);
+critic: `loss`, `mse` and the same sample statistics, with the head also `flow_matching`, `gan_discriminator`,
+`discriminator_accuracy`.
+
+Not here: regression to teacher ODE outputs (DMD v1's alternative to the GAN; left out for time).
 
 Shapes: B batch, C latent channels, H/W latent height/width, T padded text length, D text width, K teachers.
 """
@@ -87,6 +99,7 @@ Shapes: B batch, C latent channels, H/W latent height/width, T padded text lengt
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -99,8 +112,16 @@ from jax.scipy.special import ndtr, ndtri
 from ernie_jax import sampling
 from ernie_jax.models.gan_head import GANHead
 from ernie_jax.training import objectives
-from ernie_jax.training.objectives.flow_matching import (EmptyPrompt, FlowMatchingConfig, NoiseDraw, SigmaSampling,
-                                                         VelocityFn, drop_text, draw_noise, flow_matching_loss)
+from ernie_jax.training.objectives.flow_matching import (
+    EmptyPrompt,
+    FlowMatchingConfig,
+    NoiseDraw,
+    SigmaSampling,
+    VelocityFn,
+    draw_noise,
+    drop_text,
+    flow_matching_loss,
+)
 
 STUDENT_INPUTS = ("backward_simulation", "noised_data")
 TERMS = ("dm", "ca")
@@ -439,7 +460,7 @@ class Config:
         if not self.normaliser_eps > 0:
             raise ValueError(f"normaliser_eps must be positive, got {self.normaliser_eps!r}")
         edges = self.sigma_edges
-        if any(not 0 < e < 1 for e in edges) or any(a >= b for a, b in zip(edges, edges[1:])):
+        if any(not 0 < e < 1 for e in edges) or any(a >= b for a, b in itertools.pairwise(edges)):
             raise ValueError(f"sigma_edges must be ascending, inside (0, 1), got {edges!r}")
         if self.sigma_routes and len(self.sigma_routes) != len(edges) + 1:
             raise ValueError(f"sigma_routes needs one route per bin ({len(edges) + 1} for sigma_edges {edges!r}), "
