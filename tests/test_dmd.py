@@ -259,6 +259,7 @@ def small_inputs(batch=4, seed=0):
 
 EMPTY = flow_matching.EmptyPrompt(jnp.asarray(np.random.default_rng(9).standard_normal((2, TEXT_DIM)), jnp.float32), 2)
 GRID = dmd.student_grid(STEPS, 3.0)
+CONTEXT = type("Context", (), {"empty_prompt": EMPTY, "scheduler_shift": 3.0})
 
 
 def small_loss(student, critic, teachers, inputs, dm_gate=None, ca_gate=None, **options):
@@ -464,16 +465,22 @@ def test_one_sigma_bin_per_batch_keeps_the_marginal():
 def test_objective_updates_batch_keys_and_microbatches():
     config = dmd.Config(teachers=("a", "b"), domain_routes=("a", "b"), latent_shape=SHAPE, student_steps=STEPS,
                         decoupled=True, critic_updates=5)
-    objective = dmd.make(config, type("Context", (), {"empty_prompt": EMPTY})())
-    assert objective.batch_keys == ("text", "text_lens", "domain")
-    assert (objective.trains, objective.reads) == (("critic", "generator"), ("a", "b"))
+    objective = dmd.make(config, CONTEXT)
+    assert objective.config.student_shift == CONTEXT.scheduler_shift
+    np.testing.assert_array_equal(objective.grid, sampling.flow_match_sigmas(STEPS, CONTEXT.scheduler_shift))
+    assert objective.batch_keys == ("text", "text_lens", "category")
+    assert (objective.trains, objective.reads) == (("critic", "transformer"), ("a", "b"))
+    assert dmd.trains(config) == objective.trains and dmd.part_models(config) == {}
+    with pytest.raises(ValueError, match="student_shift is None"):
+        dmd.DMD(dmd.Config(), EMPTY)
     critic_update, generator_update = objective.updates
     assert (critic_update.name, critic_update.trains, critic_update.repeats) == ("critic", ("critic",), 5)
     assert (generator_update.name, generator_update.trains, generator_update.repeats) == ("generator",
-                                                                                           ("generator",), 1)
+                                                                                           ("transformer",), 1)
     inputs = small_inputs()
-    batch = dict(text=inputs["text"], text_lens=inputs["text_lens"], domain=jnp.asarray([0, 1, 1, 5]))
-    models = {"generator": SmallVelocity(0), "critic": SmallVelocity(1), "a": SmallVelocity(2), "b": SmallVelocity(3)}
+    batch = dict(text=inputs["text"], text_lens=inputs["text_lens"], category=jnp.asarray([0, 1, 1, 5]))
+    models = {"transformer": SmallVelocity(0), "critic": SmallVelocity(1), "a": SmallVelocity(2),
+              "b": SmallVelocity(3)}
     keys = example_keys(jax.random.key(7), 4)
     for update in objective.updates:
         trainable = {name: models[name] for name in update.trains}
@@ -491,9 +498,9 @@ def test_objective_updates_batch_keys_and_microbatches():
         assert abs(float(other) - float(loss)) > 1e-4
     # The last update's metrics are the generator's.
     assert float(metrics["gate/dm/a"]) == pytest.approx(0.25 + 0.25 * 0.5)
-    with pytest.raises(ValueError, match="batch lacks \\['domain'\\]"):
-        generator_update.loss({"generator": models["generator"]}, models, {k: batch[k] for k in ("text", "text_lens")},
-                              keys)
+    with pytest.raises(ValueError, match="batch lacks \\['category'\\]"):
+        generator_update.loss({"transformer": models["transformer"]}, models,
+                              {k: batch[k] for k in ("text", "text_lens")}, keys)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -544,13 +551,13 @@ def test_training_steps_through_the_trainer_take_turns_and_move_every_part():
     each step is 5 critic + discriminator updates then 1 generator update, every part moves, the metrics are
     finite. The head is built as the runner would, from the objective's `part_models`."""
     mesh = parallel.make_mesh({}, devices=jax.devices()[:1])
-    objective = dmd.make(dmd.Config(student_steps=STEPS, latent_shape=SHAPE, gan_weight=0.5, gan_hidden=8),
-                         type("Context", (), {"empty_prompt": EMPTY}))
-    assert objective.trains == ("critic", "discriminator", "generator")
+    config = dmd.Config(student_steps=STEPS, latent_shape=SHAPE, gan_weight=0.5, gan_hidden=8)
+    objective = dmd.make(config, CONTEXT)
+    assert objective.trains == dmd.trains(config) == ("critic", "discriminator", "transformer")
     assert objective.updates[0].trains == ("critic", "discriminator")
     width = type("TransformerConfig", (), {"hidden_size": SHAPE[0] + 1 + TEXT_DIM})
-    builders = {"generator": PixelVelocity, "critic": PixelVelocity,
-                "discriminator": functools.partial(objective.part_models["discriminator"], width)}
+    builders = {"transformer": PixelVelocity, "critic": PixelVelocity,
+                "discriminator": dmd.part_models(config)["discriminator"](width)}
     parts = {name: state.TrainablePart(build, optax.adam(1e-2), ema_decay=0.5) for name, build in builders.items()}
     graphdefs, initial = state.create_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
     teacher = PixelVelocity(nnx.Rngs(7))
@@ -563,7 +570,7 @@ def test_training_steps_through_the_trainer_take_turns_and_move_every_part():
     for _ in range(2):
         current, metrics = train_step(current, {"teacher": nnx.state(teacher)}, batch)
     counts = {name: int(current.opt_state[name][0].count) for name in parts}
-    assert counts == {"generator": 2, "critic": 10, "discriminator": 10}
+    assert counts == {"transformer": 2, "critic": 10, "discriminator": 10}
     assert {"critic/gan_discriminator", "critic/discriminator_accuracy", "generator/gan_generator"} <= set(metrics)
     for name in parts:
         moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(current.params[name]),

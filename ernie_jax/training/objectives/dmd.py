@@ -7,7 +7,8 @@ x0-prediction `x0 = x_sigma - sigma v` (`x0_from_velocity`).
 
 Three kinds of model (the trainer's parts and frozen models, by name):
 
-- the student `generator` (trained; initialised from the teacher): K steps (`student_steps`, default 8) at
+- the student, part `transformer` (the DiT the run exports; trained, initialised from the teacher; its update
+  is named "generator"): K steps (`student_steps`, default 8) at
   cfg 1 on the sigma grid `ernie_jax.sampling.flow_match_sigmas(K, student_shift)` (the grid the pipeline and
   `ernie_jax.sampling.sample` use at K steps), whose x0-prediction at step k is its sample `x`;
 - the fake score `critic` (trained; initialised from the teacher): flow matching on the student's samples
@@ -55,7 +56,8 @@ The loss is `0.5 mean((x - stop_gradient(x - grad))^2)` over every element, whos
 (objective 0 = DM, 1 = CA), each row the normalised product of three factors, each a row of weights over
 the teachers ("route": a teacher name = one-hot, or a mapping name -> weight; an unset factor = all ones):
 `sigma_routes[bin]` for the bins of `sigma_edges` (ascending interior edges; the term's own sigma picks the
-bin), `domain_routes[domain]` for the batch's int `domain` per example (ids outside 0..len-1 use the all-ones
+bin), `domain_routes[c]` for the batch's int `category` c per example (the data's category ids, in the order of
+the runner context's `category_names`; ids outside 0..len-1 use the all-ones
 row), and `objective_routes["dm" / "ca"]`. A row whose product is all zero is a config error. One teacher
 (or K identical teachers under any gate) is single-teacher DMD2.
 
@@ -125,7 +127,8 @@ from ernie_jax.training.objectives.flow_matching import (
 
 STUDENT_INPUTS = ("backward_simulation", "noised_data")
 TERMS = ("dm", "ca")
-GENERATOR, CRITIC, DISCRIMINATOR = "generator", "critic", "discriminator"
+# The student is the run's "transformer" (the DiT the runner exports); the critic another copy of the DiT.
+GENERATOR, CRITIC, DISCRIMINATOR = "transformer", "critic", "discriminator"
 
 
 def x0_from_velocity(x_sigma: jax.Array, sigmas: jax.Array, velocity: jax.Array) -> jax.Array:
@@ -387,7 +390,8 @@ def bin_quantile(sampling_config: SigmaSampling, probability: jax.Array) -> jax.
 class Config:
     """The DMD / MT-DMD objective's settings (the module docstring gives the math).
 
-    Student: `student_steps`, `student_shift` (its sigma grid), `student_input`. Teacher: `teachers` (the
+    Student: `student_steps`, `student_shift` (its sigma grid; None: the pipeline's scheduler shift, from the
+    runner's context), `student_input`. Teacher: `teachers` (the
     frozen models' names), `guidance_scale` (the teachers' CFG, u + g (c - u)). Terms: `decoupled`,
     `dm_weight`, `ca_weight`, `dm_sigmas`, `ca_sigmas` (`SigmaSampling`s or mappings of its fields),
     `normaliser_eps`. Gate: `sigma_edges`, `sigma_routes`, `domain_routes`, `objective_routes`,
@@ -401,7 +405,7 @@ class Config:
 
     teachers: tuple[str, ...] = ("teacher",)
     student_steps: int = 8
-    student_shift: float = 4.0
+    student_shift: float | None = None
     student_input: str = "backward_simulation"
     guidance_scale: float = 4.0
     decoupled: bool = False
@@ -448,7 +452,7 @@ class Config:
             raise ValueError(f"gan_hidden must be a positive integer, got {self.gan_hidden!r}")
         if int(self.student_steps) != self.student_steps or self.student_steps < 1:
             raise ValueError(f"student_steps must be a positive integer, got {self.student_steps!r}")
-        if not self.student_shift > 0:
+        if self.student_shift is not None and not self.student_shift > 0:
             raise ValueError(f"student_shift must be positive, got {self.student_shift!r}")
         if self.student_input not in STUDENT_INPUTS:
             raise ValueError(f"student_input must be one of {STUDENT_INPUTS}, got {self.student_input!r}")
@@ -551,25 +555,21 @@ class DMD:
             raise ValueError("the CA term (ca_weight != 0 and guidance_scale != 1) needs the empty prompt's features")
         if config.critic.text_dropout > 0 and empty_prompt is None:
             raise ValueError("critic.text_dropout > 0 needs the empty prompt's features")
+        if config.student_shift is None:
+            raise ValueError("student_shift is None: make(config, context) sets it to the context's scheduler shift")
         self.config = config
         self.empty_prompt = empty_prompt
         self.grid = student_grid(config.student_steps, config.student_shift)
         self.gan = config.gan_weight > 0
         needs_latents = config.latent_shape is None or config.student_input == "noised_data" or self.gan
         self.batch_keys = ("text", "text_lens") + (("latents",) if needs_latents else ()) + (
-            ("domain",) if config.domain_routes else ())
+            ("category",) if config.domain_routes else ())
         self.optional_batch_keys = ()
-        critic_parts = (CRITIC, DISCRIMINATOR) if self.gan else (CRITIC,)
-        self.trains = critic_parts + (GENERATOR,)
+        critic_parts = critic_update_parts(config)
+        self.trains = trains(config)
         self.reads = config.teachers
         self.updates = (objectives.Update(CRITIC, critic_parts, self.critic_loss, repeats=config.critic_updates),
-                        objectives.Update(GENERATOR, (GENERATOR,), self.generator_loss))
-        # The parts that are not the DiT (the runner builds them as `build(transformer_config, rngs)`).
-        self.part_models = {DISCRIMINATOR: self.build_discriminator} if self.gan else {}
-
-    def build_discriminator(self, transformer_config, rngs: nnx.Rngs) -> GANHead:
-        """The GAN head on the critic's features, float32 (a few hundred thousand parameters)."""
-        return GANHead(transformer_config.hidden_size, self.config.gan_hidden, rngs=rngs)
+                        objectives.Update("generator", (GENERATOR,), self.generator_loss))
 
     def _gan(self, critic: nnx.Module, head: nnx.Module, weight: float) -> GAN | None:
         return GAN(critic.velocity_and_features, head, weight) if self.gan else None
@@ -605,7 +605,7 @@ class DMD:
         dm_noise, dm_sigmas = term_draw(_DM_NOISE, _DM_SIGMA, config.dm_sigmas)
         ca_noise, ca_sigmas = term_draw(_CA_NOISE, _CA_SIGMA, config.ca_sigmas) if config.decoupled else (
             dm_noise, dm_sigmas)
-        domain = batch.get("domain") if config.domain_routes else None
+        domain = batch.get("category") if config.domain_routes else None
         draw = GeneratorDraw(noise, steps, dm_noise, dm_sigmas, ca_noise, ca_sigmas)
         student = trainable[GENERATOR]
         return generator_loss(student, frozen[CRITIC], {name: frozen[name] for name in config.teachers},
@@ -641,6 +641,31 @@ class DMD:
                            real=batch.get("latents") if self.gan else None, discriminator_draw=discriminator_draw)
 
 
+def critic_update_parts(config: Config) -> tuple[str, ...]:
+    return (CRITIC, DISCRIMINATOR) if config.gan_weight > 0 else (CRITIC,)
+
+
+def trains(config: Config) -> tuple[str, ...]:
+    """The trainable parts (the runner's `part_names`): the student "transformer", the "critic" (another copy of
+    the DiT, starting where the student does) and, with the GAN head, its "discriminator"."""
+    return critic_update_parts(config) + (GENERATOR,)
+
+
+def part_models(config: Config) -> dict:
+    """{part: builder(transformer_config) -> (rngs -> module)} of the parts that are not the DiT: the GAN head
+    (float32, width the DiT's hidden size) when `gan_weight > 0`."""
+    if not config.gan_weight > 0:
+        return {}
+
+    def discriminator(transformer_config):
+        return lambda rngs: GANHead(transformer_config.hidden_size, config.gan_hidden, rngs=rngs)
+
+    return {DISCRIMINATOR: discriminator}
+
+
 def make(config: Config, context) -> DMD:
-    """The objective of `config`, with the empty prompt of `context` (the teachers' unconditional branch)."""
+    """The objective of `config`, with the empty prompt of `context` (the teachers' unconditional branch) and,
+    when `config.student_shift` is None, its `scheduler_shift` (the pipeline's) for the student's grid."""
+    if config.student_shift is None:
+        config = dataclasses.replace(config, student_shift=context.scheduler_shift)
     return DMD(config, context.empty_prompt)
