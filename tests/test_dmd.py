@@ -385,7 +385,7 @@ def test_committee_of_identical_teachers_under_any_gate_is_single_teacher_dmd2()
         committee = small_loss(student, critic, {"a": teacher, "b": teacher, "c": teacher}, inputs, *gates,
                                decoupled=decoupled)
         assert float(committee[0]) == pytest.approx(float(single[0]), rel=1e-5)
-        for name in ("dm_norm", "ca_norm", "grad_norm"):
+        for name in ("dm_norm", "ca_norm", "direction_rms"):
             assert float(committee[1][name]) == pytest.approx(float(single[1][name]), rel=1e-5), name
         assert float(committee[1]["gate/ca/a"]) == 0.0
         assert float(committee[1]["gate/dm/b"]) == pytest.approx(float(np.mean(gates[0][:, 1])), rel=1e-6)

@@ -87,9 +87,10 @@ on its own slice of the batch (the trainer's `objectives.Update`).
 
 Metrics (float32 scalars, batch means; the trainer prefixes them `critic/` and `generator/`): generator:
 `loss`, `dmd_loss` (the DMD term alone), `dm_norm` and `ca_norm` (per-sample RMS of the DM and CA directions,
-before normalisation), `grad_norm` (RMS of the normalised direction), `gate/dm/NAME` and `gate/ca/NAME` (the mean
-gate weight of each teacher: its share of the term's supervision), `sample_mean`, `sample_std`,
-`sample_abs_mean` (of the student samples x: mean drift and oversaturation), `gan_generator` (with the head);
+before normalisation), `direction_rms` (RMS of the normalised direction; the trainer's own `grad_norm` is the
+parameters' gradient), `gate/dm/NAME` and `gate/ca/NAME` (the mean gate weight of each teacher: its share of
+the term's supervision), `sample_mean`, `sample_std`, `sample_abs_mean` (of the student samples x: mean drift
+and oversaturation), `gan_generator` (with the head);
 critic: `loss`, `mse` and the same sample statistics, with the head also `flow_matching`, `gan_discriminator`,
 `discriminator_accuracy`.
 
@@ -283,7 +284,7 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
                 :, None, None, None]
     loss = 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - normalised)))
     metrics = {"dmd_loss": loss, "dm_norm": rms(dm), "ca_norm": jnp.float32(0.0) if ca is None else rms(ca),
-               "grad_norm": rms(normalised), **sample_statistics(sample)}
+               "direction_rms": rms(normalised), **sample_statistics(sample)}
     if gan is not None:
         loss = loss + gan.weight * gan_generator
         metrics["gan_generator"] = gan_generator
