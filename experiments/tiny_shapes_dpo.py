@@ -37,7 +37,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.frozen = ml_collections.ConfigDict({"reference": {"path": "init", "dtype": "float32"}})
     config.pairs = ml_collections.ConfigDict({
         "prompts": "shapes:512", "samples_per_prompt": 8, "reward": "shapes", "selection": "best-worst",
-        "margin": 0.0, "num_inference_steps": 25, "guidance_scale": 3.0})
+        "margin": 0.0, "num_inference_steps": 25, "guidance_scale": 3.0,
+        # Online pairs (runner/online_pairs.py): refresh_every N > 0 makes prompts_per_round prompts' pairs from
+        # the `policy` ("live" or "ema") weights every N updates; 0 makes them once, in the pairs stage.
+        "refresh_every": 0, "prompts_per_round": 128, "policy": "live"})
     sigmas = {key: config.objective[key] for key in ("sigma_scheme", "logit_mean", "logit_std", "mode_scale", "shift")}
     config.objective = ml_collections.ConfigDict({
         "name": "dpo", "variant": "ernie", "beta": 200.0, "lambda_win": 0.35, "lambda_lose": 0.15,
@@ -52,7 +55,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.stages = ("components", *config.stages)
         config.components.update(kind="random")
         config.model.update(**{k: v for k, v in _model_fields("tiny").items()})
-        config.pairs.update(prompts="shapes:2", samples_per_prompt=2, num_inference_steps=2)
+        config.pairs.update(prompts="shapes:2", samples_per_prompt=2, num_inference_steps=2, prompts_per_round=2)
         config.data.update(stage_steps=(2,), batch_sizes=(2,))
         config.train.optimizer.update(warmup_steps=1, decay_steps=2)
         config.evals.samples.every = 2

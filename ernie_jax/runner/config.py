@@ -150,6 +150,7 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     from ernie_jax.data.pipeline import PipelineConfig
     from ernie_jax.data.prompt_styles import StyleMix
     from ernie_jax.models import layers
+    from ernie_jax.runner import online_pairs
     from ernie_jax.training import loop
     from ernie_jax.training.optimizer import OptimizerConfig
 
@@ -223,6 +224,7 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
                             check_rules(config.sharding.rules), dict(config.mesh.ici), dict(config.mesh.dcn))
     experiment.transformer_config(text_in_dim=8, channels=128)  # checks the model fields on their own
     experiment.lora  # checks the LoRA settings
+    online_pairs.round_settings(config)  # checks the online pairs settings
     if experiment.lora is not None and not config.init.path:
         raise ValueError("config.lora.rank > 0 trains adapters on a pretrained DiT: set config.init.path")
     sources = [data.source, *(e.get("source") for e in config.evals.values())]
