@@ -150,16 +150,19 @@ class OnlinePairs:
 
         from ernie_jax.data.precompute import model_fingerprint
         from ernie_jax.evaluation.rewards import load_reward
+        from ernie_jax.pipeline import ErnieImagePipeline
         from ernie_jax.runner.stages.pairs import prompts_of
 
-        self.experiment, self.encoders, self.mesh, self.rules, self.shift = experiment, encoders, mesh, rules, shift
+        self.experiment, self.encoders = experiment, encoders
         self.policy_of = policy_of
         self.settings = round_settings(experiment.config)
         self.reward = load_reward(experiment.config.pairs.reward)
         self.prompts = prompts_of(experiment.config.pairs.prompts)
         self.fingerprint = model_fingerprint(experiment.components_dir)
-        # The sampling pipeline places its VAE on the mesh: a copy, so the encoders' stays where it is.
-        self.vae = nnx.clone(encoders.vae)
+        # One sampling pipeline for every round (its compiled VAE decoder too), the round's policy put in it.
+        # It places its VAE on the mesh: a copy, so the encoders' stays where it is.
+        self.pipeline = ErnieImagePipeline(None, nnx.clone(encoders.vae), None, None, shift=shift, mesh=mesh,
+                                           rules={"transformer": rules})
         self._loaded: tuple[int, object, dict] | None = None
 
     def folder(self, round_index: int) -> Path:
@@ -168,8 +171,8 @@ class OnlinePairs:
     def make(self, round_index: int, transformer) -> None:
         """Round `round_index`'s pairs from the policy `transformer` (an nnx DiT whose weights lie on the
         mesh), unless its folder is complete. Every process calls it."""
+        from ernie_jax import parallel
         from ernie_jax.data.generated_pairs import generate_pairs
-        from ernie_jax.pipeline import ErnieImagePipeline
         from ernie_jax.runner.stages import say
 
         folder = self.folder(round_index)
@@ -182,19 +185,23 @@ class OnlinePairs:
                 shutil.rmtree(leftover)
         positions = round_prompts(len(self.prompts), round_index, s.prompts_per_round, config.seed)
         first_update = round_index * s.refresh_every
-        pipeline = ErnieImagePipeline(transformer, self.vae, None, None, shift=self.shift, mesh=self.mesh,
-                                      rules={"transformer": self.rules})
+        pipeline = self.pipeline
+        pipeline.transformer = parallel.shard_model(transformer, pipeline.mesh, pipeline.rules["transformer"])
         side = config.data.sides[-1]
-        generate_pairs(
-            pipeline, [self.prompts[i] for i in positions.tolist()], self.reward, folder if writer else None,
-            encoders=self.encoders, samples_per_prompt=p.samples_per_prompt, selection=p.selection, margin=p.margin,
-            height=side, width=side, num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            seed=config.seed + round_index * s.prompts_per_round * p.samples_per_prompt,
-            max_text_len=config.data.max_text_len, dtype=config.train.encoder_dtype,
-            model=f"the {s.policy} policy at update {first_update}", model_fingerprint=self.fingerprint,
-            extra_metadata={"round": {"index": round_index, "first_update": first_update, "policy": s.policy,
-                                      "prompt_positions": positions.tolist()}},
-            progress=False)
+        try:
+            generate_pairs(
+                pipeline, [self.prompts[i] for i in positions.tolist()], self.reward, folder if writer else None,
+                encoders=self.encoders, samples_per_prompt=p.samples_per_prompt, selection=p.selection,
+                margin=p.margin, height=side, width=side, num_inference_steps=p.num_inference_steps,
+                guidance_scale=p.guidance_scale,
+                seed=config.seed + round_index * s.prompts_per_round * p.samples_per_prompt,
+                max_text_len=config.data.max_text_len, dtype=config.train.encoder_dtype,
+                model=f"the {s.policy} policy at update {first_update}", model_fingerprint=self.fingerprint,
+                extra_metadata={"round": {"index": round_index, "first_update": first_update, "policy": s.policy,
+                                          "prompt_positions": positions.tolist()}},
+                progress=False)
+        finally:
+            pipeline.transformer = None  # the policy's weights are the train state's, which the next update replaces
         _barrier(f"pairs round {round_index}")
         say(f"pairs: wrote {folder} (the {s.policy} policy at update {first_update})")
 
