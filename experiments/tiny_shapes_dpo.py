@@ -8,7 +8,9 @@ Flow-DPO; the evaluate stage scores the held-out prompts as the demo's does.
 
 Stages: `pairs` (8 samples of each of 512 training captions, 25 steps, CFG 3, best against worst by the
 shapes reward: `evaluation.rewards.shapes_reward`), `train` (DPO against the frozen starting model, which
-is also where the policy starts), `export`, `evaluate`.
+is also where the policy starts), `export`, `evaluate`. With `--config.pairs.refresh_every=N` the pairs are
+online: every N updates the policy makes the next round's pairs for `pairs.prompts_per_round` fresh prompts
+(`ernie_jax/runner/online_pairs.py`), and the pairs stage does nothing.
 
 `objective`: beta in per-element-mean units (`training/objectives/dpo.py`); the report's 0.05 / 0.35 /
 0.15 with a summed error is beta_mean = 0.05 * D (D = 8 * 8 * 64 = 4096 here, ~200), which the default
