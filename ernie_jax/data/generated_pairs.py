@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from ernie_jax import parallel
 from ernie_jax.data.buckets import Bucket
 from ernie_jax.data.catalog import shard_indices
 from ernie_jax.data.precompute import STORAGE_DTYPES, BatchEncoder, PrecomputeConfig, model_fingerprint
@@ -66,7 +67,8 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
                    num_inference_steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                    max_text_len: int = 256, dtype: str = "float32", shard_size: int = 4096, shard_index: int = 0,
                    shard_count: int = 1, model: str = "", model_fingerprint: str = "", encoders=None,
-                   extra_metadata: dict | None = None, progress: bool = True) -> dict | None:
+                   numbered_in_order: bool = False, extra_metadata: dict | None = None,
+                   progress: bool = True) -> dict | None:
     """Generates, scores and pairs the samples of this shard's prompts (module docstring) and writes them
     as the preference folder `out_dir` (atomically); returns its metadata. Prompts whose samples yield no
     pair are counted in `pairs.prompts_without_pair`; `pairs` also holds the mean reward of every sample
@@ -75,7 +77,10 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
     `encoders` (an `ErnieImagePipeline` with the text encoder and tokenizer; default `pipeline`) makes the
     prompts' text features, which `pipeline` (its transformer and VAE) samples from and which are stored.
     `out_dir` None computes everything (every program runs, e.g. as one process of a collective
-    generation on a mesh) and writes nothing: returns None. `extra_metadata` adds fields to metadata.json."""
+    generation on a mesh) and writes nothing: returns None. `numbered_in_order`: the pairs' `source_index`
+    is their number in the folder (0, 1, ...) rather than the module docstring's, so that the hosts reading
+    one folder (each the pairs whose number is its index modulo the host count) get equal shares.
+    `extra_metadata` adds fields to metadata.json."""
     from conversions.common import atomic_directory
 
     if samples_per_prompt < 2:
@@ -110,6 +115,7 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
                                latents=sample_noise(seeds, latent_shape, pipeline.transformer.dtype),
                                output_type="latent", use_pe=False).images
             images = (pipeline.decode_latents(latents) * 255).round().astype(np.uint8)
+            latents = parallel.to_host(latents)  # on a mesh over several processes: gathered (a collective)
             rewards = check_rewards(reward(images, [prompt] * count), count, reward)
             pairs = select_pairs(rewards, selection, margin)
             sample_rewards.extend(rewards.tolist())
@@ -120,7 +126,7 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
             text = np.asarray(positive[0]).astype(encoder.dtype)
             truncated += text.shape[0] > max_text_len
             text = text[:max_text_len]
-            latents = np.asarray(latents).astype(encoder.dtype)
+            latents = latents.astype(encoder.dtype)
             for chosen, rejected in pairs:
                 chosen_rewards.append(rewards[chosen])
                 rejected_rewards.append(rewards[rejected])
@@ -128,8 +134,9 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
                           "seeds": [seeds[chosen], seeds[rejected]],
                           "rewards": [float(rewards[chosen]), float(rewards[rejected])],
                           "sample_seeds": seeds, "sample_rewards": rewards.tolist()}
-                writer.write_pair((prompt_index * count + chosen) * count + rejected, prompt, 1.0, (height, width),
-                                  bucket, latents[chosen], latents[rejected], text, origin)
+                number = writer.records if numbered_in_order else (prompt_index * count + chosen) * count + rejected
+                writer.write_pair(number, prompt, 1.0, (height, width), bucket, latents[chosen], latents[rejected],
+                                  text, origin)
         if not pair_count:
             raise ValueError(f"no prompt of shard {shard_index} of {shard_count} gave a pair ({selection}, margin "
                              f"{margin}): every prompt's samples scored too close")

@@ -170,8 +170,9 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         raise ValueError("config.stages has 'precompute', which encodes config.data.source: set data.source and "
                          "leave config.data.precomputed empty (or drop the stage to train from "
                          "data.precomputed)")
+    online = online_pairs.round_settings(config)  # checks the online pairs settings
     if not (config.data.source or config.data.precomputed or config.data.get("preferences")
-            or "pairs" in config.stages):
+            or "pairs" in config.stages or online):
         raise ValueError("config.data.source is empty: set --config.data.source to 'shapes', a tfds dataset folder "
                          "or an image folder (or --config.data.precomputed to precomputed folders, or "
                          "--config.data.preferences to preference folders)")
@@ -224,7 +225,6 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
                             check_rules(config.sharding.rules), dict(config.mesh.ici), dict(config.mesh.dcn))
     experiment.transformer_config(text_in_dim=8, channels=128)  # checks the model fields on their own
     experiment.lora  # checks the LoRA settings
-    online_pairs.round_settings(config)  # checks the online pairs settings
     if experiment.lora is not None and not config.init.path:
         raise ValueError("config.lora.rank > 0 trains adapters on a pretrained DiT: set config.init.path")
     sources = [data.source, *(e.get("source") for e in config.evals.values())]

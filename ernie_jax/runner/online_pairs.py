@@ -31,7 +31,9 @@ before the next checkpoint) is read, not made again.
 Several processes: every process runs every program of the generation (the policy samples on the training
 mesh, where its weights lie; the VAE decodes there), computes the rewards, and reads the round's folder;
 only process 0 writes it (WORKDIR is a filesystem all processes share, as the checkpoints already assume),
-and all wait for it at a barrier. Whether a round is complete is process 0's view, sent to all.
+and all wait for it at a barrier. Whether a round is complete is process 0's view, sent to all. The pairs
+of a round are numbered in order (their `source_index`), so each process trains on an equal share of them
+(every process count-th pair); a round needs at least one pair per process.
 
 Logged with the data statistics (`summary`, `data/pairs/*`): the round of the update, its pairs, the share
 of its prompts with a usable pair, and the mean reward of all samples, of the chosen and of the rejected
@@ -197,6 +199,7 @@ class OnlinePairs:
                 seed=config.seed + round_index * s.prompts_per_round * p.samples_per_prompt,
                 max_text_len=config.data.max_text_len, dtype=config.train.encoder_dtype,
                 model=f"the {s.policy} policy at update {first_update}", model_fingerprint=self.fingerprint,
+                numbered_in_order=True,
                 extra_metadata={"round": {"index": round_index, "first_update": first_update, "policy": s.policy,
                                           "prompt_positions": positions.tolist()}},
                 progress=False)
@@ -218,6 +221,9 @@ class OnlinePairs:
                 raise FileNotFoundError(f"{folder}: round {round_index}'s pairs are missing (they are made before "
                                         f"its first update, {round_index * self.settings.refresh_every})")
             (source,) = checked_sources(self.experiment, [str(folder)], PreferenceSource)
+            if len(source) < jax.process_count():
+                raise ValueError(f"{folder}: {len(source)} pairs for {jax.process_count()} processes, which read one "
+                                 f"share each: raise config.pairs.prompts_per_round")
             data = build_preference_pipeline([source], self.experiment.pipeline)
             self._loaded = (round_index, data, json.loads((folder / METADATA_FILE).read_text()))
         return self._loaded[1]
