@@ -53,15 +53,9 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory) -> Path:
-    from ernie_jax.runner.stages import run as run_stages
-    from experiments.tiny_shapes_dpo import get_config
-
-    config = get_config("tiny")
-    config.stages = ("components",)
-    work = tmp_path_factory.mktemp("components")
-    run_stages(config, work)
-    return work / "components"
+def components(random_pipeline_folder) -> Path:
+    """What the tiny config's components stage writes (`write_random_pipeline(folder, "tiny", seed=0)`)."""
+    return random_pipeline_folder
 
 
 @pytest.fixture(scope="module")
