@@ -35,7 +35,8 @@ def online_config(components: Path):
     config.pairs.update(reward=REWARD, prompts=f"shapes:{PROMPTS}", refresh_every=EVERY, prompts_per_round=PER_ROUND,
                         samples_per_prompt=SAMPLES)
     config.data.update(stage_steps=(STEPS,))
-    config.train.update(checkpoint_every=1, max_to_keep=STEPS + 1)
+    # An EMA apart from the trained weights: the rounds must be the trained weights' samples ("live").
+    config.train.update(checkpoint_every=1, max_to_keep=STEPS + 1, ema_decay=0.5)
     config.evals = {}
     return config
 
@@ -125,6 +126,7 @@ def test_rounds_are_made_by_the_policy_of_their_first_update_and_trained_on_in_t
     mesh = experiment.mesh()
     policies = [load_frozen_transformer(experiment, experiment.init_path, "float32", mesh, experiment.rules),
                 trained_transformer(experiment, ema=False, step=EVERY)]
+    ema = trained_transformer(experiment, ema=True, step=EVERY)
     side = experiment.config.data.sides[-1]
     settings = dict(height=side, width=side, num_inference_steps=pairs.num_inference_steps,
                     guidance_scale=pairs.guidance_scale, output_type="latent", use_pe=False)
@@ -138,9 +140,11 @@ def test_rounds_are_made_by_the_policy_of_their_first_update_and_trained_on_in_t
         for record in round_records:
             for slot in (0, 1):
                 assert relative_error(record["latents"][slot], regenerated(policies[r], record, slot)) <= 1e-5
-        # The policy moved between the rounds: the starting model draws round 1's samples otherwise.
+        # The policy moved between the rounds: the starting model draws round 1's samples otherwise, and so
+        # does the EMA.
         if r:
             assert relative_error(record["latents"][0], regenerated(policies[0], record, 0)) > 1e-3
+            assert relative_error(record["latents"][0], regenerated(ema, record, 0)) > 1e-4
 
     # During round r the step reads round r's pairs: every batch row is one of its records.
     assert len(batches) == STEPS
