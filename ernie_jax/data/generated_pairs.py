@@ -16,7 +16,8 @@ enhancer is not used: the reward and the stored text features are those of the p
 the reward are the decoded latents rounded to uint8, as the pipeline's PIL output. Each record's `origin`
 holds `prompt_index`, `chosen` and `rejected` (sample numbers), their `seeds` and `rewards`, and every
 sample's (`sample_seeds`, `sample_rewards`), for analysis. Pairs weigh 1; a pair's `source_index` is
-`(i * K + chosen) * K + rejected`. Each host (`--shard-index`) generates the prompts
+`(i * K + chosen) * K + rejected` (or its number in the folder: `generate_pairs`' `numbered_in_order`, which
+online pairs use). The metadata's `pairs` holds the counts and the mean rewards. Each host (`--shard-index`) generates the prompts
 `catalog.shard_indices` gives it, into its own folder.
 """
 
