@@ -193,3 +193,26 @@ def test_sft_variants_build(tmp_path):
             assert stage.buckets == as_buckets(RELEASED_1MP)
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("v4-8")
+
+
+def test_part_settings_override_the_trainer_defaults(tmp_path):
+    """`config.parts.NAME` gives a part its own optimizer fields and EMA decay; a part the objective does not
+    train, an unknown key or a bad value is one error naming it."""
+    import ml_collections
+
+    from ernie_jax.runner.config import resolve
+    from tests.test_main import load_experiment
+
+    config = load_experiment("ernie_image_sft").get_config("tiny")
+    config.parts = ml_collections.ConfigDict({"transformer": {"optimizer": {"learning_rate": 3e-6}, "ema_decay": 0.5}})
+    experiment = resolve(config, tmp_path)
+    optimizer, ema_decay = experiment.part_settings("transformer")
+    assert (optimizer.learning_rate, ema_decay) == (3e-6, 0.5)
+    assert optimizer.clip_norm == config.train.optimizer.clip_norm
+    for parts, message in (({"critic": {}}, r"config.parts.critic: the objective's parts are \('transformer',\)"),
+                           ({"transformer": {"lr": 1.0}}, r"unknown keys \['lr'\]"),
+                           ({"transformer": {"optimizer": {"lr": 1.0}}}, "config.parts.transformer.optimizer"),
+                           ({"transformer": {"ema_decay": 2.0}}, "ema_decay must be in")):
+        config.parts = ml_collections.ConfigDict(parts)
+        with pytest.raises(ValueError, match=message):
+            resolve(config, tmp_path)

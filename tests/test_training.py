@@ -22,13 +22,13 @@ import pytest
 from flax import nnx
 
 from ernie_jax import parallel, sampling
-from ernie_jax.models import dit
+from ernie_jax.models import dit, layers
 from ernie_jax.training import loop, optimizer, state, step
-from ernie_jax.training.objectives import example_keys, flow_matching
 from ernie_jax.training.checkpoints import Checkpoints
 from ernie_jax.training.metrics import TensorBoardWriter, read_scalars
-from tests.workers import training_run
+from ernie_jax.training.objectives import Update, example_keys, flow_matching
 from tests.conftest import run_worker
+from tests.workers import training_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,6 +207,79 @@ def test_gradient_accumulation_ema_and_bf16_over_float32_master_weights():
         step.make_train_step({"other": parts["transformer"]}, graphdefs, objective)
     with pytest.raises(KeyError, match="the batch lacks"):
         step.make_train_step(parts, graphdefs, objective)(initial, {}, {"latents": batch["latents"]})
+
+
+class _TakingTurns:
+    """Part "critic" fits the noise of each example from the generator's output (3 runs per step), then part
+    "generator" moves the critic's output towards 1."""
+
+    batch_keys = ("x",)
+    trains = ("critic", "generator")
+    reads = ()
+
+    @staticmethod
+    def critic_loss(trainable, frozen, batch, keys):
+        noise = jax.vmap(lambda key: jax.random.normal(key, (2,)))(keys)
+        loss = jnp.mean(jnp.square(trainable["critic"](frozen["generator"](batch["x"])) - noise))
+        return loss, {"loss": loss}
+
+    @staticmethod
+    def generator_loss(trainable, frozen, batch, keys):
+        loss = jnp.mean(jnp.square(frozen["critic"](trainable["generator"](batch["x"])) - 1))
+        return loss, {"loss": loss}
+
+    @property
+    def updates(self):
+        return (Update("critic", ("critic",), self.critic_loss, repeats=3),
+                Update("generator", ("generator",), self.generator_loss))
+
+
+def test_updates_take_turns_each_on_its_slice_with_its_own_optimizer():
+    mesh = parallel.make_mesh({}, devices=jax.devices()[:1])
+    def build(rngs):
+        return layers.linear(2, 2, axes=("embed", "mlp"), use_bias=True, dtype=jnp.float32,
+                             param_dtype=jnp.float32, rngs=rngs)
+
+    parts = {name: state.TrainablePart(build, optax.adam(0.05), ema_decay=0.5) for name in ("critic", "generator")}
+    graphdefs, initial = state.create_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
+    batch = {"x": jax.random.normal(jax.random.key(1), (8, 2))}
+    objective = _TakingTurns()
+    done, metrics = jax.jit(step.make_train_step(parts, graphdefs, objective))(initial, {}, batch)
+    halves, _ = jax.jit(step.make_train_step(parts, graphdefs, objective, microbatches=2))(initial, {}, batch)
+
+    # The same turns by hand: run j reads rows j, j + 4 and their keys.
+    keys = example_keys(step.step_key(initial), 8)
+    params, opt_state = dict(initial.params), dict(initial.opt_state)
+
+    def turn(name, loss, rows, other):
+        def of(p):
+            models = {n: nnx.merge(graphdefs[n], p if n == name else params[n]) for n in parts}
+            return loss({name: models[name]}, {other: models[other]}, {"x": batch["x"][rows]}, keys[rows])[0]
+
+        change, opt_state[name] = parts[name].optimizer.update(jax.grad(of)(params[name]), opt_state[name],
+                                                               params[name])
+        params[name] = optax.apply_updates(params[name], change)
+
+    for run in range(3):
+        turn("critic", objective.critic_loss, np.arange(run, 8, 4), "generator")
+    turn("generator", objective.generator_loss, np.arange(3, 8, 4), "critic")
+    for name in parts:
+        for got, half, want in zip(jax.tree.leaves(done.params[name]), jax.tree.leaves(halves.params[name]),
+                                   jax.tree.leaves(params[name])):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(half, want, rtol=1e-5, atol=1e-6)
+    assert int(done.opt_state["critic"][0].count) == 3 and int(done.opt_state["generator"][0].count) == 1
+    # The critic's EMA went through three updates at decay 0.5, the generator's one.
+    critic_kernel = [float(p["kernel"][0, 0]) for p in (initial.params["critic"], done.params["critic"])]
+    assert float(done.ema_params["critic"]["kernel"][0, 0]) != pytest.approx(np.mean(critic_kernel))
+    np.testing.assert_allclose(done.ema_params["generator"]["kernel"],
+                               (initial.params["generator"]["kernel"] + done.params["generator"]["kernel"]) / 2,
+                               rtol=1e-6)
+    assert {"critic/loss", "critic/grad_norm", "generator/loss", "generator/grad_norm"} <= set(metrics)
+    with pytest.raises(ValueError, match="not divisible by microbatches=1 x 4 update run"):
+        step.make_train_step(parts, graphdefs, objective)(initial, {}, {"x": batch["x"][:6]})
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        Update("critic", ("critic",), objective.critic_loss, repeats=0)
 
 
 def test_sharded_train_step_equals_single_device():

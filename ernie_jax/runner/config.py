@@ -51,6 +51,30 @@ class Experiment:
         return named_module(OBJECTIVES_PACKAGE, self.config.objective.name, "config.objective.name")
 
     @property
+    def part_names(self) -> tuple[str, ...]:
+        """The trainable parts of the objective: its module's `trains(config)`, or ("transformer",). The part
+        named "transformer" is the DiT the run makes (exported, evaluated); parts the module's
+        `part_models(config)` builds are other models (e.g. a discriminator head); every other part is
+        another copy of the experiment's DiT (e.g. distillation's critic), starting where "transformer" does."""
+        trains = getattr(self.objective_module, "trains", None)
+        return ("transformer",) if trains is None else tuple(trains(self.objective))
+
+    @property
+    def part_models(self) -> dict:
+        """{part name: builder(transformer_config) -> (rngs -> nnx.Module)} of the parts that are not the DiT."""
+        models = getattr(self.objective_module, "part_models", None)
+        return {} if models is None else dict(models(self.objective))
+
+    def part_settings(self, name: str):
+        """(OptimizerConfig, EMA decay) of part `name`: `config.train.optimizer` and `config.train.ema_decay`
+        with the overrides of `config.parts.NAME.{optimizer, ema_decay}`."""
+        from ernie_jax.training.optimizer import OptimizerConfig
+
+        overrides = self.config.get("parts", {}).get(name, {})
+        optimizer = OptimizerConfig(**{**self.config.train.optimizer, **overrides.get("optimizer", {})})
+        return optimizer, overrides.get("ema_decay", self.config.train.ema_decay)
+
+    @property
     def init_path(self) -> str:
         """Where the trained transformer starts: `config.init.path`, with "components" meaning the frozen
         components' pipeline folder (its transformer); "" for random weights."""
@@ -224,6 +248,21 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     experiment = Experiment(config, Path(workdir), train, optimizer, objective, curriculum, pipeline,
                             check_rules(config.sharding.rules), dict(config.mesh.ici), dict(config.mesh.dcn))
     experiment.transformer_config(text_in_dim=8, channels=128)  # checks the model fields on their own
+    if "transformer" not in experiment.part_names:
+        raise ValueError(f"config.objective ({config.objective.name}) trains {experiment.part_names}: one part must "
+                         f"be 'transformer', the DiT the run makes")
+    for name, overrides in config.get("parts", {}).items():
+        if name not in experiment.part_names:
+            raise ValueError(f"config.parts.{name}: the objective's parts are {experiment.part_names}")
+        unknown = sorted(set(overrides) - {"optimizer", "ema_decay"})
+        if unknown:
+            raise ValueError(f"config.parts.{name}: unknown keys {unknown} (known: optimizer, ema_decay)")
+        try:
+            experiment.part_settings(name)
+        except TypeError as error:
+            raise ValueError(f"config.parts.{name}.optimizer: {error}") from None
+        if not 0.0 <= overrides.get("ema_decay", 0.0) <= 1.0:
+            raise ValueError(f"config.parts.{name}.ema_decay must be in [0, 1], got {overrides.ema_decay}")
     experiment.lora  # checks the LoRA settings
     if experiment.lora is not None and not config.init.path:
         raise ValueError("config.lora.rank > 0 trains adapters on a pretrained DiT: set config.init.path")

@@ -124,7 +124,7 @@ def train(config: TrainConfig, parts: Mapping[str, TrainablePart], objective: Ob
     are left on the host) and is a grain iterator, so its position is checkpointed. `prepare_batch` runs on
     each element first: the place for the frozen VAE and text encoder when the data holds images and
     captions rather than latents and features.
-    Raises NonFiniteLossError naming the step whose loss is NaN/inf, after pending saves finish (the
+    Raises NonFiniteLossError naming the step whose loss (any metric `loss` or `UPDATE/loss`) is NaN/inf, after pending saves finish (the
     newest checkpoint is then the last good one).
     """
     if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
@@ -159,11 +159,12 @@ def train(config: TrainConfig, parts: Mapping[str, TrainablePart], objective: Ob
                 compiled = jit_train_step(step_fn, mesh, rules, shardings_of(abstract), frozen_shardings, shardings)
             state, metrics = compiled(state, frozen_states, _to_device(batch, shardings))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(metrics["loss"]):
+            bad = {k: v for k, v in metrics.items() if (k == "loss" or k.endswith("/loss")) and not math.isfinite(v)}
+            if bad:
                 ckpt.wait_until_finished()
                 raise NonFiniteLossError(
-                    f"loss is {metrics['loss']} at step {step}; stopped without saving it (the newest "
-                    f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()})")
+                    f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}; stopped without saving it "
+                    f"(the newest checkpoint in {ckpt.directory} is step {ckpt.latest_step()})")
             for callback in callbacks:
                 callback(step, metrics, state)
             step += 1

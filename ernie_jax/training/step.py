@@ -1,6 +1,7 @@
 """One training step `(state, frozen, batch) -> (state, metrics)`: an objective's loss over the named
-models, gradients accumulated over microbatches, one optimizer update and EMA per trainable part; and its
-sharded, donating jit.
+models, gradients accumulated over microbatches, one optimizer update and EMA per trainable part (or, for an
+objective with several `updates`, such as distillation's critic and generator, those updates in turn); and
+its sharded, donating jit.
 
 The objective (`training.objectives`) says which batch keys it reads, which models it trains and which it
 only reads; `frozen` holds the frozen states (the rest of a trainable part, such as a LoRA's base, and
@@ -26,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ernie_jax import parallel
-from ernie_jax.training.objectives import Objective, example_keys
+from ernie_jax.training.objectives import Objective, example_keys, updates_of
 from ernie_jax.training.state import TrainablePart, TrainState, ema_update
 
 Metrics = dict[str, jax.Array]
@@ -66,8 +67,16 @@ def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, 
 
     `graphdefs` names the graphdef of every trainable part and frozen model; `frozen` (at call time) the
     state of every frozen model the objective reads, and the rest of a trainable part where it has one.
-    metrics: the objective's, `grad_norm` (over all parts, before clipping) and each part's
-    `learning_rate` (given its schedule); with several parts also `grad_norm/NAME` and `learning_rate/NAME`.
+
+    The step runs the objective's updates (`objectives.updates_of`) in order, update u `repeats` times; with
+    S runs in all, run j reads slice j of the batch (rows j, j + S, j + 2S, ...: a batch-sharded array's
+    slices stay on their devices) and those rows' keys, so the batch size must be a multiple of
+    S x microbatches. Each run steps the optimizer and EMA of the parts its update trains.
+
+    metrics: per update, its loss's metrics (averaged over its runs) and its `grad_norm` (over its parts,
+    before clipping), prefixed `NAME/` when the update has a name; with several parts also `grad_norm/PART`
+    of an unnamed update; each part's `learning_rate` (given its schedule, at its first update of the step;
+    suffixed `/PART` with several parts).
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
@@ -78,48 +87,84 @@ def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, 
     if unknown or set(objective.reads) & set(parts):
         raise ValueError(f"the objective reads {sorted(objective.reads)}: each must be a frozen model with a "
                          f"graphdef and not a trainable part (graphdefs: {sorted(graphdefs)})")
+    updates = updates_of(objective)
+    runs = sum(update.repeats for update in updates)
+    # How many optimizer updates each part makes per step: its schedule's count advances by that much.
+    updates_per_step = {name: sum(u.repeats for u in updates if name in u.trains) for name in parts}
+    part_index = {name: index for index, name in enumerate(parts)}
 
-    def loss_fn(params, frozen, micro, keys):
-        trainable = {name: _merge(graphdefs[name], params[name], frozen.get(name)) for name in parts}
-        for index, (name, part) in enumerate(parts.items()):
-            if part.stochastic is not None:
+    def loss_fn(update, params, others, frozen, micro, keys):
+        trainable = {name: _merge(graphdefs[name], params[name], frozen.get(name)) for name in update.trains}
+        for name in update.trains:
+            if parts[name].stochastic is not None:
                 # The first example's key, folded away from what the objective draws from it.
-                part.stochastic(trainable[name], jax.random.fold_in(keys[0], 2**31 - 1 - index))
+                parts[name].stochastic(trainable[name], jax.random.fold_in(keys[0], 2**31 - 1 - part_index[name]))
         read = {name: nnx.merge(graphdefs[name], frozen[name]) for name in objective.reads}
-        return objective.loss(trainable, read, micro, keys)
+        read.update({name: _merge(graphdefs[name], others[name], frozen.get(name)) for name in others})
+        return update.loss(trainable, read, micro, keys)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, Metrics]:
-        inputs = {k: batch[k] for k in batch_keys(objective, batch)}
-        size = jax.tree.leaves(inputs)[0].shape[0]
-        if size % microbatches:
-            raise ValueError(f"batch size {size} is not divisible by microbatches={microbatches}")
-        keys = example_keys(step_key(state), size)
+    def gradients(update, params, others, frozen, inputs, keys):
+        """The update's loss gradients and metrics on one slice, averaged over its microbatches."""
+        grad_fn = jax.value_and_grad(lambda p, *rest: loss_fn(update, p, *rest), has_aux=True)
 
         def accumulate(total, micro):
-            (_, metrics), grads = grad_fn(state.params, frozen, *micro)
+            (_, metrics), grads = grad_fn(params, others, frozen, *micro)
             return jax.tree.map(jnp.add, total, (grads, metrics)), None
 
         split = _microbatches((inputs, keys), microbatches)
         first = jax.tree.map(lambda x: x[0], split)
-        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, frozen, *first)[1])
-        zeros = jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(
+        metric_shapes = jax.eval_shape(lambda: loss_fn(update, params, others, frozen, *first)[1])
+        zeros = jax.tree.map(jnp.zeros_like, params), jax.tree.map(
             lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
         total, _ = jax.lax.scan(accumulate, zeros, split)
-        grads, metrics = jax.tree.map(lambda x: x / microbatches, total)
-        params, opt_state, ema_params = {}, {}, {}
-        for name, part in parts.items():
-            updates, opt_state[name] = part.optimizer.update(grads[name], state.opt_state[name], state.params[name])
-            params[name] = optax.apply_updates(state.params[name], updates)
-            ema_params[name] = ema_update(state.ema_params[name], params[name], part.ema_decay)
+        return jax.tree.map(lambda x: x / microbatches, total)
+
+    def run_update(update, params, opt_state, ema_params, frozen, inputs, keys):
+        """One run of `update` on one slice: the new (params, opt_state, ema_params) of its parts and its
+        metrics, with `grad_norm` (and `grad_norm/PART` for an unnamed update of several parts)."""
+        trained = {name: params[name] for name in update.trains}
+        others = {name: params[name] for name in parts if name not in update.trains}
+        grads, metrics = gradients(update, trained, others, frozen, inputs, keys)
+        new_params, new_opt, new_ema = dict(params), dict(opt_state), dict(ema_params)
+        for name in update.trains:
+            change, new_opt[name] = parts[name].optimizer.update(grads[name], opt_state[name], params[name])
+            new_params[name] = optax.apply_updates(params[name], change)
+            new_ema[name] = ema_update(ema_params[name], new_params[name], parts[name].ema_decay)
         metrics["grad_norm"] = optax.global_norm(grads)
+        if not update.name and len(update.trains) > 1:
+            metrics.update({f"grad_norm/{name}": optax.global_norm(grads[name]) for name in update.trains})
+        return (new_params, new_opt, new_ema), metrics
+
+    def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, Metrics]:
+        inputs = {k: batch[k] for k in batch_keys(objective, batch)}
+        size = jax.tree.leaves(inputs)[0].shape[0]
+        if size % (runs * microbatches):
+            raise ValueError(f"batch size {size} is not divisible by microbatches={microbatches} x {runs} "
+                             f"update run(s) per step")
+        keys = example_keys(step_key(state), size)
+        slices = (jax.tree.map(lambda x: x[None], (inputs, keys)) if runs == 1
+                  else _microbatches((inputs, keys), runs))
+        carry = (state.params, state.opt_state, state.ema_params)
+        metrics, start = {}, 0
+        for update in updates:
+            if update.repeats == 1:
+                carry, update_metrics = run_update(update, *carry, frozen,
+                                                   *jax.tree.map(lambda x, i=start: x[i], slices))
+            else:
+                def repeat(carry, data, update=update):
+                    return run_update(update, *carry, frozen, *data)
+
+                carry, per_run = jax.lax.scan(
+                    repeat, carry, jax.tree.map(lambda x, i=start, n=update.repeats: x[i:i + n], slices))
+                update_metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_run)
+            prefix = f"{update.name}/" if update.name else ""
+            metrics.update({prefix + k: v for k, v in update_metrics.items()})
+            start += update.repeats
         for name, part in parts.items():
-            suffix = f"/{name}" if len(parts) > 1 else ""
-            if suffix:
-                metrics[f"grad_norm{suffix}"] = optax.global_norm(grads[name])
             if part.learning_rate is not None:
-                metrics[f"learning_rate{suffix}"] = part.learning_rate(state.step)
+                suffix = f"/{name}" if len(parts) > 1 else ""
+                metrics[f"learning_rate{suffix}"] = part.learning_rate(state.step * updates_per_step[name])
+        params, opt_state, ema_params = carry
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics
 

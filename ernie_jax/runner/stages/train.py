@@ -1,4 +1,5 @@
-"""Stage `train`: the objective `config.objective.name` on the trainable parts (today the transformer),
+"""Stage `train`: the objective `config.objective.name` on its trainable parts (the transformer; for
+distillation also a critic, and any model the objective builds),
 reading `data.source` through the frozen VAE and text encoder, or precomputed latents and text features
 (the precompute stage's, or the folders `data.precomputed` names), or, for DPO, preference pairs (the pairs
 stage's, or the folders `data.preferences` names; with `pairs.refresh_every` N > 0, pairs the policy makes
@@ -7,9 +8,10 @@ trained variables, optimizer state, EMA, step, RNG and the data position), WORKD
 train/* metrics, data/*, and what `config.evals` log), WORKDIR/metrics.jsonl (one line per update) and the
 evaluators' files.
 
-The transformer starts from `config.init.path` (a pipeline or transformer folder; "components": the
-components' pipeline) when set, else from random weights; `config.lora.rank > 0` trains LoRA adapters on
-it instead of the whole DiT. Frozen models an objective reads (`objective.reads`, e.g. a DPO reference) are loaded from
+The transformer (and every other DiT part) starts from `config.init.path` (a pipeline or transformer
+folder; "components": the components' pipeline) when set, else from random weights; `config.lora.rank > 0`
+trains LoRA adapters on it instead of the whole DiT. `config.parts.NAME.{optimizer, ema_decay}` override
+`config.train`'s for part NAME. Frozen models an objective reads (`objective.reads`, e.g. a DPO reference) are loaded from
 `config.frozen.NAME.path` in `config.frozen.NAME.dtype`.
 """
 
@@ -28,32 +30,44 @@ from ernie_jax.runner.stages import latest_step, say, scheduler_shift
 @dataclasses.dataclass(frozen=True)
 class ObjectiveContext:
     """What an objective's `make(config, context)` may use: the frozen text encoder's features of the empty
-    prompt (`training.objectives.flow_matching.EmptyPrompt`, for text dropout)."""
+    prompt (`training.objectives.flow_matching.EmptyPrompt`, for text dropout and unconditional guidance),
+    the scheduler shift the pipeline samples with, and the data's category names (the ids of the batch key
+    `category`; empty when the data has none)."""
 
     empty_prompt: object
+    scheduler_shift: float = 1.0
+    category_names: tuple[str, ...] = ()
 
 
 def trainable_parts(experiment: Experiment, transformer_config) -> dict:
-    """{"transformer": its `TrainablePart`}: the experiment's DiT (with `config.lora`: its LoRA adapters on a
-    frozen base in `config.lora.base_dtype`, dropout drawn afresh at every step), AdamW and EMA decay."""
+    """{part name: its `TrainablePart`} for `experiment.part_names`, each with its optimizer and EMA decay
+    (`experiment.part_settings`). A part the objective builds (`experiment.part_models`) is its model; every
+    other part is the experiment's DiT, or with `config.lora` LoRA adapters on a frozen base in
+    `config.lora.base_dtype` (dropout drawn afresh at every step)."""
+    from conversions.lora import diffusers_names
+    from ernie_jax.models import lora
     from ernie_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from ernie_jax.training.state import TrainablePart
 
-    settings = dict(optimizer=make_optimizer(experiment.optimizer), ema_decay=experiment.config.train.ema_decay,
-                    learning_rate=learning_rate_schedule(experiment.optimizer))
-    adapters = experiment.lora
-    if adapters is None:
-        return {"transformer": TrainablePart(experiment.model_fn(transformer_config), **settings)}
-    from conversions.lora import diffusers_names
-    from ernie_jax.models import lora
+    adapters, models, parts = experiment.lora, experiment.part_models, {}
+    base = experiment.model_fn(transformer_config, jnp.dtype(experiment.config.get("lora", {}).get(
+        "base_dtype", "float32")))
 
-    base = experiment.model_fn(transformer_config, jnp.dtype(experiment.config.lora.base_dtype))
-
-    def build(rngs: nnx.Rngs) -> nnx.Module:
+    def build_adapted(rngs: nnx.Rngs) -> nnx.Module:
         return lora.add_lora(base(rngs), adapters, rngs, diffusers_names(transformer_config))
 
-    return {"transformer": TrainablePart(build, trained=lora.LoRAParam,
-                                         stochastic=lora.set_training if adapters.dropout else None, **settings)}
+    for name in experiment.part_names:
+        optimizer, ema_decay = experiment.part_settings(name)
+        settings = dict(optimizer=make_optimizer(optimizer), ema_decay=ema_decay,
+                        learning_rate=learning_rate_schedule(optimizer))
+        if name in models:
+            parts[name] = TrainablePart(models[name](transformer_config), **settings)
+        elif adapters is None:
+            parts[name] = TrainablePart(experiment.model_fn(transformer_config), **settings)
+        else:
+            parts[name] = TrainablePart(build_adapted, trained=lora.LoRAParam,
+                                        stochastic=lora.set_training if adapters.dropout else None, **settings)
+    return parts
 
 
 def load_frozen_transformer(experiment: Experiment, path: str, param_dtype: str, mesh, rules) -> nnx.Module:
@@ -72,22 +86,27 @@ def load_frozen_transformer(experiment: Experiment, path: str, param_dtype: str,
 
 
 def initial_models(experiment: Experiment, transformer_config, mesh, rules, *, fresh: bool) -> dict:
-    """{"transformer": the model training starts from} when `config.init.path` is set: its weights in
-    `config.init.dtype` (with LoRA: the base in `config.lora.base_dtype` with fresh adapters, which a
-    resumed run needs as its frozen base; otherwise read only for a `fresh` start, as a checkpoint then holds
-    the trained weights)."""
+    """{DiT part name: the model it starts from} when `config.init.path` is set: its weights in
+    `config.init.dtype`, loaded once for all DiT parts (with LoRA: one base in `config.lora.base_dtype`, each
+    part's fresh adapters on the same arrays, which a resumed run needs as its frozen base; otherwise read
+    only for a `fresh` start, as a checkpoint then holds the trained weights). Parts the objective builds
+    start from their `build`."""
     config, path = experiment.config, experiment.init_path
+    names = [name for name in experiment.part_names if name not in experiment.part_models]
     if not path:
         return {}
     adapters = experiment.lora
     if adapters is None:
-        return {"transformer": load_frozen_transformer(experiment, path, config.init.dtype, mesh, rules)
-                } if fresh else {}
+        if not fresh:
+            return {}
+        model = load_frozen_transformer(experiment, path, config.init.dtype, mesh, rules)
+        return dict.fromkeys(names, model)
     from conversions.lora import diffusers_names
     from ernie_jax.models import lora
 
-    base = load_frozen_transformer(experiment, path, config.lora.base_dtype, mesh, rules)
-    return {"transformer": lora.add_lora(base, adapters, nnx.Rngs(config.seed), diffusers_names(transformer_config))}
+    graphdef, base = nnx.split(load_frozen_transformer(experiment, path, config.lora.base_dtype, mesh, rules))
+    return {name: lora.add_lora(nnx.merge(graphdef, base), adapters, nnx.Rngs(config.seed + index),
+                                   diffusers_names(transformer_config)) for index, name in enumerate(names)}
 
 
 def frozen_model(experiment: Experiment, name: str, initial: dict, mesh, rules) -> nnx.Module:
@@ -158,7 +177,12 @@ def run(experiment: Experiment) -> None:
     else:
         data = build_pipeline(open_source(config.data.source, experiment, "train"), experiment.pipeline)
         prepare_batch, empty = frozen, frozen.empty_prompt()
-    objective = experiment.objective_module.make(experiment.objective, ObjectiveContext(empty))
+    shift = scheduler_shift(experiment.components_dir)
+    objective = experiment.objective_module.make(
+        experiment.objective, ObjectiveContext(empty, shift, tuple(getattr(data, "category_names", ()))))
+    if sorted(objective.trains) != sorted(parts):
+        raise ValueError(f"config.objective ({config.objective.name}) made an objective training "
+                         f"{sorted(objective.trains)}, but its module's trains() named {sorted(parts)}")
     initial = initial_models(experiment, transformer_config, mesh, rules, fresh=not done)
     frozen_models = {name: frozen_model(experiment, name, initial, mesh, rules) for name in objective.reads}
     graphdef = abstract_parts(parts, seed=config.seed)[0]["transformer"]
@@ -171,7 +195,7 @@ def run(experiment: Experiment) -> None:
 
     rounds = None
     if online:
-        rounds = OnlinePairs(experiment, encoders, mesh, rules, scheduler_shift(experiment.components_dir),
+        rounds = OnlinePairs(experiment, encoders, mesh, rules, shift,
                              lambda state: transformer_of(state, ema=online.policy == "ema"))
         if not done:
             rounds.make(0, initial["transformer"])
@@ -191,8 +215,7 @@ def run(experiment: Experiment) -> None:
                                start_step=done)
         callbacks += [progress, writer.train_callback(config.logging.log_every, data_stats),
                       loop.JsonlMetrics(workdir / "metrics.jsonl")]
-    context = evaluators.Context(experiment, encoders, frozen, mesh, rules, writer,
-                                 scheduler_shift(experiment.components_dir), transformer_of)
+    context = evaluators.Context(experiment, encoders, frozen, mesh, rules, writer, shift, transformer_of)
     callbacks += evaluators.build(context)
     if rounds is not None:
         callbacks.append(rounds)  # makes each next round's pairs before the loop checkpoints its first update

@@ -16,6 +16,13 @@ example sees is drawn from its own key.
 
 An objective may also list `optional_batch_keys`, which the step passes on when the batch has them.
 
+An objective that trains its models in turns (distillation: a critic several times, then the generator)
+lists them as `updates`, a tuple of `Update`s: each names the parts it trains, its own loss and how many
+times it runs per training step. A training step runs them in order, each run on its own slice of the
+step's batch; inside a run's loss, `trainable` holds that update's parts and `frozen` the objective's
+`reads` and every other trainable part at its current parameters (read, not differentiated). Without
+`updates`, an objective is one update of all its `trains` with its `loss` (`updates_of`).
+
 The trainer knows nothing else about an objective. The runner resolves `config.objective.name` to the
 module `ernie_jax.training.objectives.<name>`, which has a `Config` dataclass (built from the other
 `config.objective` fields) and `make(config, context) -> Objective` (`context`:
@@ -24,7 +31,8 @@ module `ernie_jax.training.objectives.<name>`, which has a `Config` dataclass (b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import jax
@@ -40,6 +48,42 @@ class Objective(Protocol):
 
     def loss(self, trainable: Mapping[str, nnx.Module], frozen: Mapping[str, nnx.Module],
              batch: Mapping[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, Metrics]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One optimizer update of the parts `trains` on `loss` (`(trainable, frozen, batch, keys) -> (loss,
+    metrics)`, as `Objective.loss`), run `repeats` times in a row per training step. `name` prefixes its
+    metrics (`NAME/KEY`, averaged over the repeats)."""
+
+    name: str
+    trains: tuple[str, ...]
+    loss: Callable[..., tuple[jax.Array, Metrics]]
+    repeats: int = 1
+
+    def __post_init__(self):
+        if "/" in self.name:
+            raise ValueError(f"an update's name must not contain '/', got {self.name!r}")
+        if not self.trains:
+            raise ValueError(f"update {self.name!r} trains no part")
+        if self.repeats < 1:
+            raise ValueError(f"update {self.name!r}: repeats must be >= 1, got {self.repeats}")
+
+
+def updates_of(objective: Objective) -> tuple[Update, ...]:
+    """The objective's `updates`, checked against its `trains`; or, without them, one update of all its
+    `trains` on its `loss`, named "" (its metrics keep their own names)."""
+    updates = tuple(getattr(objective, "updates", ()))
+    if not updates:
+        return (Update("", tuple(objective.trains), objective.loss),)
+    trained = [name for update in updates for name in update.trains]
+    if sorted(set(trained)) != sorted(objective.trains):
+        raise ValueError(f"the updates train {sorted(set(trained))} but the objective trains "
+                         f"{sorted(objective.trains)}")
+    names = [update.name for update in updates]
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"an objective's updates need distinct non-empty names, got {names}")
+    return updates
 
 
 def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
