@@ -12,7 +12,9 @@ stage); this is its command line. Stages and what they write under DIR:
               of `data.source`'s records, once per curriculum stage side (each host its shard), in the
               layout of `python -m ernie_jax.data.precompute`; the train stage then reads them.
   pairs       pairs/shard-I-of-N/: preference pairs the starting model (`init.path`) makes itself, scored by
-              `pairs.reward`, for DPO (ernie_jax/runner/stages/pairs.py).
+              `pairs.reward`, for DPO (ernie_jax/runner/stages/pairs.py). With `pairs.refresh_every` N > 0
+              the pairs are online instead: the train stage makes pairs/round-RRRRRR/ from the policy
+              every N updates (ernie_jax/runner/online_pairs.py) and this stage does nothing.
   train       the objective `objective.name` (ernie_jax/training/objectives/NAME.py) on `data.source`
               through the frozen VAE and text encoder, or precomputed latents and text features: the
               precompute stage's, or the folders `data.precomputed` names (written by

@@ -8,7 +8,9 @@ Flow-DPO; the evaluate stage scores the held-out prompts as the demo's does.
 
 Stages: `pairs` (8 samples of each of 512 training captions, 25 steps, CFG 3, best against worst by the
 shapes reward: `evaluation.rewards.shapes_reward`), `train` (DPO against the frozen starting model, which
-is also where the policy starts), `export`, `evaluate`.
+is also where the policy starts), `export`, `evaluate`. With `--config.pairs.refresh_every=N` the pairs are
+online: every N updates the policy makes the next round's pairs for `pairs.prompts_per_round` fresh prompts
+(`ernie_jax/runner/online_pairs.py`), and the pairs stage does nothing.
 
 `objective`: beta in per-element-mean units (`training/objectives/dpo.py`); the report's 0.05 / 0.35 /
 0.15 with a summed error is beta_mean = 0.05 * D (D = 8 * 8 * 64 = 4096 here, ~200), which the default
@@ -37,7 +39,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.frozen = ml_collections.ConfigDict({"reference": {"path": "init", "dtype": "float32"}})
     config.pairs = ml_collections.ConfigDict({
         "prompts": "shapes:512", "samples_per_prompt": 8, "reward": "shapes", "selection": "best-worst",
-        "margin": 0.0, "num_inference_steps": 25, "guidance_scale": 3.0})
+        "margin": 0.0, "num_inference_steps": 25, "guidance_scale": 3.0,
+        # Online pairs (runner/online_pairs.py): refresh_every N > 0 makes prompts_per_round prompts' pairs from
+        # the `policy` ("live" or "ema") weights every N updates; 0 makes them once, in the pairs stage.
+        "refresh_every": 0, "prompts_per_round": 128, "policy": "live"})
     sigmas = {key: config.objective[key] for key in ("sigma_scheme", "logit_mean", "logit_std", "mode_scale", "shift")}
     config.objective = ml_collections.ConfigDict({
         "name": "dpo", "variant": "ernie", "beta": 200.0, "lambda_win": 0.35, "lambda_lose": 0.15,
@@ -52,7 +57,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.stages = ("components", *config.stages)
         config.components.update(kind="random")
         config.model.update(**{k: v for k, v in _model_fields("tiny").items()})
-        config.pairs.update(prompts="shapes:2", samples_per_prompt=2, num_inference_steps=2)
+        config.pairs.update(prompts="shapes:2", samples_per_prompt=2, num_inference_steps=2, prompts_per_round=2)
         config.data.update(stage_steps=(2,), batch_sizes=(2,))
         config.train.optimizer.update(warmup_steps=1, decay_steps=2)
         config.evals.samples.every = 2

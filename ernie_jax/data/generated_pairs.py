@@ -16,7 +16,8 @@ enhancer is not used: the reward and the stored text features are those of the p
 the reward are the decoded latents rounded to uint8, as the pipeline's PIL output. Each record's `origin`
 holds `prompt_index`, `chosen` and `rejected` (sample numbers), their `seeds` and `rewards`, and every
 sample's (`sample_seeds`, `sample_rewards`), for analysis. Pairs weigh 1; a pair's `source_index` is
-`(i * K + chosen) * K + rejected`. Each host (`--shard-index`) generates the prompts
+`(i * K + chosen) * K + rejected` (or its number in the folder: `generate_pairs`' `numbered_in_order`, which
+online pairs use). The metadata's `pairs` holds the counts and the mean rewards. Each host (`--shard-index`) generates the prompts
 `catalog.shard_indices` gives it, into its own folder.
 """
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from ernie_jax import parallel
 from ernie_jax.data.buckets import Bucket
 from ernie_jax.data.catalog import shard_indices
 from ernie_jax.data.precompute import STORAGE_DTYPES, BatchEncoder, PrecomputeConfig, model_fingerprint
@@ -65,10 +67,21 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
                    selection: str = "best-worst", margin: float = 0.0, height: int = 256, width: int = 256,
                    num_inference_steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                    max_text_len: int = 256, dtype: str = "float32", shard_size: int = 4096, shard_index: int = 0,
-                   shard_count: int = 1, model: str = "", model_fingerprint: str = "", progress: bool = True) -> dict:
+                   shard_count: int = 1, model: str = "", model_fingerprint: str = "", encoders=None,
+                   numbered_in_order: bool = False, extra_metadata: dict | None = None,
+                   progress: bool = True) -> dict | None:
     """Generates, scores and pairs the samples of this shard's prompts (module docstring) and writes them
     as the preference folder `out_dir` (atomically); returns its metadata. Prompts whose samples yield no
-    pair are counted in `pairs.prompts_without_pair`."""
+    pair are counted in `pairs.prompts_without_pair`; `pairs` also holds the mean reward of every sample
+    (`mean_sample_reward`) and of the pairs' chosen and rejected samples.
+
+    `encoders` (an `ErnieImagePipeline` with the text encoder and tokenizer; default `pipeline`) makes the
+    prompts' text features, which `pipeline` (its transformer and VAE) samples from and which are stored.
+    `out_dir` None computes everything (every program runs, e.g. as one process of a collective
+    generation on a mesh) and writes nothing: returns None. `numbered_in_order`: the pairs' `source_index`
+    is their number in the folder (0, 1, ...) rather than the module docstring's, so that the hosts reading
+    one folder (each the pairs whose number is its index modulo the host count) get equal shares.
+    `extra_metadata` adds fields to metadata.json."""
     from conversions.common import atomic_directory
 
     if samples_per_prompt < 2:
@@ -78,46 +91,59 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
     indices = shard_indices(len(prompts), shard_index, shard_count)
     if not indices.size:
         raise ValueError(f"no prompt in shard {shard_index} of {shard_count} of {len(prompts)} prompts")
+    encoders = pipeline if encoders is None else encoders
     count = samples_per_prompt
     bucket = Bucket(height, width)
     config = PrecomputeConfig((bucket,), max_crop_fraction=0.0, max_text_len=max_text_len, batch_size=1,
                               shard_size=shard_size, dtype=dtype)
-    encoder = BatchEncoder(pipeline, config)
-    storage = STORAGE_DTYPES[dtype]
+    encoder = BatchEncoder(encoders, config)
     latent_shape = (pipeline.transformer.config.in_channels, height // pipeline.vae_scale_factor,
                     width // pipeline.vae_scale_factor)
-    without_pair, truncated = 0, 0
-    with atomic_directory(out_dir) as staging:
-        writer = PreferenceWriter(staging, shard_size)
+    negative = encoders.encode_prompt([""]) if guidance_scale > 1.0 else None
+
+    def generate(staging) -> dict | None:
+        writer = None if staging is None else PreferenceWriter(staging, shard_size)
+        without_pair, truncated, pair_count = 0, 0, 0
+        sample_rewards, chosen_rewards, rejected_rewards = [], [], []
         for prompt_index in tqdm(indices.tolist(), desc=f"pairs shard {shard_index}/{shard_count}", unit="prompt",
                                  disable=not progress):
             prompt = prompts[prompt_index]
             seeds = [seed + prompt_index * count + k for k in range(count)]
-            latents = pipeline(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, num_images_per_prompt=count,
+            positive = encoders.encode_prompt([prompt])
+            latents = pipeline(prompt_embeds=positive, negative_prompt_embeds=negative, height=height, width=width,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               num_images_per_prompt=count,
                                latents=sample_noise(seeds, latent_shape, pipeline.transformer.dtype),
                                output_type="latent", use_pe=False).images
             images = (pipeline.decode_latents(latents) * 255).round().astype(np.uint8)
+            latents = parallel.to_host(latents)  # on a mesh over several processes: gathered (a collective)
             rewards = check_rewards(reward(images, [prompt] * count), count, reward)
             pairs = select_pairs(rewards, selection, margin)
+            sample_rewards.extend(rewards.tolist())
             without_pair += not pairs
-            if not pairs:
+            pair_count += len(pairs)
+            if not pairs or writer is None:
                 continue
-            text = encoder.text([prompt])[0]
+            text = np.asarray(positive[0]).astype(encoder.dtype)
             truncated += text.shape[0] > max_text_len
             text = text[:max_text_len]
-            latents = np.asarray(latents).astype(storage)
+            latents = latents.astype(encoder.dtype)
             for chosen, rejected in pairs:
+                chosen_rewards.append(rewards[chosen])
+                rejected_rewards.append(rewards[rejected])
                 origin = {"prompt_index": prompt_index, "chosen": chosen, "rejected": rejected,
                           "seeds": [seeds[chosen], seeds[rejected]],
                           "rewards": [float(rewards[chosen]), float(rewards[rejected])],
                           "sample_seeds": seeds, "sample_rewards": rewards.tolist()}
-                writer.write_pair((prompt_index * count + chosen) * count + rejected, prompt, 1.0, (height, width),
-                                  bucket, latents[chosen], latents[rejected], text, origin)
-        if not writer.records:
+                number = writer.records if numbered_in_order else (prompt_index * count + chosen) * count + rejected
+                writer.write_pair(number, prompt, 1.0, (height, width), bucket, latents[chosen], latents[rejected],
+                                  text, origin)
+        if not pair_count:
             raise ValueError(f"no prompt of shard {shard_index} of {shard_count} gave a pair ({selection}, margin "
                              f"{margin}): every prompt's samples scored too close")
-        metadata = write_metadata(
+        if writer is None:
+            return None
+        return write_metadata(
             staging, writer, encoder, model=model, model_fingerprint=model_fingerprint,
             source=f"generated by {model or 'a pipeline'}", source_records=len(prompts) * count * count,
             shard_index=shard_index, shard_count=shard_count, skipped={}, truncated_texts=truncated,
@@ -125,8 +151,16 @@ def generate_pairs(pipeline, prompts: list[str], reward: Reward, out_dir, *, sam
             max_crop_fraction=None,
             pairs={"prompts": int(indices.size), "prompts_without_pair": without_pair, "selection": selection,
                    "margin": margin, "samples_per_prompt": count, "reward": getattr(reward, "__name__", repr(reward)),
-                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed})
-    return metadata
+                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
+                   "mean_sample_reward": float(np.mean(sample_rewards)),
+                   "mean_chosen_reward": float(np.mean(chosen_rewards)),
+                   "mean_rejected_reward": float(np.mean(rejected_rewards))},
+            **(extra_metadata or {}))
+
+    if out_dir is None:
+        return generate(None)
+    with atomic_directory(out_dir) as staging:
+        return generate(staging)
 
 
 def read_prompts(path: str) -> list[str]:

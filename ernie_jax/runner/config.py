@@ -174,6 +174,7 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
     from ernie_jax.data.pipeline import PipelineConfig
     from ernie_jax.data.prompt_styles import StyleMix
     from ernie_jax.models import layers
+    from ernie_jax.runner import online_pairs
     from ernie_jax.training import loop
     from ernie_jax.training.optimizer import OptimizerConfig
 
@@ -193,8 +194,9 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> Experiment:
         raise ValueError("config.stages has 'precompute', which encodes config.data.source: set data.source and "
                          "leave config.data.precomputed empty (or drop the stage to train from "
                          "data.precomputed)")
+    online = online_pairs.round_settings(config)  # checks the online pairs settings
     if not (config.data.source or config.data.precomputed or config.data.get("preferences")
-            or "pairs" in config.stages):
+            or "pairs" in config.stages or online):
         raise ValueError("config.data.source is empty: set --config.data.source to 'shapes', a tfds dataset folder "
                          "or an image folder (or --config.data.precomputed to precomputed folders, or "
                          "--config.data.preferences to preference folders)")

@@ -4,7 +4,11 @@ one prompt a line, or "shapes:N", the first N captions of the shapes training sp
 (`pairs.reward`: "shapes" or "package.module:callable", see `evaluation.rewards`), and the best sample is
 paired with the worst (`pairs.selection` "best-worst") or every sample with every one it beats by more than
 `pairs.margin` ("margin"). Each host writes its shard of the prompts as a preference folder,
-WORKDIR/pairs/shard-I-of-N/ (`data.preferences`' format), which the train stage then reads."""
+WORKDIR/pairs/shard-I-of-N/ (`data.preferences`' format), which the train stage then reads.
+
+With `pairs.refresh_every` N > 0 the pairs are online: the train stage makes a round of them from the policy
+every N updates (`runner.online_pairs`, which reads the same settings and `pairs.prompts_per_round`,
+`pairs.policy`), and this stage does nothing."""
 
 from __future__ import annotations
 
@@ -39,8 +43,13 @@ def run(experiment: Experiment) -> None:
     from ernie_jax.data.precompute import model_fingerprint
     from ernie_jax.evaluation.rewards import load_reward
     from ernie_jax.pipeline import ErnieImagePipeline
+    from ernie_jax.runner.online_pairs import round_settings
 
     config, p = experiment.config, experiment.config.pairs
+    online = round_settings(config)
+    if online:
+        say(f"pairs: made online by the train stage every {online.refresh_every} updates")
+        return
     folder = experiment.workdir / PAIRS_DIR / folders(experiment)[jax.process_index()].rsplit("/", 1)[1]
     if folder.exists():
         say(f"pairs: done ({folder})")

@@ -2,7 +2,8 @@
 distillation also a critic, and any model the objective builds),
 reading `data.source` through the frozen VAE and text encoder, or precomputed latents and text features
 (the precompute stage's, or the folders `data.precomputed` names), or, for DPO, preference pairs (the pairs
-stage's, or the folders `data.preferences` names). Writes WORKDIR/checkpoints/ (Orbax: the
+stage's, or the folders `data.preferences` names; with `pairs.refresh_every` N > 0, pairs the policy makes
+itself every N updates, WORKDIR/pairs/round-RRRRRR/: `runner.online_pairs`). Writes WORKDIR/checkpoints/ (Orbax: the
 trained variables, optimizer state, EMA, step, RNG and the data position), WORKDIR/logs/ (TensorBoard:
 train/* metrics, data/*, and what `config.evals` log), WORKDIR/metrics.jsonl (one line per update) and the
 evaluators' files.
@@ -142,6 +143,7 @@ def run(experiment: Experiment) -> None:
         precomputed_sources,
         preference_sources,
     )
+    from ernie_jax.runner.online_pairs import OnlinePairs, round_settings
     from ernie_jax.training import loop
     from ernie_jax.training.metrics import ProgressBar, TensorBoardWriter
     from ernie_jax.training.objectives.flow_matching import EmptyPrompt
@@ -159,8 +161,11 @@ def run(experiment: Experiment) -> None:
     parts = trainable_parts(experiment, transformer_config)
     mesh, rules = experiment.mesh(), experiment.rules
     frozen = FrozenEncoders(encoders, config.data.max_text_len)
-    preferences = preference_sources(experiment)
-    if preferences:
+    online = round_settings(config)
+    preferences = [] if online else preference_sources(experiment)
+    if online:  # the rounds' pairs, made below once the policy exists
+        data, prepare_batch, empty = None, None, frozen.empty_prompt()
+    elif preferences:
         data = build_preference_pipeline(preferences, experiment.pipeline)
         empty_features = preferences[0].empty_prompt
         prepare_batch, empty = None, EmptyPrompt(empty_features, len(empty_features))
@@ -183,10 +188,21 @@ def run(experiment: Experiment) -> None:
     graphdef = abstract_parts(parts, seed=config.seed)[0]["transformer"]
     rest = part_rests(parts, seed=config.seed, mesh=mesh, rules=rules, initial=initial).get("transformer")
 
-    def ema_transformer(state) -> nnx.Module:
-        return nnx.merge(graphdef, state.ema_params["transformer"], *([] if rest is None else [rest]))
+    def transformer_of(state, ema: bool = True) -> nnx.Module:
+        """The transformer of the state's EMA weights (`ema`) or trained ones, with any frozen rest."""
+        params = state.ema_params if ema else state.params
+        return nnx.merge(graphdef, params["transformer"], *([] if rest is None else [rest]))
+
+    rounds = None
+    if online:
+        rounds = OnlinePairs(experiment, encoders, mesh, rules, shift,
+                             lambda state: transformer_of(state, ema=online.policy == "ema"))
+        if not done:
+            rounds.make(0, initial["transformer"])
 
     def data_stats() -> dict[str, float]:
+        if rounds is not None:
+            return rounds.summary()
         counts = {f"data/category/{name}": float(n) for name, n in data.stats.category_summary().items()}
         return {**data.stats.summary(), **counts}
 
@@ -199,10 +215,13 @@ def run(experiment: Experiment) -> None:
                                start_step=done)
         callbacks += [progress, writer.train_callback(config.logging.log_every, data_stats),
                       loop.JsonlMetrics(workdir / "metrics.jsonl")]
-    context = evaluators.Context(experiment, encoders, frozen, mesh, rules, writer, shift, ema_transformer)
+    context = evaluators.Context(experiment, encoders, frozen, mesh, rules, writer, shift, transformer_of)
     callbacks += evaluators.build(context)
+    if rounds is not None:
+        callbacks.append(rounds)  # makes each next round's pairs before the loop checkpoints its first update
     try:
-        loop.train(experiment.train, parts, objective, data.iterator(), checkpoint_dir, mesh=mesh, rules=rules,
+        loop.train(experiment.train, parts, objective, data.iterator() if rounds is None else rounds.iterator(),
+                   checkpoint_dir, mesh=mesh, rules=rules,
                    initial=initial, frozen=frozen_models, prepare_batch=prepare_batch, callbacks=callbacks)
     finally:
         for log in (progress, writer):
