@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,10 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"frechet_distance: needs two [N, D] sets of one D and N >= 2, got {x.shape}, {y.shape}")
-    covariance_x, covariance_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    root = linalg.sqrtm(covariance_x @ covariance_y)
+    covariance_x, covariance_y = (np.atleast_2d(np.cov(v, rowvar=False)) for v in (x, y))
+    with warnings.catch_warnings():  # singular whenever a feature is constant or N <= D; the root still exists
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(covariance_x @ covariance_y)
     # The product of two PSD matrices has a real square root; sqrtm returns round-off as imaginary parts.
     trace = np.trace(covariance_x) + np.trace(covariance_y) - 2 * np.trace(np.real(root))
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + max(trace, 0.0))
