@@ -237,6 +237,24 @@ def tables(results: dict, args) -> str:
                      f"{'-' if seconds is None else f'{seconds:.4f}'} |")
     lines.append(f"| teacher, 50 steps, CFG {GUIDANCE:g}, other sampling seeds (the floor) | "
                  f"{' | '.join(cells([floor]))} | {floor['frechet']:.4f} | - |")
+    lines += ["", "Each expert in its own domain against the generalist (the teacher, and the teacher continued "
+              "for the experts' updates on every category), per fine-tuning seed; the floor is the teacher with "
+              "other sampling seeds minus the teacher:", "",
+              "| expert | domain | metric | expert | minus teacher | minus generalist continued | floor |",
+              "|---|---|---|---|---|---|---|"]
+    teacher = results["rows"][REFERENCE.name][0]["domains"]
+    control = {e["seed"]: e["domains"] for e in results["rows"].get(Row(CONTROL, 50, GUIDANCE).name, [])}
+    for expert, domain in EXPERT_DOMAINS.items():
+        entries = results["rows"].get(Row(expert, 50, GUIDANCE).name, [])
+        if not entries:
+            continue
+        for metric in ("all", DOMAIN_METRICS[domain]):
+            got = [e["domains"][domain][metric] for e in entries]
+            over_control = [e["domains"][domain][metric] - control[e["seed"]][domain][metric]
+                            for e in entries if e["seed"] in control]
+            lines.append(f"| {expert} | {domain} | {metric} | {_spread(got)} | "
+                         f"{_spread(v - teacher[domain][metric] for v in got)} | {_spread(over_control)} | "
+                         f"{floor['domains'][domain][metric] - teacher[domain][metric]:+.3f} |")
     lines += ["", "Rows still to come: " + ", ".join(row.name for row in STUDENT_ROWS) + "."]
     return "\n".join(lines) + "\n"
 
