@@ -11,10 +11,12 @@ only. Every row of `ROWS` (a transformer and a sampler setting) is then scored o
 with the same sampling seeds:
 - `domain_scores`: the shapes detector per domain: the first `--per-domain` held-out prompts of each
   category of `shapes.CATEGORIES` (compositions no training caption has);
-- `frechet_distance` of `detector_features` to the 50-step CFG teacher's samples of the same prompts;
+- `frechet_distance` of `detector_features` to the 50-step CFG teacher's samples of the same prompts drawn
+  with other sampling seeds (independent sets: a row sharing the reference's noise would look closer);
 - `seconds_per_image` on this machine: the whole pipeline (text encoding, sampling, VAE decoding) on one
   batch of `--batch-size` prompts after a warm-up batch, the same batch size for every row.
-The floor of both is the teacher against itself with other sampling seeds. The DMD students are the rows of
+The floor of both is the teacher against itself with other sampling seeds (for the distance: the 50-step
+teacher's own row). The DMD students are the rows of
 `STUDENT_ROWS`: the study trains and scores them once tiny_shapes_mtdmd.py has those variants (the objective
 is `training/objectives/dmd.py`). Results go to OUT/results.json and the tables to `--report`; `--small`
 runs the whole study at test size (tiny random components).
@@ -131,13 +133,17 @@ def seconds_per_image(evaluator: Evaluator, transformer, repeats: int = 2) -> fl
     return (time.perf_counter() - start) / (repeats * len(prompts))
 
 
-def evaluate_row(evaluator: Evaluator, transformer, reference_features: np.ndarray | None) -> dict:
-    """Per-domain detector scores of `transformer` on the evaluator's prompts, and the Fréchet distance of its
-    samples' features to `reference_features` (None: not measured)."""
-    got = evaluator(transformer)
-    features = detector_features(got["images"])
-    return {"domains": domain_scores(evaluator.scenes, got["images"]), "features": features,
+def score_samples(scenes, images: np.ndarray, reference_features: np.ndarray | None) -> dict:
+    """Per-domain detector scores of `images` (uint8 `[N, H, W, 3]`, one per scene), their features, and their
+    Fréchet distance to `reference_features` (None: not measured)."""
+    features = detector_features(images)
+    return {"domains": domain_scores(scenes, images), "features": features,
             "frechet": None if reference_features is None else frechet_distance(features, reference_features)}
+
+
+def evaluate_row(evaluator: Evaluator, transformer, reference_features: np.ndarray | None) -> dict:
+    """`score_samples` of `transformer`'s samples of the evaluator's prompts."""
+    return score_samples(evaluator.scenes, evaluator(transformer)["images"], reference_features)
 
 
 def main(argv=None) -> None:
@@ -150,6 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning updates (default: the config's)")
     parser.add_argument("--per-domain", type=int, default=48, help="held-out prompts per category")
     parser.add_argument("--batch-size", type=int, default=16, help="sampling batch (and the timed batch)")
+    parser.add_argument("--timing-repeats", type=int, default=2, help="timed batches per row")
     parser.add_argument("--report", default=None, help="markdown tables (default OUT/report.md)")
     parser.add_argument("--small", action="store_true", help="test size: tiny random components, 2-step sampling")
     args = parser.parse_args(argv)
@@ -185,18 +192,34 @@ def main(argv=None) -> None:
     results_path = out / "results.json"
     results = {"prompts": len(heldout), "per_domain": len(heldout) // len(DOMAIN_METRICS), "rows": {},
                "seconds_per_image": {}, "run_seconds": {}}
+    scenes = evaluator(REFERENCE).scenes
+
+    def samples(row: Row, transformer, tag: str, seed_offset: int = 0) -> np.ndarray:
+        """The row's images of the held-out prompts, kept in OUT/samples (a rerun rescores them)."""
+        path = out / "samples" / f"{tag}.npz"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, images=evaluator(row)(transformer, seed_offset)["images"])
+        return np.load(path)["images"]
+
+    # The reference set has sampling seeds of its own: a distribution distance compares independent samples
+    # (a row sampled from the reference's own noise would look closer than another draw of the teacher).
     teacher = load_transformer(base / "transformer", "float32")
-    reference = evaluate_row(evaluator(REFERENCE), teacher, None)
-    floor = evaluator(REFERENCE)(teacher, seed_offset=FLOOR_SEEDS)
-    results["floor"] = {"domains": domain_scores(evaluator(REFERENCE).scenes, floor["images"]),
-                        "frechet": frechet_distance(detector_features(floor["images"]), reference["features"])}
+    reference = score_samples(scenes, samples(REFERENCE, teacher, "teacher-reference", FLOOR_SEEDS), None)
+    results["floor"] = {"domains": reference["domains"]}
+    models = {}  # row name -> the transformer that the speed is measured with (the first seed's)
+
+    def record(row: Row, transformer, tag: str, seed) -> None:
+        got = score_samples(scenes, samples(row, transformer, tag), reference["features"])
+        results["rows"].setdefault(row.name, []).append({"seed": seed, "domains": got["domains"],
+                                                         "frechet": got["frechet"]})
+        models.setdefault(row.name, (row, transformer))
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+
     rows = [row for row in ROWS if row.model == TEACHER or row.model in args.variants]
     for row in rows:
         if row.model == TEACHER:
-            got = reference if row == REFERENCE else evaluate_row(evaluator(row), teacher, reference["features"])
-            # The reference against itself: 0 by definition (the floor row has its seed noise).
-            results["rows"][row.name] = [{"seed": None, "domains": got["domains"], "frechet": got["frechet"] or 0.0}]
-            results["seconds_per_image"][row.name] = seconds_per_image(evaluator(row), teacher)
+            record(row, teacher, f"teacher-{row.steps}", None)
     for seed in args.seeds:
         for row in rows:
             if row.model == TEACHER:
@@ -205,13 +228,10 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             runner(run, f"{CONFIG}:{prefix}{row.model}", [*common, f"--config.seed={seed}"])
             results["run_seconds"][run.name] = time.perf_counter() - start
-            transformer = load_transformer(run / "pipeline" / "transformer", "float32")
-            got = evaluate_row(evaluator(row), transformer, reference["features"])
-            results["rows"].setdefault(row.name, []).append(
-                {"seed": seed, "domains": got["domains"], "frechet": got["frechet"]})
-            if row.name not in results["seconds_per_image"]:
-                results["seconds_per_image"][row.name] = seconds_per_image(evaluator(row), transformer)
-            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            record(row, load_transformer(run / "pipeline" / "transformer", "float32"), run.name, seed)
+    # Last and back to back, so that the rows share the machine's state.
+    for name, (row, transformer) in models.items():
+        results["seconds_per_image"][name] = seconds_per_image(evaluator(row), transformer, args.timing_repeats)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     report = Path(args.report) if args.report else out / "report.md"
     report.write_text(tables(results, args))
@@ -235,8 +255,8 @@ def tables(results: dict, args) -> str:
         seconds = results["seconds_per_image"].get(name)
         lines.append(f"| {name} | {' | '.join(cells(entries))} | {_spread(e['frechet'] for e in entries)} | "
                      f"{'-' if seconds is None else f'{seconds:.4f}'} |")
-    lines.append(f"| teacher, 50 steps, CFG {GUIDANCE:g}, other sampling seeds (the floor) | "
-                 f"{' | '.join(cells([floor]))} | {floor['frechet']:.4f} | - |")
+    lines.append(f"| teacher, 50 steps, CFG {GUIDANCE:g}, other sampling seeds (the reference set; the floor) | "
+                 f"{' | '.join(cells([floor]))} | 0 | - |")
     lines += ["", "Each expert in its own domain against the generalist (the teacher, and the teacher continued "
               "for the experts' updates on every category), per fine-tuning seed; the floor is the teacher with "
               "other sampling seeds minus the teacher:", "",
