@@ -27,17 +27,17 @@ def test_frechet_distance_matches_the_closed_form_and_grows_with_a_perturbation(
     expected = (x.mean() - y.mean()) ** 2 + (x.std(ddof=1) - y.std(ddof=1)) ** 2  # 1-D: (mu1-mu2)^2+(s1-s2)^2
     assert np.isclose(frechet_distance(x, y), expected, rtol=1e-6)
 
-    # Rendered held-out scenes: a set against itself, against other scenes of the same split, and against
-    # the same scenes drawn one grid row lower or washed out (halfway to the background).
-    scenes = [scene for _, scene in heldout_prompts(ShapesConfig(), 160)]
+    # Rendered held-out scenes: a set against itself, and against other scenes of the split as they are, drawn
+    # one grid row lower, or washed out (halfway to the background).
+    scenes = [scene for _, scene in heldout_prompts(ShapesConfig(), 200)]
     images = np.stack([render(scene, 64, 64) for scene in scenes])
     features = detector_features(images)
-    assert features.shape == (160, 45)
-    first, second = features[:80], features[80:]
+    assert features.shape == (200, 45)
+    first, others = features[:100], images[100:]
     assert abs(frechet_distance(first, first)) < 1e-6
-    same_split = frechet_distance(first, second)
-    shifted = frechet_distance(first, detector_features(np.roll(images[:80], 21, axis=1)))
-    washed = frechet_distance(first, detector_features((images[:80] // 2 + 12).astype(np.uint8)))
+    same_split = frechet_distance(first, features[100:])
+    shifted = frechet_distance(first, detector_features(np.roll(others, 21, axis=1)))
+    washed = frechet_distance(first, detector_features((others // 2 + 12).astype(np.uint8)))
     assert 0 < same_split < 0.5 * min(shifted, washed), (same_split, shifted, washed)
 
 
