@@ -18,8 +18,19 @@ the pipeline's VAE; the study passes one precomputed folder to all runs instead)
 - `generalist_continued`: every category, as the demo trained: the control with the experts' compute, so
   that an expert's gain is not just more training.
 The category restriction is `data.sampling.category_scales` (a factor per category on its sampling weight).
-Each variant has a test-size `tiny_` twin (tiny random components, 2 updates). The DMD students (`student_*`,
-the objective `training/objectives/dmd.py`) build on `base_config` as well.
+Each variant has a test-size `tiny_` twin (tiny random components, 2 updates).
+
+The 8-step students (`training/objectives/dmd.py`), from the same start (student and critic both the demo
+teacher, `init.path`), distilled with the same compute:
+- `student_dmd2`: single-teacher DMD2, the demo teacher ("init") with the demo's evaluation CFG 3 as the real
+  score;
+- `student_mtdmd`: the committee: the text expert (`frozen.expert_text.path`, an `expert_text` run's
+  pipeline; the study passes the one of the same seed) for the "text" records, the teacher for the others
+  (`domain_routes`). The layout expert gets no gate: it was not better than the generalist on counting
+  (docs/mtdmd_shapes.md), and routing to it would only add noise.
+The student samples at 8 steps, cfg 1, on the pipeline's shifted grid; backward simulation, DMD2's coupled
+DM + CA terms, TTUR 5 (`critic_updates`): one training step = 5 critic updates and 1 generator update, each
+on its own 8 of the batch's 48 records.
 
 Fine-tuning: 300 updates of 16 images at lr 2e-4 (constant after 10 warm-up updates), EMA 0.99: the
 setting of the caption-style study (docs/caption_styles.md), whose continued runs neither collapsed nor
@@ -38,9 +49,14 @@ from experiments.tiny_shapes import get_config as demo_config
 # expert variant -> the category it is fine-tuned on (the study's domains).
 EXPERT_DOMAINS = {"expert_text": "text", "expert_layout": "counting"}
 CONTROL = "generalist_continued"
-FULL_SIZE = (*EXPERT_DOMAINS, CONTROL)
+# student variant -> {category: the frozen teacher its DMD real score comes from}; other categories: "teacher".
+STUDENTS = {"student_dmd2": {}, "student_mtdmd": {"text": "expert_text"}}
+FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS)
 VARIANTS = (*FULL_SIZE, *(f"tiny_{name}" for name in FULL_SIZE))
 STEPS = 300
+# Students: training steps (each 5 critic + 1 generator update) and the batch that they split 6 ways.
+STUDENT_STEPS = 150
+STUDENT_BATCH = 48
 
 
 def base_config(tiny: bool) -> ml_collections.ConfigDict:
@@ -79,4 +95,34 @@ def get_config(variant: str = "expert_text") -> ml_collections.ConfigDict:
     if name in EXPERT_DOMAINS:
         others = [c for c in CATEGORIES if c != EXPERT_DOMAINS[name]]
         config.data.sampling.category_scales = dict.fromkeys(others, 0.0)
+    if name in STUDENTS:
+        student_config(config, STUDENTS[name], tiny=variant.startswith("tiny_"))
     return config
+
+
+def student_config(config: ml_collections.ConfigDict, experts: dict[str, str], tiny: bool) -> None:
+    """Turns `base_config` into a DMD student run: `experts` {category: frozen teacher name} routes those
+    categories' records to that teacher (`frozen.NAME.path` to set, "" until then), every other one to the
+    starting model ("teacher")."""
+    teachers = ("teacher", *dict.fromkeys(experts.values()))
+    # domain_routes are by category id, and the data numbers the categories it finds in sorted order.
+    routes = tuple(experts.get(category, "teacher") for category in sorted(CATEGORIES)) if experts else ()
+    config.objective = ml_collections.ConfigDict({
+        "name": "dmd", "teachers": teachers, "student_steps": 8, "student_input": "backward_simulation",
+        "guidance_scale": 3.0,  # the demo's evaluation CFG (experiments/tiny_shapes.py)
+        "decoupled": False, "domain_routes": routes, "critic_updates": 5, "gan_weight": 0.0})
+    config.frozen = ml_collections.ConfigDict({"teacher": {"path": "init", "dtype": "float32"}})
+    for name in teachers[1:]:
+        config.frozen[name] = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
+    steps = 2 if tiny else STUDENT_STEPS
+    config.data.update(stage_steps=(steps,), batch_sizes=(6 if tiny else STUDENT_BATCH,))
+    config.train.update(ema_decay=0.95, checkpoint_every=steps)
+    config.train.optimizer.update(learning_rate=5e-5, warmup_steps=1 if tiny else 10, decay_steps=steps,
+                                  final_lr_fraction=1.0, weight_decay=0.0)
+    # The critic tracks the moving student: twice the student's learning rate, no EMA (only its live weights
+    # are read).
+    config.parts = ml_collections.ConfigDict({"critic": {"optimizer": {"learning_rate": 1e-4}, "ema_decay": 0.0}})
+    if not tiny:
+        # The sample grids at the student's setting; the flow-matching eval loss says nothing about a student.
+        config.evals = ml_collections.ConfigDict({"samples": dict(config.evals.samples, every=steps, steps=8,
+                                                                  guidance=1.0)})
