@@ -16,10 +16,13 @@ with the same sampling seeds:
 - `seconds_per_image` on this machine: the whole pipeline (text encoding, sampling, VAE decoding) on one
   batch of `--batch-size` prompts after a warm-up batch, the same batch size for every row.
 The floor of both is the teacher against itself with other sampling seeds (for the distance: the 50-step
-teacher's own row). The DMD students are the rows of
-`STUDENT_ROWS`: the study trains and scores them once tiny_shapes_mtdmd.py has those variants (the objective
-is `training/objectives/dmd.py`). Results go to OUT/results.json and the tables to `--report`; `--small`
-runs the whole study at test size (tiny random components).
+teacher's own row). The DMD students (`STUDENT_ROWS`, tiny_shapes_mtdmd.py's `student_*` variants, 8 steps
+without CFG) are trained after the experts of their seed: a student's frozen experts are the
+`EXPERT-seedSEED/pipeline` exports in `--experts` (default OUT). `--keep-rows` takes the rows of models not
+in `--variants` from an earlier study's results.json (the same prompts and seeds), so that students can be
+added to a finished study without training its experts again; the teacher's rows are always rescored (from
+OUT/samples when there) and timed again beside the new rows. Results go to OUT/results.json and the tables
+to `--report`; `--small` runs the whole study at test size (tiny random components).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.dpo_shapes_study import FLOOR_SEEDS, Evaluator, _spread, runner
-from experiments.tiny_shapes_mtdmd import CONTROL, EXPERT_DOMAINS
+from experiments.tiny_shapes_mtdmd import CONTROL, EXPERT_DOMAINS, STUDENTS
 
 CONFIG = "experiments/tiny_shapes_mtdmd.py"
 TEACHER = "teacher"
@@ -61,7 +64,7 @@ class Row:
 REFERENCE = Row(TEACHER, 50, GUIDANCE)
 ROWS = (REFERENCE, Row(TEACHER, 8, GUIDANCE), *(Row(name, 50, GUIDANCE) for name in (*EXPERT_DOMAINS, CONTROL)))
 # The single-teacher DMD2 and the MT-DMD students, 8 steps without CFG as the released Turbo samples.
-STUDENT_ROWS = (Row("student_dmd2", 8, 1.0), Row("student_mtdmd", 8, 1.0))
+STUDENT_ROWS = tuple(Row(name, 8, 1.0) for name in STUDENTS)
 
 
 def domain_prompts(per_domain: int, side: int = 64) -> list[tuple[str, object]]:
@@ -152,7 +155,12 @@ def main(argv=None) -> None:
     parser.add_argument("--base", help="the trained demo pipeline folder (not needed with --small)")
     parser.add_argument("--out", required=True, help="work folder (runs resume in it)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=sorted({r.model for r in ROWS} - {TEACHER}))
+    parser.add_argument("--variants", nargs="+",
+                        default=sorted({r.model for r in (*ROWS, *STUDENT_ROWS)} - {TEACHER}))
+    parser.add_argument("--experts", default=None, help="folder of the expert runs the students read "
+                        "(EXPERT-seedSEED/pipeline; default OUT)")
+    parser.add_argument("--keep-rows", default=None, help="an earlier study's results.json: its rows of models "
+                        "not in --variants are kept")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning updates (default: the config's)")
     parser.add_argument("--per-domain", type=int, default=48, help="held-out prompts per category")
     parser.add_argument("--batch-size", type=int, default=16, help="sampling batch (and the timed batch)")
@@ -216,7 +224,16 @@ def main(argv=None) -> None:
         models.setdefault(row.name, (row, transformer))
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 
-    rows = [row for row in ROWS if row.model == TEACHER or row.model in args.variants]
+    rows = [row for row in (*ROWS, *STUDENT_ROWS) if row.model == TEACHER or row.model in args.variants]
+    experts = Path(args.experts) if args.experts else out
+    if args.keep_rows:
+        earlier = json.loads(Path(args.keep_rows).read_text())
+        if earlier["prompts"] != results["prompts"]:
+            raise ValueError(f"--keep-rows {args.keep_rows}: {earlier['prompts']} prompts, this study {results['prompts']}")
+        kept = {row.name for row in (*ROWS, *STUDENT_ROWS) if row.model not in (TEACHER, *args.variants)}
+        results["rows"].update({name: entries for name, entries in earlier["rows"].items() if name in kept})
+        results["seconds_per_image"].update({name: value for name, value in earlier["seconds_per_image"].items()
+                                             if name in kept})
     for row in rows:
         if row.model == TEACHER:
             record(row, teacher, f"teacher-{row.steps}", None)
@@ -225,8 +242,15 @@ def main(argv=None) -> None:
             if row.model == TEACHER:
                 continue
             run = out / f"{row.model}-seed{seed}"
+            frozen = []
+            for expert in dict.fromkeys(STUDENTS.get(row.model, {}).values()):
+                pipeline = experts / f"{expert}-seed{seed}" / "pipeline"
+                if not (pipeline / "transformer").is_dir():
+                    raise FileNotFoundError(f"{row.model} reads the expert {expert!r}: no {pipeline}/transformer "
+                                            f"(train it with --variants {expert}, or point --experts at its runs)")
+                frozen.append(f"--config.frozen.{expert}.path={pipeline.resolve()}")
             start = time.perf_counter()
-            runner(run, f"{CONFIG}:{prefix}{row.model}", [*common, f"--config.seed={seed}"])
+            runner(run, f"{CONFIG}:{prefix}{row.model}", [*common, f"--config.seed={seed}", *frozen])
             results["run_seconds"][run.name] = time.perf_counter() - start
             record(row, load_transformer(run / "pipeline" / "transformer", "float32"), run.name, seed)
     # Last and back to back, so that the rows share the machine's state.
@@ -275,8 +299,34 @@ def tables(results: dict, args) -> str:
             lines.append(f"| {expert} | {domain} | {metric} | {_spread(got)} | "
                          f"{_spread(v - teacher[domain][metric] for v in got)} | {_spread(over_control)} | "
                          f"{floor['domains'][domain][metric] - teacher[domain][metric]:+.3f} |")
-    lines += ["", "Rows still to come: " + ", ".join(row.name for row in STUDENT_ROWS) + "."]
+    lines += student_table(results)
     return "\n".join(lines) + "\n"
+
+
+def student_table(results: dict) -> list[str]:
+    """The students per domain beside the teacher at 50 and at 8 Euler steps (with CFG), and MT-DMD minus
+    DMD2 paired by seed; empty until both students have rows."""
+    dmd2, mtdmd = (results["rows"].get(row.name, []) for row in STUDENT_ROWS)
+    if not (dmd2 and mtdmd):
+        return []
+    teacher = results["rows"][REFERENCE.name][0]["domains"]
+    euler = results["rows"][Row(TEACHER, 8, GUIDANCE).name][0]["domains"]
+    floor = results["floor"]["domains"]
+    by_seed = {e["seed"]: e["domains"] for e in dmd2}
+    lines = ["", "The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps; "
+             "MT-DMD minus DMD2 paired by training seed; the floor is the teacher with other sampling seeds minus "
+             "the teacher:", "",
+             "| domain | metric | teacher 50 | teacher 8 Euler | DMD2 | MT-DMD | MT-DMD minus DMD2 | floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for domain, metric in DOMAIN_METRICS.items():
+        for name in ("all", metric):
+            paired = [e["domains"][domain][name] - by_seed[e["seed"]][domain][name] for e in mtdmd
+                      if e["seed"] in by_seed]
+            lines.append(f"| {domain} | {name} | {teacher[domain][name]:.3f} | {euler[domain][name]:.3f} | "
+                         f"{_spread(e['domains'][domain][name] for e in dmd2)} | "
+                         f"{_spread(e['domains'][domain][name] for e in mtdmd)} | {_spread(paired)} | "
+                         f"{floor[domain][name] - teacher[domain][name]:+.3f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS)
 VARIANTS = (*FULL_SIZE, *(f"tiny_{name}" for name in FULL_SIZE))
 STEPS = 300
 # Students: training steps (each 5 critic + 1 generator update) and the batch that they split 6 ways.
-STUDENT_STEPS = 150
+STUDENT_STEPS = 250
 STUDENT_BATCH = 48
 
 
@@ -123,6 +123,5 @@ def student_config(config: ml_collections.ConfigDict, experts: dict[str, str], t
     # are read).
     config.parts = ml_collections.ConfigDict({"critic": {"optimizer": {"learning_rate": 1e-4}, "ema_decay": 0.0}})
     if not tiny:
-        # The sample grids at the student's setting; the flow-matching eval loss says nothing about a student.
-        config.evals = ml_collections.ConfigDict({"samples": dict(config.evals.samples, every=steps, steps=8,
-                                                                  guidance=1.0)})
+        config.evals.samples.update(every=steps, steps=8, guidance=1.0)  # the grid at the student's setting
+        config.evals.eval.every = steps

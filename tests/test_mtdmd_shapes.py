@@ -3,6 +3,7 @@ expert trained through the runner on its category alone, and the harness that sc
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,3 +88,51 @@ def test_tiny_text_expert_trains_on_text_only_and_the_harness_scores_it(tmp_path
     assert got["domains"]["text"]["text"] in (0.0, 1.0) and np.isnan(got["domains"]["shapes"]["text"])
     assert got["frechet"] >= 0.0 and got["features"].shape == (len(heldout), 45)
     assert 0.0 < seconds_per_image(evaluator, expert, repeats=1) < 60.0
+
+
+def test_tiny_mtdmd_student_trains_both_parts_and_routes_only_text_to_the_expert(tmp_path, monkeypatch):
+    """tiny_student_mtdmd through the runner twice, on text records only and on no text records: the student
+    and the critic change in every update, and the logged gate mass of the text expert is 1 in every generator
+    update of the first run and 0 in every one of the second (the teacher's the complement). The expert here is
+    the tiny random teacher itself: the gate, not the expert's weights, is under test."""
+    # The second run compiles the same train step: share XLA's compilations between the two processes.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    import orbax.checkpoint as ocp
+
+    from ernie_jax.training.metrics import read_scalars
+    from tests.test_main import ok, run_main
+
+    def student_run(name: str, categories: tuple[str, ...], *reuse: str) -> dict:
+        config = tmp_path / f"{name}.py"
+        config.write_text(
+            "from experiments.tiny_shapes_mtdmd import get_config as variant\n\n\n"
+            "def get_config():\n"
+            "    config = variant('tiny_student_mtdmd')\n"
+            f"    config.data.sampling.category_scales = {{c: 0.0 for c in {CATEGORIES!r} if c not in {categories!r}}}\n"
+            "    return config\n")
+        run = tmp_path / name
+        components = tmp_path / "text" / "components"
+        ok(run_main(run, str(config), f"--config.frozen.expert_text.path={components}",
+                    "--config.train.checkpoint_every=1", "--config.train.async_checkpoints=False",
+                    "--config.stages=('components','precompute','train')", *reuse))
+        scalars = read_scalars(run / "logs")
+        delivered = {tag.removeprefix("data/category/") for tag in scalars if tag.startswith("data/category/")}
+        assert delivered == set(categories)
+        states = [ocp.StandardCheckpointer().restore(run / "checkpoints" / str(step) / "state")["params"]
+                  for step in (1, 2)]
+        for part in ("transformer", "critic"):
+            changes = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                       zip(*(jax.tree.leaves(state[part]) for state in states))]
+            assert max(changes) > 0, part
+        return {name: [value for _, value in scalars[f"train/generator/gate/dm/{name}"]]
+                for name in ("teacher", "expert_text")}
+
+    text = student_run("text", ("text",))
+    assert text == {"teacher": [0.0, 0.0], "expert_text": [1.0, 1.0]}
+    # The first run's components and records, as a study passes them: no VAE training or encoding again.
+    (shard,) = (tmp_path / "text" / "precomputed" / "64px").iterdir()
+    others = student_run("others", ("shapes", "counting"), "--config.components.kind=pretrained",
+                         f"--config.components.path={tmp_path / 'text' / 'components'}",
+                         "--config.stages=('train',)", f"--config.data.precomputed=('{shard}',)")
+    assert others == {"teacher": [1.0, 1.0], "expert_text": [0.0, 0.0]}
