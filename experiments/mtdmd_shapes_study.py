@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.dpo_shapes_study import FLOOR_SEEDS, Evaluator, _spread, runner
-from experiments.tiny_shapes_mtdmd import CONTROL, EXPERT_DOMAINS, STUDENTS
+from experiments.tiny_shapes_mtdmd import ABLATIONS, CONTROL, EXPERT_DOMAINS, STUDENTS
 
 CONFIG = "experiments/tiny_shapes_mtdmd.py"
 TEACHER = "teacher"
@@ -62,9 +62,12 @@ class Row:
 
 
 REFERENCE = Row(TEACHER, 50, GUIDANCE)
-ROWS = (REFERENCE, Row(TEACHER, 8, GUIDANCE), *(Row(name, 50, GUIDANCE) for name in (*EXPERT_DOMAINS, CONTROL)))
-# The single-teacher DMD2 and the MT-DMD students, 8 steps without CFG as the released Turbo samples.
-STUDENT_ROWS = tuple(Row(name, 8, 1.0) for name in STUDENTS)
+# The teacher at 8 steps without CFG is where the students start.
+ROWS = (REFERENCE, Row(TEACHER, 8, GUIDANCE), Row(TEACHER, 8, 1.0),
+        *(Row(name, 50, GUIDANCE) for name in (*EXPERT_DOMAINS, CONTROL)))
+# The single-teacher DMD2 and the MT-DMD students (and the ablations), 8 steps without CFG as the released Turbo
+# samples.
+STUDENT_ROWS = tuple(Row(name, 8, 1.0) for name in (*STUDENTS, *ABLATIONS))
 
 
 def domain_prompts(per_domain: int, side: int = 64) -> list[tuple[str, object]]:
@@ -226,17 +229,18 @@ def main(argv=None) -> None:
 
     rows = [row for row in (*ROWS, *STUDENT_ROWS) if row.model == TEACHER or row.model in args.variants]
     experts = Path(args.experts) if args.experts else out
+    for row in rows:
+        if row.model == TEACHER:
+            record(row, teacher, f"teacher-{row.steps}" + ("" if row.guidance == GUIDANCE else "-nocfg"), None)
     if args.keep_rows:
         earlier = json.loads(Path(args.keep_rows).read_text())
         if earlier["prompts"] != results["prompts"]:
-            raise ValueError(f"--keep-rows {args.keep_rows}: {earlier['prompts']} prompts, this study {results['prompts']}")
+            raise ValueError(f"--keep-rows {args.keep_rows}: {earlier['prompts']} prompts, this study "
+                             f"{results['prompts']}")
         kept = {row.name for row in (*ROWS, *STUDENT_ROWS) if row.model not in (TEACHER, *args.variants)}
         results["rows"].update({name: entries for name, entries in earlier["rows"].items() if name in kept})
         results["seconds_per_image"].update({name: value for name, value in earlier["seconds_per_image"].items()
                                              if name in kept})
-    for row in rows:
-        if row.model == TEACHER:
-            record(row, teacher, f"teacher-{row.steps}", None)
     for seed in args.seeds:
         for row in rows:
             if row.model == TEACHER:
@@ -304,25 +308,26 @@ def tables(results: dict, args) -> str:
 
 
 def student_table(results: dict) -> list[str]:
-    """The students per domain beside the teacher at 50 and at 8 Euler steps (with CFG), and MT-DMD minus
-    DMD2 paired by seed; empty until both students have rows."""
-    dmd2, mtdmd = (results["rows"].get(row.name, []) for row in STUDENT_ROWS)
+    """The students per domain beside the teacher at 50 and at 8 Euler steps (with CFG), the teacher at 8 steps without
+    CFG (where they start), and MT-DMD minus DMD2 paired by seed; empty until both students have rows."""
+    dmd2, mtdmd = (results["rows"].get(Row(name, 8, 1.0).name, []) for name in STUDENTS)
     if not (dmd2 and mtdmd):
         return []
     teacher = results["rows"][REFERENCE.name][0]["domains"]
     euler = results["rows"][Row(TEACHER, 8, GUIDANCE).name][0]["domains"]
+    start = results["rows"][Row(TEACHER, 8, 1.0).name][0]["domains"]
     floor = results["floor"]["domains"]
     by_seed = {e["seed"]: e["domains"] for e in dmd2}
     lines = ["", "The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps; "
              "MT-DMD minus DMD2 paired by training seed; the floor is the teacher with other sampling seeds minus "
              "the teacher:", "",
-             "| domain | metric | teacher 50 | teacher 8 Euler | DMD2 | MT-DMD | MT-DMD minus DMD2 | floor |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | DMD2 | MT-DMD | MT-DMD minus DMD2 "
+             "| floor |", "|---|---|---|---|---|---|---|---|---|"]
     for domain, metric in DOMAIN_METRICS.items():
         for name in ("all", metric):
             paired = [e["domains"][domain][name] - by_seed[e["seed"]][domain][name] for e in mtdmd
                       if e["seed"] in by_seed]
-            lines.append(f"| {domain} | {name} | {teacher[domain][name]:.3f} | {euler[domain][name]:.3f} | "
+            lines.append(f"| {domain} | {name} | {teacher[domain][name]:.3f} | {euler[domain][name]:.3f} | {start[domain][name]:.3f} | "
                          f"{_spread(e['domains'][domain][name] for e in dmd2)} | "
                          f"{_spread(e['domains'][domain][name] for e in mtdmd)} | {_spread(paired)} | "
                          f"{floor[domain][name] - teacher[domain][name]:+.3f} |")

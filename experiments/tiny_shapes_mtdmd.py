@@ -27,7 +27,9 @@ teacher, `init.path`), distilled with the same compute:
 - `student_mtdmd`: the committee: the text expert (`frozen.expert_text.path`, an `expert_text` run's
   pipeline; the study passes the one of the same seed) for the "text" records, the teacher for the others
   (`domain_routes`). The layout expert gets no gate: it was not better than the generalist on counting
-  (docs/mtdmd_shapes.md), and routing to it would only add noise.
+  (docs/mtdmd_shapes.md), and routing to it would only add noise;
+- `student_dmd2_noised_data`: the ablation of backward simulation: `student_dmd2` with the student's input
+  at step k the data noised to sigma_k.
 The student samples at 8 steps, cfg 1, on the pipeline's shifted grid; backward simulation, DMD2's coupled
 DM + CA terms, TTUR 5 (`critic_updates`): one training step = 5 critic updates and 1 generator update, each
 on its own 8 of the batch's 48 records.
@@ -51,7 +53,9 @@ EXPERT_DOMAINS = {"expert_text": "text", "expert_layout": "counting"}
 CONTROL = "generalist_continued"
 # student variant -> {category: the frozen teacher its DMD real score comes from}; other categories: "teacher".
 STUDENTS = {"student_dmd2": {}, "student_mtdmd": {"text": "expert_text"}}
-FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS)
+# ablation variant -> (the student it changes, its objective fields).
+ABLATIONS = {"student_dmd2_noised_data": ("student_dmd2", {"student_input": "noised_data"})}
+FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS, *ABLATIONS)
 VARIANTS = (*FULL_SIZE, *(f"tiny_{name}" for name in FULL_SIZE))
 STEPS = 300
 # Students: training steps (each 5 critic + 1 generator update) and the batch that they split 6 ways.
@@ -95,7 +99,11 @@ def get_config(variant: str = "expert_text") -> ml_collections.ConfigDict:
     if name in EXPERT_DOMAINS:
         others = [c for c in CATEGORIES if c != EXPERT_DOMAINS[name]]
         config.data.sampling.category_scales = dict.fromkeys(others, 0.0)
-    if name in STUDENTS:
+    if name in ABLATIONS:
+        name, fields = ABLATIONS[name]
+        student_config(config, STUDENTS[name], tiny=variant.startswith("tiny_"))
+        config.objective.update(fields)
+    elif name in STUDENTS:
         student_config(config, STUDENTS[name], tiny=variant.startswith("tiny_"))
     return config
 
