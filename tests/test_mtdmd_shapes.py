@@ -95,15 +95,16 @@ def test_tiny_mtdmd_student_trains_both_parts_and_routes_only_text_to_the_expert
     and the critic change in every update, and the logged gate mass of the text expert is 1 in every generator
     update of the first run and 0 in every one of the second (the teacher's the complement). The expert here is
     the tiny random teacher itself: the gate, not the expert's weights, is under test."""
-    # The second run compiles the same train step: share XLA's compilations between the two processes.
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import orbax.checkpoint as ocp
 
     from ernie_jax.training.metrics import read_scalars
     from tests.test_main import ok, run_main
 
-    def student_run(name: str, categories: tuple[str, ...], *reuse: str) -> dict:
+    # The second run compiles the same train step: share XLA's compilations between the two processes.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+    def student_run(name: str, categories: tuple[str, ...], stages: str, *reuse: str) -> dict:
         config = tmp_path / f"{name}.py"
         config.write_text(
             "from experiments.tiny_shapes_mtdmd import get_config as variant\n\n\n"
@@ -115,7 +116,7 @@ def test_tiny_mtdmd_student_trains_both_parts_and_routes_only_text_to_the_expert
         components = tmp_path / "text" / "components"
         ok(run_main(run, str(config), f"--config.frozen.expert_text.path={components}",
                     "--config.train.checkpoint_every=1", "--config.train.async_checkpoints=False",
-                    "--config.stages=('components','precompute','train')", *reuse))
+                    f"--config.stages={stages}", *reuse))
         scalars = read_scalars(run / "logs")
         delivered = {tag.removeprefix("data/category/") for tag in scalars if tag.startswith("data/category/")}
         assert delivered == set(categories)
@@ -128,11 +129,11 @@ def test_tiny_mtdmd_student_trains_both_parts_and_routes_only_text_to_the_expert
         return {name: [value for _, value in scalars[f"train/generator/gate/dm/{name}"]]
                 for name in ("teacher", "expert_text")}
 
-    text = student_run("text", ("text",))
+    text = student_run("text", ("text",), "('components','precompute','train')")
     assert text == {"teacher": [0.0, 0.0], "expert_text": [1.0, 1.0]}
     # The first run's components and records, as a study passes them: no VAE training or encoding again.
     (shard,) = (tmp_path / "text" / "precomputed" / "64px").iterdir()
-    others = student_run("others", ("shapes", "counting"), "--config.components.kind=pretrained",
+    others = student_run("others", ("shapes", "counting"), "('train',)", "--config.components.kind=pretrained",
                          f"--config.components.path={tmp_path / 'text' / 'components'}",
-                         "--config.stages=('train',)", f"--config.data.precomputed=('{shard}',)")
+                         f"--config.data.precomputed=('{shard}',)")
     assert others == {"teacher": [1.0, 1.0], "expert_text": [0.0, 0.0]}
