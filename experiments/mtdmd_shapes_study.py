@@ -271,7 +271,9 @@ def tables(results: dict, args) -> str:
     domains = list(DOMAIN_METRICS)
     floor = results["floor"]
     header = " | ".join(f"{d}: all | {d}: {DOMAIN_METRICS[d]}" for d in domains)
-    lines = [f"Seeds {args.seeds}; {results['per_domain']} held-out prompts per domain, the same prompts and "
+    # Kept rows (--keep-rows) may have other seeds than this run's.
+    seeds = sorted({e["seed"] for entries in results["rows"].values() for e in entries if e["seed"] is not None})
+    lines = [f"Fine-tuning seeds {seeds} (this run's {args.seeds}); {results['per_domain']} held-out prompts per domain, the same prompts and "
              f"sampling seeds for every row; mean ± standard deviation over fine-tuning seeds.", "",
              f"| row | {header} | Fréchet distance to the teacher (50 steps) | s / image |",
              "|---|" + "---|" * (2 * len(domains) + 2)]
