@@ -253,3 +253,35 @@ def test_mtdmd_tiny_trains_through_the_runner_and_exports_the_student(tmp_path):
     ours = _velocity(student, latents, text)
     assert np.abs(exported - ours).max() <= 1e-5 * np.abs(ours).max()
     assert np.abs(exported - teacher).max() > 1e-2 * np.abs(teacher).max()  # the student moved
+
+
+@pytest.mark.parametrize("variant", ["8xh100", "8xh100-lora"])
+def test_mtdmd_memory_plan_fits_on_8xh100(variant):
+    """The plan tool's per-device memory of the 8xh100 MT-DMD step on a 1-layer model with two teachers (the
+    base and one expert): student and critic train states; the frozen bf16 teachers (LoRA: the shared base,
+    which is also the first teacher, once, and the expert)."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from ernie_jax.models.dit import PRESETS, abstract_transformer
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_mtdmd")
+    config = module.with_expert_teachers(module.get_config(variant), {"text": "/experts/text"})
+    (report,) = module.memory_plans(config, num_layers=1)
+    assert report["fits"] and report["side"] == 1024 and report["batch"] == 48
+    assert report["total"] == sum(
+        report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
+                            "temporaries (activations, workspace)", "outputs (not aliased)"))
+    one_layer = dataclasses.replace(PRESETS["full"], num_layers=1)
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
+    # Two bf16 DiTs split 8 ways (norms and biases are not split: 2%): the two teachers, or the LoRA base
+    # shared by student, critic and the first teacher, and the expert.
+    assert abs(report["frozen models"] - 2 * count * 2 / 8) <= 0.02 * report["frozen models"]
+    if variant == "8xh100":  # student and critic: two fp32 DiTs, and their Adam moments
+        assert report["frozen models"] == report["parameters"] // 2
+        assert abs(report["optimizer state"] - 2 * report["parameters"]) <= 1e-3 * report["parameters"]
+    else:  # two sets of rank-64 adapters' Adam moments, far below one whole DiT's (8 bytes a parameter)
+        assert report["optimizer state"] < 2 * count * 8 / 8 / 10
