@@ -285,3 +285,46 @@ def test_mtdmd_memory_plan_fits_on_8xh100(variant):
         assert abs(report["optimizer state"] - 2 * report["parameters"]) <= 1e-3 * report["parameters"]
     else:  # two sets of rank-64 adapters' Adam moments, far below one whole DiT's (8 bytes a parameter)
         assert report["optimizer state"] < 2 * count * 8 / 8 / 10
+
+
+def test_mtdmd_variants_build(tmp_path):
+    """Every variant of the MT-DMD config resolves to the DMD objective the runner makes: student and critic
+    from the components' transformer, the teacher that transformer frozen in bf16 ("init"), an 8-step cfg-1
+    student with the pipeline's shift, TTUR 5 on a batch of six images per device, guidance 4 (the base
+    pipeline's); `-experts` adds the two expert teachers and the sigma gate, whose routes pick the layout
+    expert only at high noise and the text expert only at low noise."""
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.training.objectives import dmd
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_mtdmd")
+    pretrain = load_experiment("ernie_image_pretrain")
+    assert set(module.VARIANTS) == {f"{mesh}{lora}{experts}" for mesh in (*pretrain.MESH_PRESETS, "tiny")
+                                    for lora in ("", "-lora") for experts in ("", "-experts")}
+    for variant in module.VARIANTS:
+        config = module.get_config(variant)
+        mesh = variant.removesuffix("-experts").removesuffix("-lora")
+        lora, experts = "-lora" in variant, variant.endswith("-experts")
+        if mesh != "tiny":
+            config.components.path = str(tmp_path)
+            config.data.source = str(tmp_path)
+        experiment = resolve(config, tmp_path / variant)
+        objective = experiment.objective
+        assert isinstance(objective, dmd.Config) and experiment.part_names == ("critic", "transformer")
+        assert objective.teachers == (("teacher", "text", "layout") if experts else ("teacher",))
+        assert dict(config.frozen.teacher) == {"path": "init", "dtype": "bfloat16" if mesh != "tiny" else "float32"}
+        assert (experiment.lora is not None) == lora and experiment.init_path == str(experiment.components_dir)
+        assert objective.student_shift is None  # the pipeline's, at the train stage
+        assert experiment.part_settings("critic")[1] == 0.0 and experiment.part_settings("transformer")[1] == 0.999
+        if experts:
+            table = dmd.gate_table(objective)  # [sigma bins, domains + 1, terms, teachers]
+            assert table[0, 0, 0].tolist() == [0.5, 0.5, 0.0] and table[1, 0, 0].tolist() == [1.0, 0.0, 0.0]
+            assert table[2, 0, 1].tolist() == [0.5, 0.0, 0.5]
+        if mesh == "tiny":
+            continue
+        assert (objective.student_steps, objective.guidance_scale, objective.critic_updates) == (8, 4.0, 5)
+        (stage,) = experiment.curriculum.stages
+        devices = pretrain.MESH_PRESETS[mesh][0]["fsdp"]
+        assert stage.batch_size == 6 * devices and config.evaluation.guidance_scale == 1.0
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("8xh100-experts-lora")
