@@ -38,8 +38,9 @@ Expert teachers (MT-DMD): `with_expert_teachers(config, {"text": "/ckpt/text_exp
 frozen teachers from pipeline or transformer folders (fine-tunes of the base, e.g. exports of SFT runs on
 one domain each) and the gate that routes between them; the variant suffix `-experts` (e.g.
 `8xh100-experts`) sets up a two-expert committee on top of the base teacher (`EXPERT_GATE`) whose folders
-you give as `--config.frozen.text.path=/ckpt/text_expert --config.frozen.layout.path=/ckpt/layout_expert`. Each expert costs one more bf16
-copy of the 8B weights per device shard (`memory_plans` plans it; docs/memory_plans.md has the table).
+you give as `--config.frozen.text.path=/ckpt/text_expert --config.frozen.layout.path=/ckpt/layout_expert`.
+Each expert costs one more bf16 copy of the 8B weights per device shard (`memory_plans` plans it;
+docs/memory_plans.md has the table).
 """
 
 from __future__ import annotations
