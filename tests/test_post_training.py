@@ -292,7 +292,7 @@ def test_mtdmd_variants_build(tmp_path):
     from the components' transformer, the teacher that transformer frozen in bf16 ("init"), an 8-step cfg-1
     student with the pipeline's shift, TTUR 5 on a batch of six images per device, guidance 4 (the base
     pipeline's); `-experts` adds the two expert teachers and the sigma gate, whose routes pick the layout
-    expert only at high noise and the text expert only at low noise."""
+    expert only at high noise and the text expert only at low noise, and whose folders must be given."""
     from ernie_jax.runner.config import resolve
     from ernie_jax.training.objectives import dmd
     from tests.test_main import load_experiment
@@ -328,3 +328,10 @@ def test_mtdmd_variants_build(tmp_path):
         assert stage.batch_size == 6 * devices and config.evaluation.guidance_scale == 1.0
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("8xh100-experts-lora")
+    # The experts' folders are the user's to give: left empty, the train stage says which.
+    from ernie_jax.runner.stages.train import frozen_model
+
+    config = module.get_config("8xh100-experts")
+    config.components.path = str(tmp_path)
+    with pytest.raises(ValueError, match="config.frozen.text.path is empty"):
+        frozen_model(resolve(config, tmp_path / "experts"), "text", {}, None, None)
