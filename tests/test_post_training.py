@@ -332,6 +332,6 @@ def test_mtdmd_variants_build(tmp_path):
     from ernie_jax.runner.stages.train import frozen_model
 
     config = module.get_config("8xh100-experts")
-    config.components.path = str(tmp_path)
+    config.components.path = config.data.source = str(tmp_path)
     with pytest.raises(ValueError, match="config.frozen.text.path is empty"):
         frozen_model(resolve(config, tmp_path / "experts"), "text", {}, None, None)
