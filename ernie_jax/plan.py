@@ -228,6 +228,7 @@ def plan(args, sizes: dict[str, int]) -> dict:
                 return ErnieImageTransformer(config, rngs=rngs, **model_kwargs)
 
             trained = nnx.Param
+
         def trainable(build, trained=trained):
             return TrainablePart(build, make_optimizer(settings), ema_decay=0.999, trained=trained,
                                  learning_rate=learning_rate_schedule(settings))
