@@ -73,10 +73,11 @@ def noise_floor(got: dict, reference: dict) -> dict:
 
 
 class Evaluator:
-    """Samples the held-out prompts with a given transformer and the base's other components and seeds."""
+    """Samples held-out prompts with a given transformer and the base's other components and seeds: the first
+    `num_prompts` held-out prompts, or the (prompt, scene) pairs `heldout`."""
 
     def __init__(self, base: Path, num_prompts: int, steps: int, guidance: float, reward: str, side: int,
-                 batch_size: int = 16):
+                 batch_size: int = 16, heldout=None):
         from ernie_jax.data.shapes import ShapesConfig, heldout_prompts
         from ernie_jax.evaluation.rewards import load_reward
         from ernie_jax.pipeline import ErnieImagePipeline
@@ -84,28 +85,35 @@ class Evaluator:
 
         self.base = ErnieImagePipeline.from_pretrained(base, dtype="float32")
         self.shift = scheduler_shift(base)
-        self.prompts, self.scenes = map(list, zip(*heldout_prompts(ShapesConfig(height=side, width=side),
-                                                                  num_prompts)))
+        heldout = heldout or heldout_prompts(ShapesConfig(height=side, width=side), num_prompts)
+        self.prompts, self.scenes = map(list, zip(*heldout))
         self.reward, self.steps, self.guidance, self.side = load_reward(reward), steps, guidance, side
         self.batch_size = batch_size
 
-    def __call__(self, transformer, seed_offset: int = 0) -> dict:
-        from ernie_jax.evaluation import shapes_detector
+    def pipeline(self, transformer):
+        """The base pipeline with `transformer` in place of its own."""
         from ernie_jax.pipeline import ErnieImagePipeline
 
         b = self.base
-        pipe = ErnieImagePipeline(transformer, b.vae, b.text_encoder, b.tokenizer, shift=self.shift)
-        latents, images = [], []
-        for first in range(0, len(self.prompts), self.batch_size):
-            out = pipe(prompt=self.prompts[first:first + self.batch_size], negative_prompt="", height=self.side,
-                       width=self.side, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                       seed=seed_offset + first,
-                       output_type="latent", use_pe=False).images
-            latents.append(np.asarray(out))
-            images.append(np.rint(np.clip(pipe.decode_latents(out), 0, 1) * 255).astype(np.uint8))
+        return ErnieImagePipeline(transformer, b.vae, b.text_encoder, b.tokenizer, shift=self.shift)
+
+    def sample(self, pipe, prompts: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(latents, uint8 images `[B, side, side, 3]`) of one batch of `prompts`."""
+        out = pipe(prompt=prompts, negative_prompt="", height=self.side, width=self.side,
+                   num_inference_steps=self.steps, guidance_scale=self.guidance, seed=seed, output_type="latent",
+                   use_pe=False).images
+        return np.asarray(out), np.rint(np.clip(pipe.decode_latents(out), 0, 1) * 255).astype(np.uint8)
+
+    def __call__(self, transformer, seed_offset: int = 0) -> dict:
+        from ernie_jax.evaluation import shapes_detector
+
+        pipe = self.pipeline(transformer)
+        latents, images = zip(*(self.sample(pipe, self.prompts[first:first + self.batch_size], seed_offset + first)
+                                for first in range(0, len(self.prompts), self.batch_size)))
         latents, images = np.concatenate(latents), np.concatenate(images)
         return {"scores": shapes_detector.score_images(self.scenes, images),
-                "rewards": np.asarray(self.reward(images, self.prompts), np.float64), "latents": latents}
+                "rewards": np.asarray(self.reward(images, self.prompts), np.float64), "latents": latents,
+                "images": images}
 
 
 def restore(run: Path, step: int):

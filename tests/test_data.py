@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -266,6 +267,23 @@ def test_aesthetic_floor_and_positive_score_requirement():
         draw_rows(negative, SamplingConfig(category_formula="count_x_aesthetic"), steps=1)
     with pytest.raises(ValueError, match="category_formula 'sqrt'"):
         SamplingConfig(category_formula="sqrt")
+
+
+def test_category_scales_leave_out_and_reweight_named_categories():
+    # A domain expert trains on one category: scale 0 leaves a category out, others rescale its weight.
+    catalog = synthetic_catalog()
+    sampling = SamplingConfig(category_formula="uniform", category_scales=ml_collections.ConfigDict({"a": 0.0,
+                                                                                                       "c": 3.0}))
+    rows = draw_rows(catalog, sampling, steps=5000)
+    assert not np.any(catalog.categories[rows] == 0)
+    expected = np.array([1.0, 3.0, 1.0]) / 5  # of b, c and d
+    assert np.all(category_z_scores(catalog, rows, np.r_[0.5, expected])[1:] <= 4)  # (a's 0.5: no 0 / 0)
+    with pytest.raises(ValueError, match=r"names \['txt'\], which the data does not have"):
+        draw_rows(catalog, SamplingConfig(category_scales={"txt": 0.0}), steps=1)
+    with pytest.raises(ValueError, match="leave no category"):
+        draw_rows(catalog, SamplingConfig(category_scales=dict.fromkeys("abcd", 0.0)), steps=1)
+    with pytest.raises(ValueError, match="must be non-negative"):
+        SamplingConfig(category_scales={"a": -1.0})
 
 
 # --- sources and corrupt records ----------------------------------------------------------------------

@@ -15,7 +15,8 @@ of mean aesthetic score a_c:
 Inside a category, records are drawn by aesthetic score: "softmax" (p ~ exp(a_i / T), the
 reference's choice, defined for any score scale), "proportional" (p ~ a_i, needs positive
 scores) or "uniform". An optional hard floor `min_aesthetic` removes records before anything is
-counted. The default is "tempered" with tau = 0.5, because the article's formula does not curb
+counted. `category_scales` multiplies the formula's weight of named categories; a scale of 0 leaves a
+category out, which is how a domain expert is fine-tuned on its category alone. The default is "tempered" with tau = 0.5, because the article's formula does not curb
 frequent categories, which is the report's stated goal.
 """
 
@@ -39,8 +40,14 @@ class SamplingConfig:
     within_category: str = "softmax"
     aesthetic_temperature: float = 1.0
     min_aesthetic: float | None = None
+    # Category name -> factor on its formula weight (unnamed categories keep 1; 0 leaves one out).
+    category_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        scales = {str(name): float(scale) for name, scale in dict(self.category_scales or {}).items()}
+        if any(not scale >= 0 for scale in scales.values()):
+            raise ValueError(f"category_scales must be non-negative, got {scales}")
+        object.__setattr__(self, "category_scales", scales)
         if self.category_formula not in CATEGORY_FORMULAS:
             raise ValueError(f"category_formula {self.category_formula!r} is not one of {CATEGORY_FORMULAS}")
         if self.within_category not in WITHIN_CATEGORY:
@@ -93,14 +100,14 @@ def within_category_weights(category: np.ndarray, aesthetic: np.ndarray, config:
     return weights / totals[category]
 
 
-def record_probabilities(category: np.ndarray, aesthetic: np.ndarray, num_categories: int,
-                         config: SamplingConfig, eligible: np.ndarray | None = None):
+def record_probabilities(category: np.ndarray, aesthetic: np.ndarray, category_names, config: SamplingConfig,
+                         eligible: np.ndarray | None = None):
     """The mixture over records: p_i = q_c(i) * p(i | c(i)).
 
     Args:
       category: int [N] category ids in [0, num_categories).
       aesthetic: float [N] scores.
-      num_categories: K.
+      category_names: the K names of the category ids (`config.category_scales` refers to them).
       eligible: bool [N] records that may be drawn at all (others get probability 0 and are not
         counted in N_c or a_c); the `min_aesthetic` floor is applied on top.
     Returns:
@@ -108,6 +115,11 @@ def record_probabilities(category: np.ndarray, aesthetic: np.ndarray, num_catego
     """
     category = np.asarray(category, np.int64)
     aesthetic = np.asarray(aesthetic, np.float64)
+    num_categories = len(category_names)
+    unknown = sorted(set(config.category_scales) - set(category_names))
+    if unknown:
+        raise ValueError(f"category_scales names {unknown}, which the data does not have: its categories are "
+                         f"{tuple(category_names)}")
     keep = np.ones(category.shape, bool) if eligible is None else np.asarray(eligible, bool).copy()
     if config.min_aesthetic is not None:
         keep &= aesthetic >= config.min_aesthetic
@@ -117,7 +129,11 @@ def record_probabilities(category: np.ndarray, aesthetic: np.ndarray, num_catego
     counts = np.bincount(category[keep], minlength=num_categories).astype(np.float64)
     sums = np.bincount(category[keep], weights=aesthetic[keep], minlength=num_categories)
     mean_aesthetic = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-    weights = category_weights(counts, mean_aesthetic, config)
+    scales = np.array([config.category_scales.get(name, 1.0) for name in category_names], np.float64)
+    weights = category_weights(counts, mean_aesthetic, config) * scales
+    if not weights.sum() > 0:
+        raise ValueError(f"category_scales {config.category_scales} leave no category to draw from "
+                         f"{tuple(category_names)}")
     category_probs = weights / weights.sum()
     probs = np.zeros(category.shape, np.float64)
     probs[keep] = category_probs[category[keep]] * within_category_weights(category[keep], aesthetic[keep], config)

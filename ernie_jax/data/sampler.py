@@ -68,8 +68,8 @@ def build_stage_table(catalog: Catalog, stage: Stage, sampling: SamplingConfig, 
     if not eligible.any():
         raise ValueError(f"stage {stage.name or stage.start_step}: every image's crop to the buckets "
                          f"{[(b.height, b.width) for b in buckets]} exceeds max_crop_fraction {max_crop_fraction}")
-    probs, category_probs = record_probabilities(catalog.categories, catalog.aesthetics,
-                                                 len(catalog.category_names), sampling, eligible)
+    probs, category_probs = record_probabilities(catalog.categories, catalog.aesthetics, catalog.category_names,
+                                                 sampling, eligible)
     local_mass = np.bincount(record_buckets[eligible], weights=probs[eligible], minlength=len(buckets))
     bucket_probs = np.asarray(host_mean(local_mass), np.float64)
     bucket_probs = bucket_probs / bucket_probs.sum()
