@@ -12,8 +12,13 @@ Post-training (`--mode train`): `--objective dpo` plans the DPO objective's step
 pairs (each pair's chosen and rejected latents through the policy and a frozen reference of the same DiT,
 held in `--frozen-dtype`); `--lora-rank R` trains rank-R adapters (float32, with their Adam moments and
 EMA) on `--lora-targets` of a base held frozen in `--frozen-dtype`, and with `--objective dpo` the reference
-is that base with the adapters off, the same arrays (as the runner passes them: counted once). Frozen
-weights are reported on their own line, "frozen models".
+is that base with the adapters off, the same arrays (as the runner passes them: counted once).
+`--objective dmd` plans one DMD / MT-DMD step (training/objectives/dmd.py): 5 critic updates then one
+generator update, each on a sixth of `--batch` (images), for a student and a critic (the whole DiT in fp32
+with Adam and EMA each, or with `--lora-rank` adapters on one shared frozen base), `--teachers K` frozen
+teachers in `--frozen-dtype` (with LoRA the first is the base with the adapters off: the same arrays), the
+8-step student's backward simulation and the teachers' CFG, and with `--gan` the GAN head on the critic's
+features. Frozen weights are reported on their own line, "frozen models".
 `--with-text-encoder` (sampling) also compiles the real-size text encoder's encoding of the prompts and
 negative prompts: the pipeline keeps both models on the devices, so the plan is the larger of the two
 programs' peaks, each with the other model's weights added. Weights follow the inference rules for
@@ -39,7 +44,8 @@ import sys
 
 COMPONENTS = ("dit",)
 MODES = ("sample", "train")
-OBJECTIVES = ("flow_matching", "dpo")
+OBJECTIVES = ("flow_matching", "dpo", "dmd")
+DMD_CRITIC_UPDATES, DMD_STUDENT_STEPS, DMD_GAN_HIDDEN = 5, 8, 256  # dmd.Config's defaults
 UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
 
@@ -71,6 +77,10 @@ def parse_args(argv):
     parser.add_argument("--objective", choices=OBJECTIVES, default="flow_matching",
                         help="--mode train: the trainer's objective; dpo reads a frozen reference DiT and --batch "
                              "counts preference pairs (two images each)")
+    parser.add_argument("--teachers", type=int, default=1,
+                        help="--objective dmd: the number of frozen teachers in the committee (1: DMD2)")
+    parser.add_argument("--gan", action="store_true",
+                        help="--objective dmd: with the GAN head on the critic's features (a third trained part)")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="--mode train: > 0 trains LoRA adapters of this rank on a frozen base instead of the "
                              "whole DiT")
@@ -78,7 +88,8 @@ def parse_args(argv):
                         help="--lora-rank: comma-separated diffusers module names the adapters target (PEFT's "
                              "matching; default: every block's attention and MLP projections)")
     parser.add_argument("--frozen-dtype", default="bfloat16",
-                        help="--mode train: the dtype of frozen weights (the LoRA base, the DPO reference)")
+                        help="--mode train: the dtype of frozen weights (the LoRA base, the DPO reference, the DMD "
+                             "teachers)")
     parser.add_argument("--preset", default="full", help="transformer preset: full (the released 8B), small, tiny")
     parser.add_argument("--num-layers", type=int, help="override the preset's number of blocks (quick what-ifs)")
     parser.add_argument("--attention", default="xla",
@@ -102,6 +113,14 @@ def parse_args(argv):
         parser.error(f"--frozen-dtype must be bfloat16, float16 or float32, got {args.frozen_dtype!r}")
     if args.microbatches < 1 or args.batch % args.microbatches:
         parser.error(f"--microbatches must be >= 1 and divide --batch {args.batch}, got {args.microbatches}")
+    if (args.teachers != 1 or args.gan) and args.objective != "dmd":
+        parser.error("--teachers and --gan plan DMD: use them with --objective dmd")
+    if args.teachers < 1:
+        parser.error(f"--teachers must be >= 1, got {args.teachers}")
+    runs = DMD_CRITIC_UPDATES + 1
+    if args.objective == "dmd" and args.batch % (runs * args.microbatches):
+        parser.error(f"--objective dmd runs {runs} updates a step, each on its own slice of the batch: --batch must "
+                     f"be a multiple of {runs} x --microbatches, got {args.batch}")
     return args
 
 
@@ -126,6 +145,7 @@ def main(argv=None) -> None:
         return
     print(f"{args.component} {args.mode}, {args.resolution}x{args.resolution}, batch {args.batch}, mesh {args.mesh}"
           + (f", remat {args.remat}, {args.microbatches} microbatch(es), {args.objective}"
+             + (f", {args.teachers} teacher(s)" + (", GAN head" if args.gan else "") if args.objective == "dmd" else "")
              + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") if args.mode == "train" else ""))
     for name in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
                  "temporaries (activations, workspace)", "outputs (not aliased)"):
@@ -208,8 +228,19 @@ def plan(args, sizes: dict[str, int]) -> dict:
                 return ErnieImageTransformer(config, rngs=rngs, **model_kwargs)
 
             trained = nnx.Param
-        parts = {"transformer": TrainablePart(build, make_optimizer(settings), ema_decay=0.999, trained=trained,
-                                              learning_rate=learning_rate_schedule(settings))}
+
+        def trainable(build, trained=trained):
+            return TrainablePart(build, make_optimizer(settings), ema_decay=0.999, trained=trained,
+                                 learning_rate=learning_rate_schedule(settings))
+
+        parts = {"transformer": trainable(build)}
+        if args.objective == "dmd":
+            parts["critic"] = trainable(build)
+            if args.gan:
+                from ernie_jax.models.gan_head import GANHead
+
+                parts["discriminator"] = trainable(
+                    lambda rngs: GANHead(config.hidden_size, DMD_GAN_HIDDEN, rngs=rngs), nnx.Param)
         graphdefs, train_state = abstract_train_state(parts, seed=0, mesh=mesh, rules=rules)
         params = train_state.params
         optimizer_bytes = _per_device_bytes(train_state.opt_state)
@@ -217,7 +248,10 @@ def plan(args, sizes: dict[str, int]) -> dict:
         # A part's frozen rest (the LoRA base), placed by the rules as `training.state.part_rests` places it.
         frozen = {name: with_shardings(rest, mesh, rules) for name, rest in abstract_parts(parts, seed=0)[2].items()
                   if jax.tree.leaves(rest)}
-        if args.objective == "dpo":
+        if args.objective == "dmd":
+            objective, inputs, rows, shared_bytes = _dmd_step(args, config, build, graphdefs, frozen, frozen_kwargs,
+                                                              mesh, rules, spec)
+        elif args.objective == "dpo":
             from ernie_jax.training.objectives.dpo import DPO, DPOConfig
 
             objective = DPO(DPOConfig(beta=1.0))  # beta and the anchors' weights change no buffer
@@ -291,6 +325,46 @@ def plan(args, sizes: dict[str, int]) -> dict:
         report["encoding peak"] = encoder["total"] + parameter_bytes
         report["total"] = max(report["denoising peak"], report["encoding peak"])
     return report
+
+
+def _dmd_step(args, config, build, graphdefs, frozen, frozen_kwargs, mesh, rules, spec):
+    """(objective, inputs, rows, shared bytes) of the DMD plan: adds the teachers (and with LoRA the critic's
+    base, which is the student's) to `graphdefs` and `frozen`. Rows: the images one network forward sees (one
+    update's slice of the batch)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ernie_jax.models.dit import abstract_transformer
+    from ernie_jax.training.objectives import dmd
+    from ernie_jax.training.objectives.flow_matching import EmptyPrompt
+    from ernie_jax.training.state import with_shardings
+
+    teachers = ("teacher", *(f"expert{index}" for index in range(1, args.teachers)))
+    shared_bytes = 0
+    for name in teachers:
+        if args.lora_rank and name == "teacher":
+            from ernie_jax.models import lora
+
+            # As the runner builds them: the critic's adapters and the teacher (adapters off) on the student's base.
+            model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+            graphdefs[name] = nnx.graphdef(lora.without_adapters(model))
+            frozen["critic"] = frozen[name] = frozen["transformer"]
+            shared_bytes = 2 * _per_device_bytes(frozen["transformer"])
+        else:
+            graphdefs[name], teacher = nnx.split(abstract_transformer(config, **frozen_kwargs))
+            frozen[name] = with_shardings(teacher, mesh, rules)
+    # The student grid's shift changes no buffer.
+    settings = dmd.Config(teachers=teachers, student_steps=DMD_STUDENT_STEPS, student_shift=1.0,
+                          critic_updates=DMD_CRITIC_UPDATES, gan_weight=0.03 if args.gan else 0.0,
+                          gan_hidden=DMD_GAN_HIDDEN)
+    # The empty prompt's features are a constant of the step (the runner's, from the text encoder).
+    empty = EmptyPrompt(jnp.zeros((args.text_len, config.text_in_dim), jnp.float32), 1)
+    latent = args.resolution // 16
+    # The student's samples take their shape from the batch's latents (the GAN's real images).
+    inputs = {"latents": spec((args.batch, config.in_channels, latent, latent), jnp.float32),
+              "text": spec((args.batch, args.text_len, config.text_in_dim), jnp.float32),
+              "text_lens": spec((args.batch,), jnp.int32)}
+    return dmd.DMD(settings, empty), inputs, args.batch // (DMD_CRITIC_UPDATES + 1), shared_bytes
 
 
 def _text_encoder_plan(mesh, rules, prompts: int, text_len: int) -> dict:

@@ -142,9 +142,10 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
     batch in `config.train.microbatches` microbatches, `config.plan.attention` standing in for the
     accelerator's flash kernel; parameters, Adam moments and EMA weights) and `fits` against
     `config.plan.device_memory`. Post-training configs plan their own step: `config.objective.name` (DPO: the
-    stage's batch counts pairs, the frozen reference in `config.frozen.reference.dtype`) and `config.lora`
-    (rank > 0: its adapters on the base frozen in `config.lora.base_dtype`, which with DPO is also the
-    reference, `config.frozen.reference.path` "init"). `num_layers`
+    stage's batch counts pairs, the frozen reference in `config.frozen.reference.dtype`; DMD: student,
+    critic, the `config.objective.teachers` in the first one's dtype and the GAN head when `gan_weight > 0`)
+    and `config.lora` (rank > 0: its adapters on the base frozen in `config.lora.base_dtype`, which with DPO
+    is also the reference, `config.frozen.reference.path` "init", and with DMD the first teacher). `num_layers`
     shrinks the model for a quick check. Each plan runs in its own process (it emulates the mesh's devices)."""
     from ernie_jax.plan import OBJECTIVES, parse_bytes
 
@@ -169,10 +170,18 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
         if objective == "dpo" and config.frozen.reference.path != "init":
             raise ValueError("memory_plans plans LoRA-DPO against the base itself: config.frozen.reference.path "
                              "'init'")
+        if objective == "dmd" and config.frozen[config.objective.teachers[0]].path != "init":
+            raise ValueError("memory_plans plans LoRA-DMD with the base itself as the first teacher: "
+                             f"config.frozen.{config.objective.teachers[0]}.path 'init'")
         training += ["--lora-rank", str(rank), "--lora-targets", ",".join(targets),
                      "--frozen-dtype", config.lora.base_dtype]
     elif objective == "dpo":
         training += ["--frozen-dtype", config.frozen.reference.dtype]
+    elif objective == "dmd":
+        training += ["--frozen-dtype", config.frozen[config.objective.teachers[0]].dtype]
+    if objective == "dmd":
+        training += ["--teachers", str(len(config.objective.teachers))]
+        training += ["--gan"] if config.objective.get("gan_weight", 0.0) > 0 else []
     budget = parse_bytes(config.plan.device_memory)
     reports = []
     for index, (side, batch) in enumerate(zip(config.data.sides, config.data.batch_sizes)):

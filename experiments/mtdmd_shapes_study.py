@@ -273,8 +273,9 @@ def tables(results: dict, args) -> str:
     header = " | ".join(f"{d}: all | {d}: {DOMAIN_METRICS[d]}" for d in domains)
     # Kept rows (--keep-rows) may have other seeds than this run's.
     seeds = sorted({e["seed"] for entries in results["rows"].values() for e in entries if e["seed"] is not None})
-    lines = [f"Fine-tuning seeds {seeds} (this run's {args.seeds}); {results['per_domain']} held-out prompts per domain, the same prompts and "
-             f"sampling seeds for every row; mean ± standard deviation over fine-tuning seeds.", "",
+    lines = [(f"Fine-tuning seeds {seeds} (this run's {args.seeds}); {results['per_domain']} held-out prompts per "
+              f"domain, the same prompts and sampling seeds for every row; mean ± standard deviation over "
+              f"fine-tuning seeds."), "",
              f"| row | {header} | Fréchet distance to the teacher (50 steps) | s / image |",
              "|---|" + "---|" * (2 * len(domains) + 2)]
 
@@ -287,9 +288,9 @@ def tables(results: dict, args) -> str:
                      f"{'-' if seconds is None else f'{seconds:.4f}'} |")
     lines.append(f"| teacher, 50 steps, CFG {GUIDANCE:g}, other sampling seeds (the reference set; the floor) | "
                  f"{' | '.join(cells([floor]))} | 0 | - |")
-    lines += ["", "Each expert in its own domain against the generalist (the teacher, and the teacher continued "
-              "for the experts' updates on every category), per fine-tuning seed; the floor is the teacher with "
-              "other sampling seeds minus the teacher:", "",
+    lines += ["", ("Each expert in its own domain against the generalist (the teacher, and the teacher continued "
+                   "for the experts' updates on every category), per fine-tuning seed; the floor is the teacher "
+                   "with other sampling seeds minus the teacher:"), "",
               "| expert | domain | metric | expert | minus teacher | minus generalist continued | floor |",
               "|---|---|---|---|---|---|---|"]
     teacher = results["rows"][REFERENCE.name][0]["domains"]

@@ -7,7 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from ernie_jax.data.shapes import CATEGORIES, ShapesConfig, heldout_prompts, heldout_triples, render
+from ernie_jax.data.shapes import (
+    CATEGORIES,
+    ShapesConfig,
+    heldout_prompts,
+    heldout_triples,
+    render,
+)
 
 
 def test_domain_prompts_cover_every_category_with_held_out_scenes():
@@ -64,7 +70,11 @@ def test_tiny_text_expert_trains_on_text_only_and_the_harness_scores_it(tmp_path
     from ernie_jax.data.precomputed import PrecomputedSource
     from ernie_jax.training.metrics import read_scalars
     from experiments.dpo_shapes_study import Evaluator
-    from experiments.mtdmd_shapes_study import domain_prompts, evaluate_row, seconds_per_image
+    from experiments.mtdmd_shapes_study import (
+        domain_prompts,
+        evaluate_row,
+        seconds_per_image,
+    )
     from tests.test_main import ok, run_main
 
     run = tmp_path / "expert"

@@ -216,3 +216,122 @@ def test_part_settings_override_the_trainer_defaults(tmp_path):
         config.parts = ml_collections.ConfigDict(parts)
         with pytest.raises(ValueError, match=message):
             resolve(config, tmp_path)
+
+
+def test_mtdmd_tiny_trains_through_the_runner_and_exports_the_student(tmp_path):
+    """experiments/ernie_image_mtdmd.py:tiny end to end (components, two DMD steps of 5 critic updates and one
+    generator update each, export): the exported transformer loads in diffusers and computes what the
+    checkpoint's student computes, and no longer what the teacher (the components' transformer) computes."""
+    import json
+
+    import torch
+    from diffusers import ErnieImageTransformer2DModel
+
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.runner.stages.export import trained_transformer
+    from tests.test_main import load_experiment, ok, run_main
+
+    workdir = tmp_path / "mtdmd"
+    ok(run_main(workdir, "experiments/ernie_image_mtdmd.py:tiny", "--config.stages=('components','train','export')",
+                "--config.export.use_ema=False"))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1]
+    assert all(np.isfinite(rows[-1][k]) for k in ("critic/loss", "generator/loss", "generator/gate/dm/teacher"))
+
+    def diffusers_velocity(folder, latents, text):
+        model = ErnieImageTransformer2DModel.from_pretrained(folder).eval()
+        with torch.no_grad():
+            return model(torch.from_numpy(latents), torch.tensor([500.0, 250.0]), torch.from_numpy(text),
+                         torch.tensor([5, 3]), return_dict=False)[0].numpy()
+
+    config = load_experiment("ernie_image_mtdmd").get_config("tiny")
+    config.export.use_ema = False
+    student = trained_transformer(resolve(config, workdir), ema=False, step=2)
+    latents, text = _inputs(student.config)
+    exported = diffusers_velocity(workdir / "pipeline" / "transformer", latents, text)
+    teacher = diffusers_velocity(workdir / "components" / "transformer", latents, text)
+    ours = _velocity(student, latents, text)
+    assert np.abs(exported - ours).max() <= 1e-5 * np.abs(ours).max()
+    assert np.abs(exported - teacher).max() > 1e-2 * np.abs(teacher).max()  # the student moved
+
+
+@pytest.mark.parametrize("variant", ["8xh100", "8xh100-lora"])
+def test_mtdmd_memory_plan_fits_on_8xh100(variant):
+    """The plan tool's per-device memory of the 8xh100 MT-DMD step on a 1-layer model with two teachers (the
+    base and one expert): student and critic train states; the frozen bf16 teachers (LoRA: the shared base,
+    which is also the first teacher, once, and the expert)."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from ernie_jax.models.dit import PRESETS, abstract_transformer
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_mtdmd")
+    config = module.with_expert_teachers(module.get_config(variant), {"text": "/experts/text"})
+    (report,) = module.memory_plans(config, num_layers=1)
+    assert report["fits"] and report["side"] == 1024 and report["batch"] == 48
+    assert report["total"] == sum(
+        report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
+                            "temporaries (activations, workspace)", "outputs (not aliased)"))
+    one_layer = dataclasses.replace(PRESETS["full"], num_layers=1)
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
+    # Two bf16 DiTs split 8 ways (norms and biases are not split: 2%): the two teachers, or the LoRA base
+    # shared by student, critic and the first teacher, and the expert.
+    assert abs(report["frozen models"] - 2 * count * 2 / 8) <= 0.02 * report["frozen models"]
+    if variant == "8xh100":  # student and critic: two fp32 DiTs, and their Adam moments
+        assert report["frozen models"] == report["parameters"] // 2
+        assert abs(report["optimizer state"] - 2 * report["parameters"]) <= 1e-3 * report["parameters"]
+    else:  # two sets of rank-64 adapters' Adam moments, far below one whole DiT's (8 bytes a parameter)
+        assert report["optimizer state"] < 2 * count * 8 / 8 / 10
+
+
+def test_mtdmd_variants_build(tmp_path):
+    """Every variant of the MT-DMD config resolves to the DMD objective the runner makes: student and critic
+    from the components' transformer, the teacher that transformer frozen in bf16 ("init"), an 8-step cfg-1
+    student with the pipeline's shift, TTUR 5 on a batch of six images per device, guidance 4 (the base
+    pipeline's); `-experts` adds the two expert teachers and the sigma gate, whose routes pick the layout
+    expert only at high noise and the text expert only at low noise, and whose folders must be given."""
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.training.objectives import dmd
+    from tests.test_main import load_experiment
+
+    module = load_experiment("ernie_image_mtdmd")
+    pretrain = load_experiment("ernie_image_pretrain")
+    assert set(module.VARIANTS) == {f"{mesh}{lora}{experts}" for mesh in (*pretrain.MESH_PRESETS, "tiny")
+                                    for lora in ("", "-lora") for experts in ("", "-experts")}
+    for variant in module.VARIANTS:
+        config = module.get_config(variant)
+        mesh = variant.removesuffix("-experts").removesuffix("-lora")
+        lora, experts = "-lora" in variant, variant.endswith("-experts")
+        if mesh != "tiny":
+            config.components.path = str(tmp_path)
+            config.data.source = str(tmp_path)
+        experiment = resolve(config, tmp_path / variant)
+        objective = experiment.objective
+        assert isinstance(objective, dmd.Config) and experiment.part_names == ("critic", "transformer")
+        assert objective.teachers == (("teacher", "text", "layout") if experts else ("teacher",))
+        assert dict(config.frozen.teacher) == {"path": "init", "dtype": "bfloat16" if mesh != "tiny" else "float32"}
+        assert (experiment.lora is not None) == lora and experiment.init_path == str(experiment.components_dir)
+        assert objective.student_shift is None  # the pipeline's, at the train stage
+        assert experiment.part_settings("critic")[1] == 0.0 and experiment.part_settings("transformer")[1] == 0.999
+        if experts:
+            table = dmd.gate_table(objective)  # [sigma bins, domains + 1, terms, teachers]
+            assert table[0, 0, 0].tolist() == [0.5, 0.5, 0.0] and table[1, 0, 0].tolist() == [1.0, 0.0, 0.0]
+            assert table[2, 0, 1].tolist() == [0.5, 0.0, 0.5]
+        if mesh == "tiny":
+            continue
+        assert (objective.student_steps, objective.guidance_scale, objective.critic_updates) == (8, 4.0, 5)
+        (stage,) = experiment.curriculum.stages
+        devices = pretrain.MESH_PRESETS[mesh][0]["fsdp"]
+        assert stage.batch_size == 6 * devices and config.evaluation.guidance_scale == 1.0
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("8xh100-experts-lora")
+    # The experts' folders are the user's to give: left empty, the train stage says which.
+    from ernie_jax.runner.stages.train import frozen_model
+
+    config = module.get_config("8xh100-experts")
+    config.components.path = config.data.source = str(tmp_path)
+    with pytest.raises(ValueError, match="config.frozen.text.path is empty"):
+        frozen_model(resolve(config, tmp_path / "experts"), "text", {}, None, None)

@@ -63,8 +63,8 @@ class TensorBoardWriter:
 
 
 class ProgressBar:
-    """A `loop.train` callback drawing a tqdm bar with the loss (each update's), steps/s and images/s (over the updates since
-    the previous refresh). `batch_size_at(step)` is the global batch of update `step`."""
+    """A `loop.train` callback drawing a tqdm bar with the loss (each update's, `NAME/loss`, for objectives
+    with several updates), steps/s and images/s (over the updates since the previous refresh). `batch_size_at(step)` is the global batch of update `step`."""
 
     def __init__(self, num_steps: int, batch_size_at: Callable[[int], int], *, start_step: int = 0,
                  description: str = "train", refresh_seconds: float = 1.0):
@@ -81,11 +81,9 @@ class ProgressBar:
         self._bar.update(1)
         elapsed = time.perf_counter() - self._since
         if elapsed >= self._refresh_seconds or self._bar.n == self._bar.total:
-            # One "loss", or with several updates per step (objectives.Update) one "UPDATE/loss" each.
-            losses = {name: f"{value:.4f}" for name, value in metrics.items()
-                      if name == "loss" or name.endswith("/loss")}
-            self._bar.set_postfix(**losses, steps_per_s=f"{self._steps / elapsed:.2f}",
-                                  images_per_s=f"{self._images / elapsed:.1f}")
+            losses = {k: f"{v:.4f}" for k, v in metrics.items() if k == "loss" or k.endswith("/loss")}
+            self._bar.set_postfix({**losses, "steps_per_s": f"{self._steps / elapsed:.2f}",
+                                   "images_per_s": f"{self._images / elapsed:.1f}"})
             self._since, self._steps, self._images = time.perf_counter(), 0, 0
 
     def close(self) -> None:

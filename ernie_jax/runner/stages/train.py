@@ -117,6 +117,8 @@ def frozen_model(experiment: Experiment, name: str, initial: dict, mesh, rules) 
     if name not in config.frozen:
         raise ValueError(f"the objective reads the frozen model {name!r}: set config.frozen.{name}.path")
     settings = config.frozen[name]
+    if not settings.path:
+        raise ValueError(f"config.frozen.{name}.path is empty: set it to a pipeline or transformer folder, or 'init'")
     if settings.path == "init":
         if not experiment.init_path:
             raise ValueError(f"config.frozen.{name}.path is 'init' but config.init.path is empty")
