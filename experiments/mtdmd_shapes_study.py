@@ -321,11 +321,11 @@ def student_table(results: dict) -> list[str]:
     start = results["rows"][Row(TEACHER, 8, 1.0).name][0]["domains"]
     floor = results["floor"]["domains"]
     by_seed = {e["seed"]: e["domains"] for e in dmd2}
-    lines = ["", "The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps; "
+    lines = ["", ("The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps; "
              "MT-DMD minus DMD2 paired by training seed; the floor is the teacher with other sampling seeds minus "
-             "the teacher:", "",
-             "| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | DMD2 | MT-DMD | MT-DMD minus DMD2 "
-             "| floor |", "|---|---|---|---|---|---|---|---|---|"]
+             "the teacher:"), "",
+             ("| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | DMD2 | MT-DMD | MT-DMD minus DMD2 "
+             "| floor |"), "|---|---|---|---|---|---|---|---|---|"]
     for domain, metric in DOMAIN_METRICS.items():
         for name in ("all", metric):
             paired = [e["domains"][domain][name] - by_seed[e["seed"]][domain][name] for e in mtdmd
