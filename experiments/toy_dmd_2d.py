@@ -52,7 +52,14 @@ import optax
 
 from ernie_jax.training.objectives import dmd, flow_matching
 from experiments.dpo_shapes_study import energy_distance
-from experiments.toy_dpo_2d import MODE_STD, MODES, init_mlp, mode_centres, velocity
+from experiments.toy_dpo_2d import (
+    MODE_STD,
+    MODES,
+    fit,
+    init_mlp,
+    mode_centres,
+    velocity,
+)
 
 SHIFT = 1.0  # the sigma grid of every sampler here (the teacher's training sigma is unshifted logit-normal)
 ALL_MODES = (tuple(range(MODES)),)
@@ -135,13 +142,7 @@ def train_teacher(key: jax.Array, mode_sets, trained_domains: tuple[int, ...], h
         draw = flow_matching.draw_noise(jax.random.split(noise_key, count), x0.shape, flow_matching.FlowMatchingConfig())
         return flow_matching.flow_matching_loss(as_velocity(params), x0, *prompts(domain, len(mode_sets)), draw)[0]
 
-    def step(carry, key):
-        params, state = carry
-        updates, state = optimizer.update(jax.grad(loss)(params, key), state)
-        return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(loop_key, steps))
-    return params
+    return fit(loss, params, optimizer, jax.random.split(loop_key, steps))
 
 
 def euler_samples(params, key: jax.Array, domain: jax.Array, domains: int, steps: int) -> jax.Array:

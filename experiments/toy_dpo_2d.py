@@ -156,13 +156,16 @@ def train_base(key: jax.Array, settings: Settings):
         no_text = jnp.zeros((settings.base_batch, 0, 1)), jnp.zeros((settings.base_batch,), jnp.int32)
         return flow_matching.flow_matching_loss(as_latent_model(params), x0, *no_text, draw)[0]
 
+    return fit(loss, params, optimizer, jax.random.split(loop_key, settings.base_steps))
+
+
+def fit(loss, params, optimizer: optax.GradientTransformation, keys: jax.Array):
+    """`params` after one `optimizer` update on `loss(params, key)` for each key of `keys`, as one scan."""
     def step(carry, key):
         params, state = carry
-        grads = jax.grad(loss)(params, key)
-        updates, state = optimizer.update(grads, state)
+        updates, state = optimizer.update(jax.grad(loss)(params, key), state)
         return (optax.apply_updates(params, updates), state), None
 
-    keys = jax.random.split(loop_key, settings.base_steps)
     (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), keys)
     return params
 

@@ -23,6 +23,22 @@ def _inputs(config) -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((2, 5, config.text_in_dim)).astype(np.float32))
 
 
+def _checked_one_layer_plan(report: dict) -> int:
+    """Checks that a one-layer memory plan's rows add up to its total; returns the one-layer DiT's parameter count."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from ernie_jax.models.dit import PRESETS, abstract_transformer
+
+    assert report["total"] == sum(
+        report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
+                            "temporaries (activations, workspace)", "outputs (not aliased)"))
+    one_layer = dataclasses.replace(PRESETS["full"], num_layers=1)
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
+
+
 def test_sft_lora_export_loads_in_diffusers(tmp_path):
     """SFT with LoRA exports adapters that diffusers' load_lora_weights applies to the base pipeline to
     compute what our exported (merged) transformer computes. (That training starts from the components'
@@ -142,22 +158,14 @@ def test_dpo_memory_plan_fits_on_8xh100(variant):
     """The plan tool's per-device memory of the 8xh100 DPO step, full and LoRA, on a 1-layer model: the
     policy's train state, the bf16 reference (LoRA: the base, which is also the reference, once) and a batch
     of pairs."""
-    import dataclasses
 
-    import jax
-    from flax import nnx
 
-    from ernie_jax.models.dit import PRESETS, abstract_transformer
     from tests.test_main import load_experiment
 
     module = load_experiment("ernie_image_dpo")
     (report,) = module.memory_plans(module.get_config(variant), num_layers=1)
     assert report["fits"] and report["side"] == 1024 and report["batch"] == 16
-    assert report["total"] == sum(
-        report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
-                            "temporaries (activations, workspace)", "outputs (not aliased)"))
-    one_layer = dataclasses.replace(PRESETS["full"], num_layers=1)
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
+    count = _checked_one_layer_plan(report)
     # The bf16 DiT split 8 ways, once (norms and biases are not split: 2%).
     assert abs(report["frozen models"] - count * 2 / 8) <= 0.02 * report["frozen models"]
     if variant == "8xh100":
@@ -260,23 +268,15 @@ def test_mtdmd_memory_plan_fits_on_8xh100(variant):
     """The plan tool's per-device memory of the 8xh100 MT-DMD step on a 1-layer model with two teachers (the
     base and one expert): student and critic train states; the frozen bf16 teachers (LoRA: the shared base,
     which is also the first teacher, once, and the expert)."""
-    import dataclasses
 
-    import jax
-    from flax import nnx
 
-    from ernie_jax.models.dit import PRESETS, abstract_transformer
     from tests.test_main import load_experiment
 
     module = load_experiment("ernie_image_mtdmd")
     config = module.with_expert_teachers(module.get_config(variant), {"text": "/experts/text"})
     (report,) = module.memory_plans(config, num_layers=1)
     assert report["fits"] and report["side"] == 1024 and report["batch"] == 48
-    assert report["total"] == sum(
-        report[k] for k in ("parameters", "optimizer state", "EMA weights", "frozen models", "inputs",
-                            "temporaries (activations, workspace)", "outputs (not aliased)"))
-    one_layer = dataclasses.replace(PRESETS["full"], num_layers=1)
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
+    count = _checked_one_layer_plan(report)
     # Two bf16 DiTs split 8 ways (norms and biases are not split: 2%): the two teachers, or the LoRA base
     # shared by student, critic and the first teacher, and the expert.
     assert abs(report["frozen models"] - 2 * count * 2 / 8) <= 0.02 * report["frozen models"]
