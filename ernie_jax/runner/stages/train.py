@@ -50,10 +50,9 @@ def trainable_parts(experiment: Experiment, transformer_config) -> dict:
     from ernie_jax.training.state import TrainablePart
 
     adapters, models, parts = experiment.lora, experiment.part_models, {}
-    base = experiment.model_fn(transformer_config, jnp.dtype(experiment.config.get("lora", {}).get(
-        "base_dtype", "float32")))
 
     def build_adapted(rngs: nnx.Rngs) -> nnx.Module:
+        base = experiment.model_fn(transformer_config, jnp.dtype(experiment.config.lora.base_dtype))
         return lora.add_lora(base(rngs), adapters, rngs, diffusers_names(transformer_config))
 
     for name in experiment.part_names:
