@@ -35,7 +35,12 @@ OP_BY_OP_TOLERANCE = 1e-6
 
 
 def counting(monkeypatch, owner, name: str):
-    """Replaces `owner.name` by a wrapper that counts its calls; returns the counter (a list of one int)."""
+    """Replaces `owner.name` by a wrapper that counts its calls; returns the counter (a list of one int).
+
+    Empties JAX's compilation caches first: the compiled plain call's cache is per process, and another test
+    file on the same pytest worker may already have compiled the signature this test counts.
+    """
+    jax.clear_caches()
     original = getattr(owner, name)
     count = [0]
 
