@@ -29,7 +29,11 @@ teacher, `init.path`), distilled with the same compute:
   (`domain_routes`). The layout expert gets no gate: it was not better than the generalist on counting
   (docs/mtdmd_shapes.md), and routing to it would only add noise;
 - `student_dmd2_noised_data`: the ablation of backward simulation: `student_dmd2` with the student's input
-  at step k the data noised to sigma_k.
+  at step k the data noised to sigma_k;
+- `student_dmd2_gan`: `student_dmd2` with DMD2's GAN head on the critic's features (generator weight 5e-3,
+  discriminator 1e-2, the head trained in the critic updates at the critic's learning rate);
+- `student_dmd2_ttur1`: `student_dmd2` with one critic update per generator update instead of five (TTUR 1),
+  each update still on 8 records.
 The student samples at 8 steps, cfg 1, on the pipeline's shifted grid; backward simulation, DMD2's coupled
 DM + CA terms, TTUR 5 (`critic_updates`): one training step = 5 critic updates and 1 generator update, each
 on its own 8 of the batch's 48 records.
@@ -54,13 +58,17 @@ CONTROL = "generalist_continued"
 # student variant -> {category: the frozen teacher its DMD real score comes from}; other categories: "teacher".
 STUDENTS = {"student_dmd2": {}, "student_mtdmd": {"text": "expert_text"}}
 # ablation variant -> (the student it changes, its objective fields).
-ABLATIONS = {"student_dmd2_noised_data": ("student_dmd2", {"student_input": "noised_data"})}
+ABLATIONS = {"student_dmd2_noised_data": ("student_dmd2", {"student_input": "noised_data"}),
+             # DMD2's SDXL weights (generator 5e-3, discriminator 1e-2) on the same DMD loss scale.
+             "student_dmd2_gan": ("student_dmd2", {"gan_weight": 5e-3, "gan_discriminator_weight": 1e-2}),
+             "student_dmd2_ttur1": ("student_dmd2", {"critic_updates": 1})}
 FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS, *ABLATIONS)
 VARIANTS = (*FULL_SIZE, *(f"tiny_{name}" for name in FULL_SIZE))
 STEPS = 300
-# Students: training steps (each 5 critic + 1 generator update) and the batch that they split 6 ways.
+# Students: training steps (each `critic_updates` critic + 1 generator update) and the records of each update
+# (a step's batch is split between its updates).
 STUDENT_STEPS = 250
-STUDENT_BATCH = 48
+STUDENT_UPDATE_BATCH = 8
 
 
 def base_config(tiny: bool) -> ml_collections.ConfigDict:
@@ -101,17 +109,17 @@ def get_config(variant: str = "expert_text") -> ml_collections.ConfigDict:
         config.data.sampling.category_scales = dict.fromkeys(others, 0.0)
     if name in ABLATIONS:
         name, fields = ABLATIONS[name]
-        student_config(config, STUDENTS[name], tiny=variant.startswith("tiny_"))
-        config.objective.update(fields)
+        student_config(config, STUDENTS[name], tiny=variant.startswith("tiny_"), objective_fields=fields)
     elif name in STUDENTS:
         student_config(config, STUDENTS[name], tiny=variant.startswith("tiny_"))
     return config
 
 
-def student_config(config: ml_collections.ConfigDict, experts: dict[str, str], tiny: bool) -> None:
+def student_config(config: ml_collections.ConfigDict, experts: dict[str, str], tiny: bool,
+                   objective_fields: dict | None = None) -> None:
     """Turns `base_config` into a DMD student run: `experts` {category: frozen teacher name} routes those
     categories' records to that teacher (`frozen.NAME.path` to set, "" until then), every other one to the
-    starting model ("teacher")."""
+    starting model ("teacher"); `objective_fields` change the objective (an ablation)."""
     teachers = ("teacher", *dict.fromkeys(experts.values()))
     # domain_routes are by category id, and the data numbers the categories it finds in sorted order.
     routes = tuple(experts.get(category, "teacher") for category in sorted(CATEGORIES)) if experts else ()
@@ -119,17 +127,23 @@ def student_config(config: ml_collections.ConfigDict, experts: dict[str, str], t
         "name": "dmd", "teachers": teachers, "student_steps": 8, "student_input": "backward_simulation",
         "guidance_scale": 3.0,  # the demo's evaluation CFG (experiments/tiny_shapes.py)
         "decoupled": False, "domain_routes": routes, "critic_updates": 5, "gan_weight": 0.0})
+    config.objective.update(objective_fields or {})
     config.frozen = ml_collections.ConfigDict({"teacher": {"path": "init", "dtype": "float32"}})
     for name in teachers[1:]:
         config.frozen[name] = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
     steps = 2 if tiny else STUDENT_STEPS
-    config.data.update(stage_steps=(steps,), batch_sizes=(6 if tiny else STUDENT_BATCH,))
+    # Every update sees as many records whatever the TTUR ratio: a ratio ablation changes the critic's number of
+    # updates, not their size.
+    updates = config.objective.critic_updates + 1
+    config.data.update(stage_steps=(steps,), batch_sizes=((1 if tiny else STUDENT_UPDATE_BATCH) * updates,))
     config.train.update(ema_decay=0.95, checkpoint_every=steps)
     config.train.optimizer.update(learning_rate=5e-5, warmup_steps=1 if tiny else 10, decay_steps=steps,
                                   final_lr_fraction=1.0, weight_decay=0.0)
     # The critic tracks the moving student: twice the student's learning rate, no EMA (only its live weights
     # are read).
     config.parts = ml_collections.ConfigDict({"critic": {"optimizer": {"learning_rate": 1e-4}, "ema_decay": 0.0}})
+    if config.objective.gan_weight > 0:  # the head is trained with the critic, as in DMD2
+        config.parts.discriminator = ml_collections.ConfigDict(config.parts.critic.to_dict())
     if not tiny:
         config.evals.samples.update(every=steps, steps=8, guidance=1.0)  # the grid at the student's setting
         config.evals.eval.every = steps

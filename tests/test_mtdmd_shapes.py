@@ -63,6 +63,22 @@ def test_variants_restrict_the_experts_to_their_domain():
         tiny_shapes_mtdmd.get_config("expert_colour")
 
 
+def test_student_ablations_change_only_their_objective_fields_and_keep_the_update_size():
+    from experiments import tiny_shapes_mtdmd
+
+    for name, (student, fields) in tiny_shapes_mtdmd.ABLATIONS.items():
+        ablation, base = (tiny_shapes_mtdmd.get_config(v).to_dict() for v in (name, student))
+        assert {k: v for k, v in ablation["objective"].items() if base["objective"].get(k) != v} == fields, name
+        per_update = [c["data"]["batch_sizes"][0] / (c["objective"]["critic_updates"] + 1) for c in (ablation, base)]
+        assert per_update == [tiny_shapes_mtdmd.STUDENT_UPDATE_BATCH] * 2, name
+        # The GAN head trains with the critic, at its learning rate; nothing else differs.
+        assert ablation["parts"] == base["parts"] | ({"discriminator": base["parts"]["critic"]}
+                                                     if fields.get("gan_weight", 0) > 0 else {}), name
+        for config in (ablation, base):
+            del config["objective"], config["data"]["batch_sizes"], config["parts"], config["name"], config["variant"]
+        assert ablation == base, name
+
+
 def test_tiny_text_expert_trains_on_text_only_and_the_harness_scores_it(tmp_path):
     """tiny_expert_text end to end through the runner (tiny random components, records of every category,
     2 updates), then the study's harness on its export: per-domain scores, the Fréchet distance, the speed."""
