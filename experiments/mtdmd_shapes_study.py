@@ -307,6 +307,7 @@ def tables(results: dict, args) -> str:
                          f"{_spread(v - teacher[domain][metric] for v in got)} | {_spread(over_control)} | "
                          f"{floor['domains'][domain][metric] - teacher[domain][metric]:+.3f} |")
     lines += student_table(results)
+    lines += ablation_table(results)
     return "\n".join(lines) + "\n"
 
 
@@ -334,6 +335,28 @@ def student_table(results: dict) -> list[str]:
                          f"{_spread(e['domains'][domain][name] for e in dmd2)} | "
                          f"{_spread(e['domains'][domain][name] for e in mtdmd)} | {_spread(paired)} | "
                          f"{floor[domain][name] - teacher[domain][name]:+.3f} |")
+    return lines
+
+
+def ablation_table(results: dict) -> list[str]:
+    """Each ablation minus the student it changes, paired by training seed (the seed fixes the records and every
+    draw of both runs), per domain and on the Fréchet distance; empty until an ablation has rows."""
+    columns = [(domain, name) for domain, metric in DOMAIN_METRICS.items() for name in ("all", metric)]
+    lines = []
+    for ablation, (student, fields) in ABLATIONS.items():
+        changed = {e["seed"]: e for e in results["rows"].get(Row(ablation, 8, 1.0).name, [])}
+        base = {e["seed"]: e for e in results["rows"].get(Row(student, 8, 1.0).name, []) if e["seed"] in changed}
+        if not base:
+            continue
+        if not lines:
+            lines = ["", "Each ablation minus the student it changes, paired by training seed (8 steps, no CFG):", "",
+                     f"| ablation | fields | seeds | {' | '.join(f'{d}: {n}' for d, n in columns)} | Fréchet |",
+                     "|---|---|---|" + "---|" * (len(columns) + 1)]
+        seeds = sorted(base)
+        differences = [_spread(changed[s]["domains"][d][n] - base[s]["domains"][d][n] for s in seeds)
+                       for d, n in columns]
+        frechet = _spread(changed[s]["frechet"] - base[s]["frechet"] for s in seeds)
+        lines.append(f"| {ablation} minus {student} | {fields} | {seeds} | {' | '.join(differences)} | {frechet} |")
     return lines
 
 

@@ -163,3 +163,21 @@ def test_tiny_mtdmd_student_trains_both_parts_and_routes_only_text_to_the_expert
                          f"--config.components.path={tmp_path / 'text' / 'components'}",
                          f"--config.data.precomputed=('{shard}',)")
     assert others == {"teacher": [1.0, 1.0], "expert_text": [0.0, 0.0]}
+
+
+def test_ablation_table_pairs_each_ablation_with_its_student_by_seed():
+    from experiments.mtdmd_shapes_study import DOMAIN_METRICS, Row, ablation_table
+
+    def entry(seed, value, frechet):
+        return {"seed": seed, "frechet": frechet,
+                "domains": {d: {"all": value, m: 2 * value} for d, m in DOMAIN_METRICS.items()}}
+
+    rows = {Row("student_dmd2", 8, 1.0).name: [entry(0, 0.2, 0.03), entry(1, 0.4, 0.05), entry(2, 0.9, 0.9)],
+            Row("student_dmd2_gan", 8, 1.0).name: [entry(0, 0.3, 0.02), entry(1, 0.4, 0.02)]}
+    lines = ablation_table({"rows": rows})
+    (gan,) = [line for line in lines if line.startswith("| student_dmd2_gan minus student_dmd2")]
+    cells = [cell.strip() for cell in gan.strip("|").split("|")]
+    assert cells[2] == "[0, 1]"  # seed 2 has no ablation run: not paired
+    # differences per seed: all +0.1 and 0.0 (mean 0.05, sd 0.0707), the metric twice that; Fréchet -0.01, -0.03.
+    assert cells[3:5] == ["0.050 ± 0.071", "0.100 ± 0.141"] and cells[-1] == "-0.020 ± 0.014"
+    assert not any("ttur1" in line or "noised_data" in line for line in lines)  # no rows, no line
