@@ -21,6 +21,9 @@ from tests.conftest import relative_error
 FP32_TOLERANCE = 1e-5
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8)
+# SigLIP at 36 px in patches of 8: the convolution leaves the last 4 rows and columns unread, as so400m's 384 px
+# in patches of 14 do.
+SIGLIP_VISION = dict(VISION, image_size=36)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
 # A legacy-format CLIP preprocessor (ints for size and crop, a feature extractor's name), as
 # openai/clip-vit-large-patch14 ships, scaled to the tiny tower: shortest edge 36, centre crop 32.
@@ -28,7 +31,7 @@ CLIP_PREPROCESSOR = {"feature_extractor_type": "CLIPFeatureExtractor", "size": 3
                      "do_resize": True, "do_center_crop": True, "do_normalize": True,
                      "image_mean": [0.48145466, 0.4578275, 0.40821073],
                      "image_std": [0.26862954, 0.26130258, 0.27577711]}
-SIGLIP_PREPROCESSOR = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 32, "width": 32},
+SIGLIP_PREPROCESSOR = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 36, "width": 36},
                        "resample": 3, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
                        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
@@ -74,7 +77,7 @@ def siglip_reference():
     from transformers import SiglipConfig, SiglipModel
 
     torch.manual_seed(1)
-    return randomise(SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)), 101)
+    return randomise(SiglipModel(SiglipConfig(vision_config=SIGLIP_VISION, text_config=TEXT)), 101)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_siglip_preprocessing_matches_processor(siglip_folder):
 
     expected = reference_pixels(SiglipImageProcessorPil, siglip_folder)
     ours = weights.load_image_preprocessor(siglip_folder)(images())
-    assert ours.shape == expected.shape == (3, 3, 32, 32)
+    assert ours.shape == expected.shape == (3, 3, 36, 36)
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -149,6 +152,7 @@ def test_vision_only_layouts_load_the_same_weights(clip_reference, siglip_refere
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     pixels = np.random.default_rng(3).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    siglip_pixels = np.random.default_rng(3).normal(size=(2, 3, 36, 36)).astype(np.float32)
     with_projection = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION, projection_dim=16))
     with_projection.load_state_dict({**{f"vision_model.{k}": v for k, v in clip_reference.vision_model.state_dict().items()},
                                      "visual_projection.weight": clip_reference.visual_projection.weight})
@@ -159,14 +163,14 @@ def test_vision_only_layouts_load_the_same_weights(clip_reference, siglip_refere
     with torch.no_grad():
         clip_embeds = with_projection(pixel_values=torch.from_numpy(pixels)).image_embeds.numpy()
     clip_expected = vision_outputs(clip_reference, pixels)
-    siglip_expected = vision_outputs(siglip_reference, pixels)
+    siglip_expected = vision_outputs(siglip_reference, siglip_pixels)
 
     out = weights.load_vision_tower(folders["clip_projection"])(pixels)
     assert relative_error(out.image_embeds, clip_embeds) <= FP32_TOLERANCE
     out = weights.load_vision_tower(folders["clip_plain"])(pixels)
     assert out.image_embeds is None
     assert relative_error(out.pooler_output, clip_expected.pooler_output.numpy()) <= FP32_TOLERANCE
-    out = weights.load_vision_tower(folders["siglip_plain"])(pixels)
+    out = weights.load_vision_tower(folders["siglip_plain"])(siglip_pixels)
     assert relative_error(out.pooler_output, siglip_expected.pooler_output.numpy()) <= FP32_TOLERANCE
 
 
@@ -207,7 +211,7 @@ def test_bad_folders_are_named(tmp_path):
 
 def test_wrong_image_size_is_refused(siglip_folder):
     model = weights.load_vision_tower(siglip_folder)
-    with pytest.raises(ValueError, match=r"must be \[B, 3, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"must be \[B, 3, 36, 36\]"):
         model(np.zeros((1, 3, 40, 40), np.float32))
 
 

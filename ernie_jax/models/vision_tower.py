@@ -72,8 +72,7 @@ class VisionTowerConfig:
         checks = {
             f"family must be one of {FAMILIES}": self.family in FAMILIES,
             "hidden_size must be divisible by num_attention_heads": self.hidden_size % self.num_attention_heads == 0,
-            "image_size must be a positive multiple of patch_size": self.image_size > 0 and self.patch_size > 0
-            and self.image_size % self.patch_size == 0,
+            "image_size must be at least patch_size (positive)": 0 < self.patch_size <= self.image_size,
             f"hidden_act must be one of {sorted(ACTIVATIONS)}": self.hidden_act in ACTIVATIONS,
             "projection_dim is CLIP's": self.projection_dim is None or self.family == "clip",
             "vision_use_head is SigLIP's": not self.vision_use_head or self.family == "siglip",
@@ -145,8 +144,10 @@ class LayerNorm(nnx.Module):
 
 
 class PatchEmbedding(nnx.Module):
-    """Conv2d(kernel=stride=p) as a matmul over patches, `[B, C, H, W] -> [B, N, D]`, tokens row-major; kernel
-    HWIO `[p, p, C, D]`. Unlike the DiT's `PatchEmbed`, the bias is optional (CLIP has none)."""
+    """Conv2d(kernel=stride=p, no padding) as a matmul over patches, `[B, C, H, W] -> [B, N, D]`, tokens
+    row-major, N = (H // p) (W // p); kernel HWIO `[p, p, C, D]`. Unlike the DiT's `PatchEmbed`, the bias is
+    optional (CLIP has none) and H, W need not be multiples of p: the convolution never reads the last H % p rows
+    and W % p columns (SigLIP so400m: 384 px in patches of 14, 27 x 27 patches)."""
 
     def __init__(self, config: VisionTowerConfig, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
@@ -162,7 +163,8 @@ class PatchEmbedding(nnx.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         b, c, h, w = pixel_values.shape
         p = self.patch_size
-        patches = pixel_values.astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
+        h, w = h - h % p, w - w % p
+        patches = pixel_values[:, :, :h, :w].astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
         tokens = jnp.einsum("bcyixj,ijcd->byxd", patches, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             tokens = tokens + self.bias[...].astype(self.dtype)
