@@ -100,10 +100,13 @@ def test_scorer_matches_clip_and_torch_head(head_reference, head_pth, tmp_path):
     expected = reference_scores(head_reference, predictor_normalized(features))
 
     scorer = LaionAestheticScorer.from_pretrained(folder, head_pth, batch_size=2)  # 3 images: the last batch padded
+    embeddings = scorer.embed(images())
+    assert relative_error(embeddings, predictor_normalized(features)) <= FP32_TOLERANCE
     scores = scorer(images(), prompts=["unused"] * 3)
     assert scores.shape == (3,) and scores.dtype == np.float64
     assert relative_error(scores, expected) <= FP32_TOLERANCE
-    np.testing.assert_allclose(np.linalg.norm(scorer.embed(images()), axis=1), 1.0, rtol=1e-6)
+    # The random head's biases dominate its output; the images' scores must still differ well beyond the error.
+    assert np.ptp(expected) > 100 * FP32_TOLERANCE * np.abs(expected).max()
     arrays = np.stack([np.asarray(image.convert("RGB").resize((32, 32))) for image in images()])
     assert scorer(arrays).shape == (3,)  # one uint8 [N, H, W, 3] array works as well as a list
 
