@@ -67,7 +67,8 @@ def srcc(pred, target) -> float:
 def logistic4(x, params) -> np.ndarray:
     """`b2 + (b1 - b2) * sigmoid((x - b3) / b4)` for params (b1, b2, b3, b4)."""
     b1, b2, b3, b4 = params
-    return b2 + (b1 - b2) / (1.0 + np.exp(-(np.asarray(x, np.float64) - b3) / b4))
+    with np.errstate(over="ignore"):  # exp overflowing to inf is the curve's flat end, 1 / inf = 0
+        return b2 + (b1 - b2) / (1.0 + np.exp(-(np.asarray(x, np.float64) - b3) / b4))
 
 
 def fit_logistic4(pred, target, *, max_iterations: int = 200, tolerance: float = 1e-12) -> np.ndarray:
@@ -88,7 +89,8 @@ def fit_logistic4(pred, target, *, max_iterations: int = 200, tolerance: float =
 
     def residual_and_jacobian(p):
         b1, b2, b3, b4 = p
-        s = 1.0 / (1.0 + np.exp(-(z - b3) / b4))
+        with np.errstate(over="ignore"):  # as in logistic4
+            s = 1.0 / (1.0 + np.exp(-(z - b3) / b4))
         slope = (b1 - b2) * s * (1.0 - s)
         jacobian = np.stack([s, 1.0 - s, -slope / b4, -slope * (z - b3) / b4**2], axis=1)
         return target - (b2 + (b1 - b2) * s), jacobian
