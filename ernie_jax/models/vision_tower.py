@@ -82,10 +82,6 @@ class VisionTowerConfig:
                 raise ValueError(f"bad vision tower config: {message} (got {self})")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
