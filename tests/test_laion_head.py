@@ -17,7 +17,7 @@ from conversions.safetensors_io import CheckpointError
 from ernie_jax.aesthetics.laion import LaionAestheticScorer
 from ernie_jax.data.image_preprocess import ImagePreprocessor
 from ernie_jax.models.aesthetic_head import AestheticHead
-from ernie_jax.models.vision_tower import VisionTowerConfig, init_vision_tower
+from ernie_jax.models.vision_tower import VisionTowerConfig, abstract_vision_tower
 from tests.conftest import relative_error
 from tests.test_vision_towers import CLIP_PREPROCESSOR, TEXT, VISION, images, randomise, save
 
@@ -125,7 +125,9 @@ def test_bad_head_files_are_named(head_reference, tmp_path):
 
 
 def test_scorer_refuses_a_tower_of_another_width():
-    tower = init_vision_tower(VisionTowerConfig(family="clip", hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                                                projection_dim=16, **VISION))
+    # Shapes only: the check reads the configs, no weights.
+    tower = abstract_vision_tower(VisionTowerConfig(family="clip", hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                                                    projection_dim=16, **VISION))
+    head = nnx.eval_shape(lambda: AestheticHead(rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="reads 768-d embeddings but the tower projects to 16"):
-        LaionAestheticScorer(tower, AestheticHead(rngs=nnx.Rngs(0)), ImagePreprocessor.from_config(CLIP_PREPROCESSOR))
+        LaionAestheticScorer(tower, head, ImagePreprocessor.from_config(CLIP_PREPROCESSOR))
