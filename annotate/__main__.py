@@ -18,8 +18,9 @@ def _create(args) -> None:
     from annotate.db import make_engine
 
     tokens_file = Path(args.tokens or f"{args.name}.tokens.tsv").resolve()
-    credentials = create_campaign(make_engine(args.db), args.name, args.images, parse_annotators(args.annotators),
-                                  args.rounds, args.seed, args.gold, args.gold_rate, args.url, tokens_file)
+    credentials = create_campaign(make_engine(args.db, must_exist=False), args.name, args.images,
+                                  parse_annotators(args.annotators), args.rounds, args.seed, args.gold, args.gold_rate,
+                                  args.url, tokens_file)
     print(f"campaign {args.name}: one tournament for each of {len(credentials)} annotators")
     for credential in credentials:
         print(f"{credential.annotator}\t{credential.token}\t{credential.url}")

@@ -78,17 +78,17 @@ def create_campaign(engine: Engine, name: str, images: str, annotators: list[str
         raise AnnotateError(f"the tokens file {tokens_file} exists already; choose another with --tokens")
     if not tokens_file.parent.is_dir():
         raise AnnotateError(f"the tokens file's folder {tokens_file.parent} does not exist")
-    upgrade(engine)
-    session_factory = sessions(engine)
-    with session_factory() as session:
-        if session.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
-            raise AnnotateError(f"a campaign named {name!r} exists already in this database")
     images_root, item_files = find_images(images)
     gold_root, gold_pairs = read_gold_pairs(gold_file) if gold_file else (None, [])
     try:
         template = Tournament([file.path for file in item_files], rounds=rounds, seed=seed)
     except ValueError as error:
         raise AnnotateError(f"cannot run a tournament of {len(item_files)} images: {error}") from error
+    upgrade(engine)
+    session_factory = sessions(engine)
+    with session_factory() as session:
+        if session.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
+            raise AnnotateError(f"a campaign named {name!r} exists already in this database")
 
     tokens = [auth.new_token() for _ in annotators]
     credentials = [Credential(annotator, token, f"{base_url.rstrip('/')}/#token={token}")

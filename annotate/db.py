@@ -30,8 +30,11 @@ def database_url(db: str) -> str:
     return f"sqlite:///{Path(db).expanduser().resolve()}"
 
 
-def make_engine(db: str) -> Engine:
+def make_engine(db: str, must_exist: bool = True) -> Engine:
+    """An engine on DB; a SQLite file that does not exist is an error unless MUST_EXIST is False (`create`)."""
     url = database_url(db)
+    if url.startswith("sqlite:///") and must_exist and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise AnnotateError(f"no database file {url.removeprefix('sqlite:///')}; `python -m annotate create` makes one")
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})

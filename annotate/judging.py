@@ -143,14 +143,12 @@ def read_progress(session: Session, annotator_id: int) -> Progress:
     counts = dict(session.execute(
         select(Judgment.choice, func.count()).join(Pair, Pair.id == Judgment.pair_id)
         .where(Pair.annotator_id == annotator_id).group_by(Judgment.choice)).all())
-    in_round = dict(session.execute(
-        select(func.coalesce(Judgment.choice, "open"), func.count()).select_from(Pair)
-        .outerjoin(Judgment, Judgment.pair_id == Pair.id)
-        .where(Pair.annotator_id == annotator_id, Pair.round == round_index)
-        .group_by(func.coalesce(Judgment.choice, "open"))).all())
+    in_round = dict(session.execute(  # choice -> count, None for the open pairs
+        select(Judgment.choice, func.count()).select_from(Pair).outerjoin(Judgment, Judgment.pair_id == Pair.id)
+        .where(Pair.annotator_id == annotator_id, Pair.round == round_index).group_by(Judgment.choice)).all())
     in_round.pop("skip", None)  # a skipped pair is in the round again, as its requeued copy
     return Progress(round=round_index, rounds=campaign.rounds, done=not current,
-                    judged_in_round=sum(in_round.values()) - in_round.get("open", 0),
+                    judged_in_round=sum(in_round.values()) - in_round.get(None, 0),
                     pairs_in_round=sum(in_round.values()),
                     judged_total=sum(counts.values()) - counts.get("skip", 0),
                     skipped_total=counts.get("skip", 0))

@@ -7,6 +7,7 @@ Nothing here is skipped when a system program is missing: CI installs Debian's c
 from __future__ import annotations
 
 import contextlib
+import functools
 import csv
 import glob
 import os
@@ -18,11 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from ernie_jax.aesthetics.swiss import Tournament
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +44,7 @@ def make_images(folder: Path, count: int, size: int = 8) -> list[str]:
     names = []
     for index in range(count):
         name = f"img{index:02d}.png"
-        Image.new("RGB", (size, size), (index * 37 % 256, index * 91 % 256, 128)).save(folder / name)
+        PILImage.new("RGB", (size, size), (index * 37 % 256, index * 91 % 256, 128)).save(folder / name)
         names.append(name)
     return names
 
@@ -72,7 +77,8 @@ class Service:
         self.url = ""
 
     def start(self) -> Service:
-        port = free_port()
+        """Starts the server (on the port of the previous start, if any) and waits until it answers."""
+        port = int(self.url.rsplit(":", 1)[1]) if self.url else free_port()
         self.url = f"http://127.0.0.1:{port}"
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
@@ -103,6 +109,69 @@ class Service:
 
 def client(url: str, token: str) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def choose(shown: dict) -> str:
+    """A test annotator's choice, a function of the image ids: the lower id wins, some ties."""
+    left, right = shown["left"]["id"], shown["right"]["id"]
+    if (left + right) % 5 == 0:
+        return "tie"
+    return "left" if left < right else "right"
+
+
+def _until_answered(request, deadline_s: float = 60.0) -> httpx.Response:
+    """Repeats REQUEST while the server is unreachable (killed, restarting); returns its first answer."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return request()
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def judge_tournament(url: str, token: str, acknowledged: list | None = None) -> list[tuple[int, int, int, str]]:
+    """Judges an annotator's whole tournament through the API, each judgment posted by two threads at once
+    (exactly one must record it, the other see a duplicate). A request that finds the server gone is repeated
+    until it answers. Returns the games as (0-based round, left id, right id, choice); ACKNOWLEDGED gets
+    (pair id, choice) of every judgment the server confirmed."""
+    log = []
+    with client(url, token) as http, ThreadPoolExecutor(2) as pool:
+        shown = _until_answered(lambda: http.get("/api/next")).json()
+        while not shown["done"]:
+            body = {"pair_id": shown["pair_id"], "choice": choose(shown)}
+            post = functools.partial(http.post, "/api/judgments", json=body)
+            responses = list(pool.map(_until_answered, [post, post]))
+            assert [response.status_code for response in responses] == [200, 200], [r.text for r in responses]
+            duplicates = sorted(response.json()["duplicate"] for response in responses)
+            # [False, True], or [True, True] when the server died after committing and before answering
+            assert duplicates[1], duplicates
+            log.append((shown["round"] - 1, shown["left"]["id"], shown["right"]["id"], body["choice"]))
+            if acknowledged is not None:
+                acknowledged.append((body["pair_id"], body["choice"]))
+            shown = responses[0].json()["next"]
+    return log
+
+
+def replay_logs(db: str, logs: dict[str, list]) -> dict[str, Tournament]:
+    """Each annotator's log through a Tournament seeded as `create` seeds it (annotator k: seed k), checking that
+    every game was a pairing of its round and that the tournament finished; returns the tournaments."""
+    from annotate.db import make_engine, sessions
+    from annotate.models import Campaign, Image
+
+    with sessions(make_engine(db))() as session:
+        item_ids = sorted(session.scalars(select(Image.id).where(Image.in_tournament)))
+        rounds = session.scalar(select(Campaign.rounds))
+    tournaments = {}
+    for seed, (name, log) in enumerate(logs.items()):
+        tournament = Tournament(item_ids, rounds=rounds, seed=seed)
+        for round_index, left, right, choice in log:
+            assert tournament.round == round_index and (left, right) in tournament.pending(), (name, left, right)
+            tournament.record(left, right, choice)
+        assert tournament.done, name
+        tournaments[name] = tournament
+    return tournaments
 
 
 def _postgres_bin() -> Path:
