@@ -42,7 +42,7 @@ def _status(args) -> None:
 
     engine = make_engine(args.db)
     check_current(engine)
-    with sessions(engine)() as session:
+    with sessions(engine, read_only=True)() as session:
         print(status_text(campaign_reports(session, args.name)), end="")
 
 
@@ -52,7 +52,7 @@ def _export(args) -> None:
 
     engine = make_engine(args.db)
     check_current(engine)
-    with sessions(engine)() as session:
+    with sessions(engine, read_only=True)() as session:
         [report] = campaign_reports(session, args.name)
     exclude = {name.strip() for name in args.exclude.split(",") if name.strip()}
     for path in write_export(report, Path(args.out).resolve(), exclude):

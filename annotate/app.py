@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 
 from annotate import auth
-from annotate.db import check_current, make_engine, sessions
+from annotate.db import check_current, make_engine
 from annotate.errors import AnnotateError
 from annotate.judging import Judging, Progress, Who, image_file
 
@@ -86,7 +86,7 @@ def create_app(db: str, images_root: Path | None = None) -> FastAPI:
     images' folder recorded at `create` (for a deployment that moved them)."""
     engine = make_engine(db)
     check_current(engine)
-    judging = Judging(sessions(engine))
+    judging = Judging(engine)
     missing = judging.missing_files(images_root)
     if missing:
         raise AnnotateError(f"{len(missing)} image files of the database are missing, e.g. {missing[0]}; "

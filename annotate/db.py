@@ -3,7 +3,8 @@
 `--db` takes a SQLite file path or any SQLAlchemy URL (`postgresql+psycopg://user@host/db`). SQLite runs in
 WAL mode with full fsync at commit, and every transaction begins IMMEDIATE: writers queue on the database
 lock (up to the busy timeout) instead of failing when a read snapshot goes stale. PostgreSQL needs nothing
-special: writes lock their annotator's row (judging.py).
+special: writes lock their annotator's row (judging.py). Sessions that only read begin DEFERRED, so that on
+SQLite a long read (replaying a tournament, an export) does not hold up the writers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from annotate.errors import AnnotateError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_READ_ONLY = "annotate_read_only"  # an execution option of the read-only sessions
 
 
 def database_url(db: str) -> str:
@@ -49,14 +51,17 @@ def make_engine(db: str, must_exist: bool = True) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    def _begin(connection):
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
 
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def sessions(engine: Engine, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on ENGINE. READ_ONLY ones (that must not write) begin DEFERRED on SQLite: in WAL mode they read
+    a snapshot without waiting for, or blocking, the writers."""
+    return sessionmaker(engine.execution_options(**{_READ_ONLY: read_only}), expire_on_commit=False)
 
 
 def _alembic_config(engine: Engine) -> Config:

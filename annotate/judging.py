@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.orm import Session
 
+from annotate.db import sessions
 from annotate.errors import AnnotateError
 from annotate.models import Annotator, Campaign, GoldPair, Image, Judgment, Pair
 from ernie_jax.aesthetics.swiss import Tournament
@@ -157,13 +158,14 @@ def read_progress(session: Session, annotator_id: int) -> Progress:
 class Judging:
     """The queue operations on one database, with a cache of replayed tournaments (thread-safe)."""
 
-    def __init__(self, session_factory: sessionmaker[Session]):
-        self.session_factory = session_factory
+    def __init__(self, engine: Engine):
+        self.read_sessions = sessions(engine, read_only=True)
+        self.write_sessions = sessions(engine)
         self._cache: dict[int, tuple[int, Tournament]] = {}
         self._cache_lock = threading.Lock()
 
     def who(self, token_sha256: str) -> Who | None:
-        with self.session_factory() as session:
+        with self.read_sessions() as session:
             row = session.execute(
                 select(Annotator.id, Annotator.name, Campaign.id, Campaign.name, Campaign.signing_key)
                 .join(Campaign, Campaign.id == Annotator.campaign_id)
@@ -172,7 +174,7 @@ class Judging:
 
     def next_pairs(self, annotator_id: int, count: int = 2) -> tuple[list[tuple[Pair, Image, Image]], Progress]:
         """The next `count` pairs to judge (with their images) and the annotator's progress."""
-        with self.session_factory() as session, session.begin():
+        with self.read_sessions() as session, session.begin():
             pairs = open_pairs(session, annotator_id, count)
             images = {image.id: image for image in session.scalars(
                 select(Image).where(Image.id.in_({pair.left_id for pair in pairs} | {pair.right_id for pair in pairs})))}
@@ -180,25 +182,25 @@ class Judging:
                     read_progress(session, annotator_id))
 
     def progress(self, annotator_id: int) -> Progress:
-        with self.session_factory() as session, session.begin():
+        with self.read_sessions() as session, session.begin():
             return read_progress(session, annotator_id)
 
     def missing_files(self, images_root: Path | None) -> list[Path]:
         """The image files of every campaign that are not on disk."""
-        with self.session_factory() as session:
+        with self.read_sessions() as session:
             rows = session.execute(select(Image, Campaign).join(Campaign, Campaign.id == Image.campaign_id)).all()
         return [file for file in (image_file(image, campaign, images_root) for image, campaign in rows)
                 if not file.is_file()]
 
     def signing_key(self, annotator_id: int) -> str | None:
         """The signing key of the annotator's campaign (None for an unknown annotator)."""
-        with self.session_factory() as session:
+        with self.read_sessions() as session:
             return session.scalar(select(Campaign.signing_key).join(Annotator, Annotator.campaign_id == Campaign.id)
                                   .where(Annotator.id == annotator_id))
 
     def image(self, annotator_id: int, image_id: int) -> tuple[Image, Campaign]:
         """The image if it belongs to the annotator's campaign (its items and gold images), else NotFound."""
-        with self.session_factory() as session:
+        with self.read_sessions() as session:
             row = session.execute(
                 select(Image, Campaign).join(Campaign, Campaign.id == Image.campaign_id)
                 .join(Annotator, Annotator.campaign_id == Campaign.id)
@@ -211,7 +213,9 @@ class Judging:
         """Records CHOICE for the pair; returns False when the same judgment was already recorded (nothing
         changes). Raises NotFound, Forbidden (another annotator's pair) or Conflict (a different judgment
         already stands, or the pair is not the one to judge now)."""
-        with self.session_factory() as session:
+        # Replaying can take seconds for a large tournament, so it happens before the lock (see _take_tournament).
+        prepared_version, tournament = self._take_tournament(annotator_id)
+        with self.write_sessions() as session:
             with session.begin():
                 version = self._lock(session, annotator_id)
                 pair = session.get(Pair, pair_id)
@@ -222,6 +226,7 @@ class Judging:
                 earlier = session.scalar(select(Judgment.choice).where(Judgment.pair_id == pair_id))
                 current = open_pairs(session, annotator_id, 1)
                 if earlier == choice:
+                    self._put_back(annotator_id, prepared_version, tournament)
                     return False
                 if earlier is not None:
                     now = f"round {current[0].round + 1}" if current else "the tournament is finished"
@@ -230,8 +235,9 @@ class Judging:
                 if current[0].id != pair_id:
                     raise Conflict(f"pair {pair_id} is not the pair to judge now (pair {current[0].id}, round "
                                    f"{current[0].round + 1}); GET /api/next")
-                # Replayed (if it must be) before this judgment is in the session, so the replay does not hold it.
-                tournament = self._take_tournament(session, annotator_id, version)
+                if version != prepared_version:  # a write came in between: replay again, under the lock
+                    tournament = replay_tournament(session, *self._annotator(session, annotator_id))
+                self._bump(session, annotator_id, version)
                 session.add(Judgment(pair_id=pair_id, choice=choice, created_at=datetime.now(timezone.utc)))
                 if choice == "skip":
                     last_position = session.scalar(select(func.max(Pair.position)).where(
@@ -244,14 +250,13 @@ class Judging:
                 session.flush()
                 if not open_pairs(session, annotator_id, 1) and not tournament.done:
                     queue_round(session, *self._annotator(session, annotator_id), tournament)
-            with self._cache_lock:
-                self._cache[annotator_id] = (version + 1, tournament)
+            self._put_back(annotator_id, version + 1, tournament)
         return True
 
     def undo_last(self, annotator_id: int) -> tuple[int, str]:
         """Removes the annotator's last judgment if it lies in the current round; returns (pair id, choice)."""
-        with self.session_factory() as session, session.begin():
-            self._lock(session, annotator_id)
+        with self.write_sessions() as session, session.begin():
+            version = self._lock(session, annotator_id)
             last = session.execute(
                 select(Judgment, Pair).join(Pair, Pair.id == Judgment.pair_id)
                 .where(Pair.annotator_id == annotator_id).order_by(Judgment.id.desc()).limit(1)).first()
@@ -262,28 +267,37 @@ class Judging:
             if current and current[0].round != pair.round:
                 raise Conflict(f"the last judgment closed round {pair.round + 1}, and round {current[0].round + 1} "
                                "is paired on its results; undo works within the current round only")
+            self._bump(session, annotator_id, version)
             if judgment.choice == "skip":
                 session.execute(delete(Pair).where(Pair.requeued_from_id == pair.id))
             session.delete(judgment)
-        with self._cache_lock:
-            self._cache.pop(annotator_id, None)
         return pair.id, judgment.choice
 
     def _lock(self, session: Session, annotator_id: int) -> int:
-        """Takes the annotator's row lock for this transaction; returns the version before this write."""
-        version = session.scalar(update(Annotator).where(Annotator.id == annotator_id)
-                                 .values(version=Annotator.version + 1).returning(Annotator.version))
-        return version - 1
+        """Locks the annotator's row for this transaction (SQLite: the whole database, since the transaction
+        began IMMEDIATE); returns its version."""
+        return session.scalar(select(Annotator.version).where(Annotator.id == annotator_id).with_for_update())
+
+    def _bump(self, session: Session, annotator_id: int, version: int) -> None:
+        session.execute(update(Annotator).where(Annotator.id == annotator_id).values(version=version + 1))
 
     def _annotator(self, session: Session, annotator_id: int) -> tuple[Annotator, Campaign]:
         annotator = session.get(Annotator, annotator_id)
         return annotator, session.get(Campaign, annotator.campaign_id)
 
-    def _take_tournament(self, session: Session, annotator_id: int, version: int) -> Tournament:
-        """The annotator's tournament as of `version`: from the cache if nobody wrote since, else replayed.
-        It leaves the cache, since the caller changes it; the caller puts it back once its write commits."""
+    def _take_tournament(self, annotator_id: int) -> tuple[int, Tournament]:
+        """(version, the annotator's tournament at that version): from the cache if nobody wrote since, else
+        replayed in a read-only transaction. It leaves the cache, since the caller changes it."""
         with self._cache_lock:
             cached = self._cache.pop(annotator_id, None)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        return replay_tournament(session, *self._annotator(session, annotator_id))
+        with self.read_sessions() as session, session.begin():
+            # Read before the games: should a write land in between, the tag is older than the state, and the
+            # writer's version check replays again.
+            version = session.scalar(select(Annotator.version).where(Annotator.id == annotator_id))
+            if cached is not None and cached[0] == version:
+                return cached
+            return version, replay_tournament(session, *self._annotator(session, annotator_id))
+
+    def _put_back(self, annotator_id: int, version: int, tournament: Tournament) -> None:
+        with self._cache_lock:
+            self._cache[annotator_id] = (version, tournament)
