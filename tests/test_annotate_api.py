@@ -101,7 +101,7 @@ def replay(campaign, log, seed):
     return tournament
 
 
-def test_whole_tournaments_export_what_the_annotators_logs_replay_to(campaign):
+def test_whole_tournaments_export_what_the_annotators_logs_replay_to(campaign, capsys):
     """Alice prefers low folder indices and answers gold right, Bob the opposite. Each log replays through a
     Tournament with the service's seed (annotator k: seed k) pairing for pairing, so the service showed exactly
     the Swiss pairs; the export's points, Bradley-Terry scores, levels, aggregated levels, gold agreement (1 and
@@ -145,6 +145,13 @@ def test_whole_tournaments_export_what_the_annotators_logs_replay_to(campaign):
     assert (rows["alice"]["gold_agreement"], rows["bob"]["gold_agreement"]) == (1.0, 0.0)
     assert rows["alice"]["gold_judged"] == rows["bob"]["gold_judged"] == 3
     assert rows["alice"]["agreement_with_others"] == pytest.approx(tau)
+
+    capsys.readouterr()
+    assert main(["status", "--db", campaign["db"]]) == 0
+    status = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    # annotator, round, in round, judged, skipped, gold agreement, (gold judged), vs others, state
+    assert status["alice"] == ["alice", "3/3", "4/4", "12", "3", "1.00", "(3)", f"{tau:.2f}", "done"]
+    assert status["bob"] == ["bob", "3/3", "4/4", "12", "3", "0.00", "(3)", f"{tau:.2f}", "done"]
 
 
 def test_errors_answer_4xx_and_change_nothing(campaign):
