@@ -93,7 +93,8 @@ def create_app(db: str, images_root: Path | None = None) -> FastAPI:
                             "pass the folder that holds them with --images")
     bearer = HTTPBearer(auto_error=False, description="the annotator's token, as printed by `create`")
     app = FastAPI(title="Swiss-tournament annotation", version="1",
-                  description="Each annotator judges image pairs of their own Swiss tournament. See docs/annotation.md.")
+                  description="Each annotator judges image pairs of their own Swiss tournament "
+                              "(docs/annotation.md).")
 
     @app.exception_handler(AnnotateError)
     def _annotate_error(_request: Request, error: AnnotateError) -> JSONResponse:

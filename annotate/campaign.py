@@ -96,7 +96,8 @@ def create_campaign(engine: Engine, name: str, images: str, annotators: list[str
     temporary = _write_private(tokens_file, "".join(f"{c.annotator}\t{c.token}\t{c.url}\n" for c in credentials))
     try:
         with session_factory() as session, session.begin():
-            campaign = Campaign(name=name, images_root=str(images_root), gold_root=str(gold_root) if gold_root else None,
+            campaign = Campaign(name=name, images_root=str(images_root),
+                                gold_root=str(gold_root) if gold_root else None,
                                 rounds=template.rounds, gold_rate=gold_rate, signing_key=auth.new_signing_key(),
                                 created_at=datetime.now(timezone.utc))
             session.add(campaign)

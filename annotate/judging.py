@@ -2,14 +2,14 @@
 
 A tournament's state is not stored: `Tournament(item_ids, rounds, seed)` plus its recorded games determine
 it, so `replay_tournament` rebuilds it from the judgments, round by round, in the order they were given. A
-round's pairs are written to the pairs table when the round starts (shuffled, gold pairs mixed in), and the
-annotator judges them in that order; "skip" puts the pair at the end of the round again. When the last pair
-of a round is judged, the next round is paired in the same transaction, so the queue is always complete and
-a restarted server resumes exactly where the database says.
+round's pairs are written to the pairs table when the round starts (in the order pairings() lists them, gold
+pairs mixed in), and the annotator judges them in that order; "skip" puts the pair at the end of the round
+again. When the last pair of a round is judged, the next round is paired in the same transaction, so the queue
+is always complete and a restarted server resumes exactly where the database says.
 
-Every write begins by bumping its annotator's `version` (UPDATE ... RETURNING): that row lock serialises one
-annotator's writes on PostgreSQL (SQLite serialises all writes anyway), and the version tags the process-local
-cache of replayed tournaments, which is valid only while nobody else has written.
+Every write first locks its annotator's row (SELECT ... FOR UPDATE on PostgreSQL; SQLite serialises all
+writes), so one annotator's writes run one at a time, and bumps the row's `version` if it changes anything.
+The version tags the process-local cache of replayed tournaments, valid only while nobody else has written.
 """
 
 from __future__ import annotations
@@ -176,8 +176,8 @@ class Judging:
         """The next `count` pairs to judge (with their images) and the annotator's progress."""
         with self.read_sessions() as session, session.begin():
             pairs = open_pairs(session, annotator_id, count)
-            images = {image.id: image for image in session.scalars(
-                select(Image).where(Image.id.in_({pair.left_id for pair in pairs} | {pair.right_id for pair in pairs})))}
+            image_ids = {pair.left_id for pair in pairs} | {pair.right_id for pair in pairs}
+            images = {image.id: image for image in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
             return ([(pair, images[pair.left_id], images[pair.right_id]) for pair in pairs],
                     read_progress(session, annotator_id))
 

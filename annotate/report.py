@@ -81,7 +81,8 @@ def campaign_reports(session: Session, name: str | None = None) -> list[Campaign
             taus = [ranking.kendall_tau(strengths[index], other) for other_index, other in enumerate(strengths)
                     if other_index != index]
             gold_judged, gold_agreement = _gold_agreement(session, annotator.id)
-            rows.append(AnnotatorReport(annotator.name, read_progress(session, annotator.id), gold_judged, gold_agreement,
+            rows.append(AnnotatorReport(annotator.name, read_progress(session, annotator.id), gold_judged,
+                                        gold_agreement,
                                         float(np.mean(taus)) if taus else math.nan, tournament))
         reports.append(CampaignReport(campaign.name, item_paths, rows))
     return reports
@@ -136,7 +137,8 @@ def export_tables(report: CampaignReport, exclude: set[str]) -> tuple[list[dict]
         for item, item_row in enumerate(item_rows):
             item_id = row.tournament.item_ids[item]
             item_row.update({f"{row.name}:points": points[item_id], f"{row.name}:bt": float(fit.scores[item]),
-                             f"{row.name}:bt_low": float(fit.lower[item]), f"{row.name}:bt_high": float(fit.upper[item]),
+                             f"{row.name}:bt_low": float(fit.lower[item]),
+                             f"{row.name}:bt_high": float(fit.upper[item]),
                              f"{row.name}:level": int(levels[item])})
         state = row.progress
         annotator_rows.append({

@@ -4,7 +4,10 @@ error, exit code 1 and leaves the database and the tokens file untouched."""
 from __future__ import annotations
 
 import hashlib
+import re
 import stat
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import func, select
@@ -12,7 +15,7 @@ from sqlalchemy import func, select
 from annotate.__main__ import main
 from annotate.db import make_engine, sessions
 from annotate.models import Annotator, Campaign, Pair
-from tests.annotate_servers import create_campaign, make_images, run_cli
+from tests.annotate_servers import REPO, create_campaign, make_images, run_cli
 
 
 def test_create_prints_tokens_and_writes_them_for_the_owner_only(tmp_path):
@@ -116,3 +119,31 @@ def test_commands_on_a_missing_database_or_campaign_fail_clearly(tmp_path, capsy
     assert main(["export", "--db", db, "--name", "study", "--out", str(tmp_path / "x.csv"), "--exclude", "a"]) == 1
     assert "leaves no annotator" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_serve_refuses_missing_images_and_upgrade_is_idempotent(tmp_path, capsys):
+    """`serve` names a deleted image file before it binds a port (and starts once --images points at a copy);
+    `upgrade` on an up-to-date database changes nothing."""
+    db = str(tmp_path / "a.db")
+    make_images(tmp_path / "images", 4)
+    create_campaign(db, tmp_path / "images", "study", ["a"], 2, tmp_path)
+    assert main(["upgrade", "--db", db]) == 0
+    (tmp_path / "images" / "img02.png").unlink()
+    capsys.readouterr()
+    assert main(["serve", "--db", db, "--port", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "1 image files of the database are missing" in error and "img02.png" in error
+
+
+def test_the_library_imports_nothing_of_the_service():
+    """ernie_jax (the aesthetics modules included) imports neither this package nor its web and database
+    dependencies: a fresh interpreter that imports them has none of those modules loaded."""
+    code = ("import sys, ernie_jax, ernie_jax.aesthetics.swiss, ernie_jax.aesthetics.ranking\n"
+            "service = {'annotate', 'fastapi', 'starlette', 'sqlalchemy', 'alembic', 'uvicorn', 'psycopg'}\n"
+            "print(sorted(service & {name.split('.')[0] for name in sys.modules}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+    importing = [path for path in (REPO / "ernie_jax").rglob("*.py")
+                 if re.search(r"^\s*(import|from) annotate\b", path.read_text(), re.MULTILINE)]
+    assert importing == []

@@ -49,7 +49,8 @@ def _schema(engine) -> dict:
             "unique": sorted((u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)),
             "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
                               for i in inspector.get_indexes(table)),
-            "checks": sorted((c["name"], " ".join(c["sqltext"].split())) for c in inspector.get_check_constraints(table)),
+            "checks": sorted((c["name"], " ".join(c["sqltext"].split()))
+                             for c in inspector.get_check_constraints(table)),
         }
     return tables
 
