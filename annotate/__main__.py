@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--db", required=True, help=DB_HELP)
     create.add_argument("--images", required=True, help="a folder of images, or a manifest: one image path per "
                                                         "line, relative to the manifest's folder")
-    create.add_argument("--name", required=True, help="the campaign's name (unique in the database)")
+    create.add_argument("--name", required=True, help="the campaign's name, unique in the database "
+                                                      "(letters, digits, _ . @ -)")
     create.add_argument("--annotators", required=True, help="comma-separated annotator names: a,b,c")
     create.add_argument("--rounds", type=int, help="Swiss rounds (default: ceil(log2 images), capped)")
     create.add_argument("--seed", type=int, default=0, help="pairing seed; annotator k gets SEED + k")

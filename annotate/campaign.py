@@ -66,8 +66,8 @@ def create_campaign(engine: Engine, name: str, images: str, annotators: list[str
                     seed: int, gold_file: str | None, gold_rate: float | None, base_url: str,
                     tokens_file: Path) -> list[Credential]:
     """Creates campaign NAME (see the module docstring) and returns each annotator's token and page URL."""
-    if not name.strip():
-        raise AnnotateError("--name must not be empty")
+    if not _NAME.match(name):
+        raise AnnotateError(f"campaign name {name!r}: use letters, digits and _ . @ - (at most 100)")
     if gold_rate is None:
         gold_rate = 0.1 if gold_file else 0.0
     if not 0 <= gold_rate <= MAX_GOLD_RATE:

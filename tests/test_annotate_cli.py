@@ -75,6 +75,7 @@ def _bad_inputs(tmp_path):
         ("too many rounds", ["--images", str(good), "--rounds", "9"], "rounds must be"),
         ("duplicate annotator", ["--images", str(good), "--annotators", "a,b,a"], "lists a name twice"),
         ("duplicate name", ["--images", str(good), "--name", "taken"], "exists already"),
+        ("bad name", ["--images", str(good), "--name", "../up"], "campaign name"),
         ("gold rate", ["--images", str(good), "--gold-rate", "0.2"], "needs gold pairs"),
     ]
 
