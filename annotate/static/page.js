@@ -95,7 +95,8 @@ function judge(choice) {
 function undo() { act(() => api("DELETE", "/api/judgments/last"), null); }
 
 document.addEventListener("keydown", (event) => {
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  // A held key repeats: without this it would judge the next pair too, unseen.
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
   if (KEYS[event.key]) { event.preventDefault(); judge(KEYS[event.key]); }
   else if (event.key === "z" || event.key === "Z") { event.preventDefault(); undo(); }
 });
