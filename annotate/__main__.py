@@ -55,7 +55,7 @@ def _export(args) -> None:
     with sessions(engine, read_only=True)() as session:
         [report] = campaign_reports(session, args.name)
     exclude = {name.strip() for name in args.exclude.split(",") if name.strip()}
-    for path in write_export(report, Path(args.out).resolve(), exclude):
+    for path in write_export(report, Path(args.out).resolve(), exclude, args.bootstrap):
         print(f"wrote {path}")
 
 
@@ -113,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--name", required=True, help="the campaign")
     export.add_argument("--out", required=True, help="FILE.csv or FILE.json")
     export.add_argument("--exclude", default="", help="annotators to leave out of the aggregated level: a,b")
+    export.add_argument("--bootstrap", type=int, default=200, help="resamples for the 90%% intervals (each a "
+                                                                   "Bradley-Terry fit; fewer for big campaigns)")
     export.set_defaults(run=_export)
 
     upgrade = commands.add_parser("upgrade", help="bring the database schema to this version",

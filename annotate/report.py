@@ -110,8 +110,10 @@ def status_text(reports: list[CampaignReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_tables(report: CampaignReport, exclude: set[str]) -> tuple[list[dict], list[dict]]:
-    """(one row per item, one row per annotator). EXCLUDE: annotators left out of the aggregated level."""
+def export_tables(report: CampaignReport, exclude: set[str], num_bootstrap: int = NUM_BOOTSTRAP
+                  ) -> tuple[list[dict], list[dict]]:
+    """(one row per item, one row per annotator). EXCLUDE: annotators left out of the aggregated level;
+    NUM_BOOTSTRAP: resamples for the Bradley-Terry intervals."""
     unknown = exclude - {row.name for row in report.annotators}
     if unknown:
         raise AnnotateError(f"--exclude names no annotator of campaign {report.name}: {', '.join(sorted(unknown))}")
@@ -130,7 +132,7 @@ def export_tables(report: CampaignReport, exclude: set[str]) -> tuple[list[dict]
                  for item, path in enumerate(report.item_paths)]
     annotator_rows = []
     for row in report.annotators:
-        fit = ranking.bradley_terry(num_items, index_judgments[row.name], num_bootstrap=NUM_BOOTSTRAP,
+        fit = ranking.bradley_terry(num_items, index_judgments[row.name], num_bootstrap=num_bootstrap,
                                     confidence=CONFIDENCE)
         levels = ranking.levels_from_scores(fit.scores, NUM_LEVELS)
         points = {standing.item_id: standing.points for standing in row.tournament.standings()}
@@ -171,15 +173,19 @@ def _write_atomically(files: dict[Path, str]) -> None:
             temporary.unlink(missing_ok=True)
 
 
-def write_export(report: CampaignReport, out: Path, exclude: set[str]) -> list[Path]:
+def write_export(report: CampaignReport, out: Path, exclude: set[str], num_bootstrap: int = NUM_BOOTSTRAP
+                 ) -> list[Path]:
     """Writes OUT (.json: items and annotators; .csv: items, with OUT's stem + .annotators.csv beside it)."""
     if out.suffix not in (".csv", ".json"):
         raise AnnotateError(f"--out {out}: the file name must end in .csv or .json")
     if not out.parent.is_dir():
         raise AnnotateError(f"--out {out}: the folder {out.parent} does not exist")
-    item_rows, annotator_rows = export_tables(report, exclude)
+    if num_bootstrap < 1:
+        raise AnnotateError(f"--bootstrap must be at least 1, got {num_bootstrap}")
+    item_rows, annotator_rows = export_tables(report, exclude, num_bootstrap)
     if out.suffix == ".json":
         document = {"campaign": report.name, "num_levels": NUM_LEVELS, "confidence": CONFIDENCE,
+                    "num_bootstrap": num_bootstrap,
                     "items": item_rows, "annotators": annotator_rows}
         files = {out: json.dumps(document, indent=1) + "\n"}
     else:

@@ -33,7 +33,7 @@ def database(request, tmp_path):
     """A fresh, empty database of each kind (a SQLite path or a PostgreSQL URL)."""
     if request.param == "sqlite":
         return str(tmp_path / "annotations.db")
-    return new_database(request.getfixturevalue("postgres"), f"test_{request.node.name.split('[')[0][-40:]}")
+    return new_database(request.getfixturevalue("postgres"), f"test_{request.node.name.split('[')[0][-50:]}")
 
 
 def _schema(engine) -> dict:
@@ -97,12 +97,12 @@ def test_eight_annotators_at_once_lose_and_double_nothing(database, tmp_path):
     replay_logs(database, logs)
 
 
-def test_a_killed_server_loses_no_judgment_and_resumes(tmp_path):
+def test_a_killed_server_loses_no_judgment_and_resumes(database, tmp_path):
     """4 annotators judge while the server is killed with SIGKILL (twice, at about 10 and 25 confirmed
     judgments) and restarted; their clients repeat what got no answer. Every judgment the server confirmed is in
     the database, nothing is recorded twice, and the logs replay through Tournaments: each round went on where
     it stopped."""
-    db = str(tmp_path / "annotations.db")
+    db = database
     make_images(tmp_path / "images", 8)
     names = ANNOTATORS[:4]
     tokens = create_campaign(db, tmp_path / "images", "study", names, 3, tmp_path)
