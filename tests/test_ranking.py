@@ -57,6 +57,7 @@ def test_two_items_closed_form_and_unbeaten_item_stays_finite():
     unbeaten = [(0, other, 1) for other in range(1, 5)] + [(1, 2, 1), (2, 3, 0.5), (3, 4, 0)]
     scores = ranking.bradley_terry(6, unbeaten).scores
     assert np.all(np.isfinite(scores)) and np.argmax(scores) == 0 and scores[5] == 0.0
+    np.testing.assert_array_equal(ranking.bradley_terry(3, []).scores, np.zeros(3))
 
 
 def test_bootstrap_intervals():
