@@ -1,7 +1,8 @@
 """The annotation page end to end in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright;
 no browser is downloaded): an annotator completes a tournament by keyboard only, skipping one pair and undoing
 one judgment, and the exported levels equal those computed from the annotator's own log. A screenshot of the
-page is saved under the test's tmp dir (its path is printed)."""
+page is saved under the test's tmp dir (its path is printed: `pytest -rP` shows it, and the JUnit XML report
+holds it as the property `screenshot`)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _press(page, key: str, shown_pair: str | None) -> dict:
     return _state(page)
 
 
-def test_an_annotator_completes_a_tournament_by_keyboard(browser_page, tmp_path):
+def test_an_annotator_completes_a_tournament_by_keyboard(browser_page, tmp_path, record_property):
     page = browser_page
     make_images(tmp_path / "images", NUM_ITEMS, size=24)
     db = str(tmp_path / "annotations.db")
@@ -83,7 +84,8 @@ def test_an_annotator_completes_a_tournament_by_keyboard(browser_page, tmp_path)
             assert box["width"] > 0.45 * 1366 and box["height"] > 0.75 * 768, (side, box)
         screenshot = tmp_path / "annotation_page.png"
         page.screenshot(path=str(screenshot))
-        print(f"screenshot of the annotation page: {screenshot}")
+        print(f"screenshot of the annotation page: {screenshot}")  # shown with pytest -rP
+        record_property("screenshot", str(screenshot))
 
         log, skipped, undone = [], False, False
         while shown["state"] != "done":
