@@ -4,6 +4,7 @@ error, exit code 1 and leaves the database and the tokens file untouched."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import stat
 import subprocess
@@ -102,8 +103,8 @@ def test_bad_create_input_is_one_error_and_writes_nothing(tmp_path, capsys):
 
 
 def test_commands_on_a_missing_database_or_campaign_fail_clearly(tmp_path, capsys):
-    """status/export/serve on a file that is not there do not create it; export of an unknown campaign or to
-    an unknown format names the problem."""
+    """status/export on a file that is not there do not create it; export of an unknown campaign or to an
+    unknown format names the problem; on a campaign without judgments both work."""
     missing = tmp_path / "missing.db"
     for argv in (["status", "--db", str(missing)], ["export", "--db", str(missing), "--name", "x", "--out", "x.csv"]):
         assert main(argv) == 1
@@ -120,6 +121,13 @@ def test_commands_on_a_missing_database_or_campaign_fail_clearly(tmp_path, capsy
     assert main(["export", "--db", db, "--name", "study", "--out", str(tmp_path / "x.csv"), "--exclude", "a"]) == 1
     assert "leaves no annotator" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.*"))
+    # before the first judgment: status and export work, every score 0 and every level the same
+    assert main(["status", "--db", db]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["a", "1/2", "0/2", "0", "0", "-", "(0)", "-",
+                                                               "judging"]
+    assert main(["export", "--db", db, "--name", "study", "--out", str(tmp_path / "x.json")]) == 0
+    items = json.loads((tmp_path / "x.json").read_text())["items"]
+    assert {row["a:bt"] for row in items} == {0.0} and len({row["level"] for row in items}) == 1
 
 
 def test_serve_refuses_missing_images_and_upgrade_is_idempotent(tmp_path, capsys):
