@@ -87,7 +87,8 @@ def test_the_pairs_stage_ranks_samples_by_the_scorer(scorer_files, random_pipeli
         record = source[position]
         origin = record["origin"]
         sample_rewards = np.array(origin["sample_rewards"])
-        assert origin["chosen"] == int(np.argmax(sample_rewards)) and origin["rejected"] == int(np.argmin(sample_rewards))
+        assert origin["chosen"] == int(np.argmax(sample_rewards))
+        assert origin["rejected"] == int(np.argmin(sample_rewards))
         # The stored chosen and rejected images, decoded as the pair maker decodes them, scored by the reference.
         images = (np.asarray(pipeline.decode_latents(record["latents"])) * 255).round().astype(np.uint8)
         expected = reference(images)
