@@ -115,6 +115,15 @@ def test_a_killed_job_resumes_to_the_same_bytes(data, scored, tmp_path):
     assert sorted(path.name for path in (out / job.CHUNKS_DIR).glob("chunk-*")) == ["chunk-000000.npz",
                                                                                    "chunk-000001.npz"]
     assert not (out / MANIFEST_FILE).exists()
+    # Killed while writing chunk 2: no partial chunk is left behind.
+    def killed_while_writing(file, **arrays):
+        file.write(b"partial")
+        raise Interrupted
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted):
+        patch.setattr(np, "savez", killed_while_writing)
+        run(data, out)
+    assert sorted(path.name for path in (out / job.CHUNKS_DIR).iterdir()) == ["chunk-000000.npz", "chunk-000001.npz"]
     resumed = CountingScorer()
     metadata = run(data, out, resumed)
     assert resumed.images == 18 - 2 * CHUNK  # only chunks 2 and 3 are scored again

@@ -31,6 +31,7 @@ import collections
 import json
 import os
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,12 +54,16 @@ def chunk_path(out_dir: Path, chunk: int) -> Path:
 
 
 def write_atomically(path: Path, write) -> None:
-    """`write(file)` into a hidden staging file beside `path`, then renamed to it: a kill leaves no partial
-    `path` (at most the staging file, which the next attempt overwrites)."""
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "wb") as file:
-        write(file)
-    os.replace(staging, path)
+    """`write(file)` into a hidden staging file beside `path`, then renamed to it, so that a reader never sees a
+    partial `path`. The staging name is unique (hosts may write the same shared file at once); a failure
+    removes it, only a kill leaves it behind."""
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(staging, "wb") as file:
+            write(file)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def _read(source, index: int) -> tuple[np.ndarray | None, str, str]:
@@ -159,6 +164,8 @@ def score_data(source, scorer, out_dir: str | os.PathLike, *, source_path: str, 
         raise ValueError(f"category_quantile must be in [0, 1], got {category_quantile}")
     out_dir = Path(out_dir)
     num_records = len(source)
+    if not num_records:
+        raise ValueError(f"{source!r} has no records to score")
     num_chunks = -(-num_records // chunk_size)
     chunks = shard_indices(num_chunks, shard_index, shard_count)
     job = {"source": source_path, "source_records": num_records, "scorer": scorer_spec, "chunk_size": chunk_size,
