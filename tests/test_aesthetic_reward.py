@@ -16,12 +16,11 @@ from tests.test_vision_towers import CLIP_PREPROCESSOR, TEXT, VISION, randomise,
 FP32_TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def scorer_files(tmp_path_factory):
-    """(CLIP folder, head .pth, reference scorer of uint8 images [N, H, W, 3])."""
+def write_tiny_scorer(folder):
+    """A tiny random CLIP folder and a LAION head .pth under `folder`: (CLIP folder, head file, the reference
+    scorer of uint8 images [N, H, W, 3])."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    folder = tmp_path_factory.mktemp("scorer")
     torch.manual_seed(3)
     clip = randomise(CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=768)), 103)
     clip_folder = save(clip, folder / "clip", CLIP_PREPROCESSOR)
@@ -44,6 +43,11 @@ def scorer_files(tmp_path_factory):
             return head(embeddings)[:, 0].numpy().astype(np.float64)
 
     return clip_folder, folder / "head.pth", reference
+
+
+@pytest.fixture(scope="module")
+def scorer_files(tmp_path_factory):
+    return write_tiny_scorer(tmp_path_factory.mktemp("scorer"))
 
 
 def test_the_reward_is_the_scorers_score(scorer_files):

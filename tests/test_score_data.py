@@ -17,6 +17,7 @@ from ernie_jax.aesthetics import score_data as job
 from ernie_jax.aesthetics import scorers
 from ernie_jax.data.precompute import open_source
 from ernie_jax.data.scored import MANIFEST_FILE, ScoredSource
+from tests.test_aesthetic_reward import write_tiny_scorer
 
 # Category -> the grey levels of its images (one image each); one more file is not an image.
 LEVELS = {"bright": [200, 210, 220, 230, 240, 250], "dim": [40, 60, 80, 100, 120, 140, 160, 180], "dark": [10, 20, 30]}
@@ -200,7 +201,27 @@ def test_command_line(data, scored, tmp_path, monkeypatch, capsys):
     assert "expected KIND:ARGUMENT with KIND one of" in capsys.readouterr().err
     assert run_command(job.main, ["--scorer", "test:x", "--source", str(data), "--out", str(data)]) == 1
     assert "is the source itself" in capsys.readouterr().err
+    assert run_command(job.main, [*argv[:6], "--category-quantile", "1.5"]) == 1
+    assert "category_quantile must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert run_command(job.main, ["--scorer", "laion:only-one-path", "--source", str(data),
                                   "--out", str(tmp_path / "y")]) == 1
     assert "expected laion:CLIP_FOLDER,HEAD_FILE" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_laion_spec_scores_the_synthetic_domain(tmp_path):
+    """The command with a real scorer spec (a tiny random CLIP and head) on the synthetic aesthetic domain."""
+    from ernie_jax.data.aesthetic_shapes import render_scenes, write_image_folder
+
+    clip_folder, head_file, reference = write_tiny_scorer(tmp_path / "scorer")
+    scenes = render_scenes(5, seed=0, height=32, width=32)
+    domain = write_image_folder(tmp_path / "domain", scenes)
+    out = tmp_path / "domain.scored"
+    argv = ["--scorer", f"laion:{clip_folder},{head_file}", "--source", str(domain), "--out", str(out),
+            "--batch-size", "4"]
+    assert run_command(job.main, argv) == 0
+    source = open_source(out)
+    expected = reference(scenes.images)
+    scores = np.array([source[i]["aesthetic"] for i in range(len(source))])
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert [source[i]["category"] for i in range(len(source))] == scenes.categories.tolist()

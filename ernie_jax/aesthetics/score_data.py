@@ -149,6 +149,14 @@ def write_manifest(out_dir: Path, job: dict, min_score: float | None, category_q
     return metadata
 
 
+def check_settings(chunk_size: int, batch_size: int, workers: int, category_quantile: float | None) -> None:
+    if chunk_size < 1 or batch_size < 1 or workers < 1:
+        raise ValueError(f"chunk_size, batch_size and workers must be positive, got {chunk_size}, {batch_size}, "
+                         f"{workers}")
+    if category_quantile is not None and not 0 <= category_quantile <= 1:
+        raise ValueError(f"category_quantile must be in [0, 1], got {category_quantile}")
+
+
 def score_data(source, scorer, out_dir: str | os.PathLike, *, source_path: str, scorer_spec: str,
                chunk_size: int = DEFAULT_CHUNK_SIZE, batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 8,
                min_score: float | None = None, category_quantile: float | None = None, shard_index: int = 0,
@@ -157,11 +165,7 @@ def score_data(source, scorer, out_dir: str | os.PathLike, *, source_path: str, 
     already written, then writes the manifest if every chunk is there. `source_path` and `scorer_spec` are
     recorded (the manifest reopens the source from `source_path`). Returns the manifest's metadata, or None
     while other hosts' chunks are missing."""
-    if chunk_size < 1 or batch_size < 1 or workers < 1:
-        raise ValueError(f"chunk_size, batch_size and workers must be positive, got {chunk_size}, {batch_size}, "
-                         f"{workers}")
-    if category_quantile is not None and not 0 <= category_quantile <= 1:
-        raise ValueError(f"category_quantile must be in [0, 1], got {category_quantile}")
+    check_settings(chunk_size, batch_size, workers, category_quantile)
     out_dir = Path(out_dir)
     num_records = len(source)
     if not num_records:
@@ -206,7 +210,9 @@ def main(argv=None) -> None:
     parser.add_argument("--shard-index", type=int, default=0, help="this host's shard of the chunks")
     parser.add_argument("--shard-count", type=int, default=1)
     args = parser.parse_args(argv)
+    # Settings are checked before the scorer and the source are loaded.
     shard_indices(0, args.shard_index, args.shard_count)
+    check_settings(args.chunk_size, args.batch_size, args.workers, args.category_quantile)
     source_path = str(Path(args.source).resolve())
     if Path(args.out).resolve() == Path(source_path):
         raise ValueError(f"--out {args.out} is the source itself; write the manifest beside it")
