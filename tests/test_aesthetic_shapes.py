@@ -72,6 +72,8 @@ def test_quality_is_the_documented_formula_of_the_factors():
     assert np.all(np.diff(cluttered) < 0) and np.all(np.diff(rough) < 0)
     with pytest.raises(ValueError, match="roughness 1.5 is not in"):
         dataclasses.replace(PERFECT, roughness=1.5)
+    with pytest.raises(ValueError, match="needs y and x in"):
+        Speck(1.2, 0.5, "red")
     with pytest.raises(ValueError, match="share a cell"):
         with_objects(left, dataclasses.replace(right, cell="left"))
 
@@ -87,6 +89,8 @@ def test_the_images_show_the_factors():
     speckled = render(dataclasses.replace(PERFECT, specks=specks(5)), SIDE, SIDE)
     changed = np.any(speckled != image, axis=-1)
     assert changed.sum() == 5 * 4 and np.all(speckled[changed] == PALETTE["yellow"])
+    corners = render(dataclasses.replace(PERFECT, specks=(Speck(0, 0, "blue"), Speck(1, 1, "green"))), SIDE, SIDE)
+    assert np.all(corners[:2, :2] == PALETTE["blue"]) and np.all(corners[-2:, -2:] == PALETTE["green"])
     # Roughness: noise only on the clean image's edge band, growing with the roughness, bounded by its amplitude.
     band = edge_band(image)
     assert 0 < band.sum() < 0.3 * SIDE * SIDE

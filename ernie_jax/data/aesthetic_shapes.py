@@ -74,6 +74,10 @@ class Speck:
     x: float
     colour: str
 
+    def __post_init__(self):
+        if not (0 <= self.y <= 1 and 0 <= self.x <= 1) or self.colour not in PALETTE:
+            raise ValueError(f"{self}: needs y and x in [0, 1] and a colour of {tuple(PALETTE)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class AestheticScene:
@@ -211,8 +215,8 @@ def render(scene: AestheticScene, height: int, width: int) -> np.ndarray:
     image = clean.copy()
     side = speck_side(height, width)
     for speck in scene.specks:
-        top = min(height - side, int(speck.y * height - side / 2 + 0.5))
-        left = min(width - side, int(speck.x * width - side / 2 + 0.5))
+        top = int(np.clip(np.floor(speck.y * height - side / 2 + 0.5), 0, height - side))
+        left = int(np.clip(np.floor(speck.x * width - side / 2 + 0.5), 0, width - side))
         image[top:top + side, left:left + side] = PALETTE[speck.colour]
     amplitude = round(scene.roughness * MAX_EDGE_NOISE)
     if amplitude:
