@@ -62,6 +62,7 @@ from ernie_jax.data.precomputed import (
     encode_record,
 )
 from ernie_jax.data.prompt_styles import StyleMix, styled
+from ernie_jax.data.scored import ScoredSource, is_scored_folder
 from ernie_jax.data.sources import (
     FolderSource,
     TfdsSource,
@@ -399,9 +400,15 @@ def load_encoders(model_dir: str | os.PathLike, dtype: str = "float32"):
 
 
 def open_source(path: str | os.PathLike):
-    """A tfds dataset folder (holding dataset_info.json) or an image folder, as a record source."""
+    """A scored manifest folder (`scored.ScoredSource`), a tfds dataset folder (holding dataset_info.json) or
+    an image folder, as a record source."""
     folder = Path(path)
-    source = TfdsSource(folder) if (folder / "dataset_info.json").is_file() else FolderSource(folder)
+    if is_scored_folder(folder):
+        source = ScoredSource(folder)
+    elif (folder / "dataset_info.json").is_file():
+        source = TfdsSource(folder)
+    else:
+        source = FolderSource(folder)
     if not len(source):
         raise ValueError(f"{folder}: no records (no images with captions, or an empty dataset)")
     return source

@@ -2,8 +2,9 @@
 (`ernie_jax.data.generated_pairs`) and for evaluation.
 
 A reward is any callable `reward(images, prompts) -> scores` with images uint8 `[N, H, W, 3]`, prompts a
-list of N strings and scores float `[N]`, higher better; nothing else is assumed (a learned aesthetic
-scorer plugs in the same way). `load_reward` resolves the names the command line takes.
+list of N strings and scores float `[N]`, higher better; nothing else is assumed. An aesthetic scorer is one
+(`AestheticReward`, named "aesthetic:SCORER_SPEC"). `load_reward` resolves the names the command line and the
+configs' `pairs.reward` take.
 """
 
 from __future__ import annotations
@@ -44,17 +45,45 @@ def shapes_reward(images, prompts: list[str], config: DetectorConfig = DetectorC
     return rewards
 
 
+class AestheticReward:
+    """An aesthetic scorer (`ernie_jax.aesthetics.scorers`) as a reward: the images' scores, prompts unused.
+
+    Chosen in a config by its scorer spec, e.g. `config.pairs.reward = "aesthetic:laion:CLIP_FOLDER,HEAD_FILE"`.
+    """
+
+    def __init__(self, scorer_spec: str):
+        from ernie_jax.aesthetics.scorers import load_scorer
+
+        self.scorer_spec = scorer_spec
+        self.scorer = load_scorer(scorer_spec)
+        self.__name__ = f"aesthetic:{scorer_spec}"
+
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        from ernie_jax.aesthetics.scorers import checked_scores
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.__name__}: {len(images)} images for {len(prompts)} prompts")
+        return checked_scores(self.scorer(list(images)), len(images), self.scorer)
+
+
 REWARDS: dict[str, Reward] = {"shapes": shapes_reward}
+# Rewards built from an argument, named "KIND:ARGUMENT".
+REWARD_FACTORIES: dict[str, Callable[[str], Reward]] = {"aesthetic": AestheticReward}
 
 
 def load_reward(name: str) -> Reward:
-    """A reward by name: one of `REWARDS`, or "package.module:attribute" naming any callable (a class or
-    factory is called with no arguments first when the attribute is a class)."""
+    """A reward by name: one of `REWARDS`, "KIND:ARGUMENT" with KIND one of `REWARD_FACTORIES` (built from the
+    argument: "aesthetic:SCORER_SPEC"), or "package.module:attribute" naming any callable (a class or factory
+    is called with no arguments first when the attribute is a class)."""
     if name in REWARDS:
         return REWARDS[name]
-    module_name, _, attribute = name.partition(":")
+    kind, colon, argument = name.partition(":")
+    if colon and kind in REWARD_FACTORIES:
+        return REWARD_FACTORIES[kind](argument)
+    module_name, attribute = kind, argument
     if not module_name or not attribute:
-        raise ValueError(f"reward {name!r}: expected one of {sorted(REWARDS)} or package.module:callable")
+        raise ValueError(f"reward {name!r}: expected one of {sorted(REWARDS)}, KIND:ARGUMENT with KIND one of "
+                         f"{sorted(REWARD_FACTORIES)}, or package.module:callable")
     try:
         reward = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
