@@ -1,0 +1,140 @@
+"""DMD v1's regression term of the DMD objective (`regression_weight`): its value and gradient against an
+independent PyTorch computation, weight 0 as no term at all, and the teacher's ODE pairs made by the runner's
+`ode_pairs` stage and trained on through the runner."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from ernie_jax.training.objectives import dmd, example_keys
+from tests.conftest import relative_error
+from tests.test_dmd import CONTEXT, GRID, SHAPE, STEPS, small_inputs, small_loss
+from tests.test_dpo import SmallVelocity
+
+REGRESSION_WEIGHT = 0.25
+
+
+def torch_velocity(weights: dict):
+    """`SmallVelocity` (tests/test_dpo.py) written again in torch over its weights (name -> tensor)."""
+
+    def velocity(x, timestep, text, text_lens):
+        valid = torch.arange(text.shape[1])[None, :] < text_lens[:, None]
+        pooled = (text * valid[..., None]).sum(1) / text_lens.clamp(min=1)[:, None]
+        return (weights["scale"] * torch.tanh(x) + weights["bias"]
+                + weights["time"] * (timestep / 1000.0)[:, None, None, None] + (pooled @ weights["text"])[..., None, None])
+
+    return velocity
+
+
+def torch_regression(velocity, noise, target, text, text_lens, steps, grid, *, rollout_gradient=False):
+    """DMD v1's regression of the student's x0-prediction at step `steps[b]` of its own Euler trajectory from
+    `noise` onto `target`, `REGRESSION_WEIGHT mean((x0 - target)^2)`; the rollout without gradient (DMD2's
+    backward simulation) unless `rollout_gradient`."""
+    b = lambda s: s[:, None, None, None]
+    x = noise
+    with torch.set_grad_enabled(rollout_gradient):
+        for i in range(len(grid) - 2):
+            moved = x + (grid[i + 1] - grid[i]) * velocity(x, torch.full((len(x),), float(grid[i]) * 1000), text,
+                                                            text_lens)
+            x = torch.where(b(i < steps), moved, x)
+    sigma = grid[steps]
+    x0 = x - b(sigma) * velocity(x, sigma * 1000, text, text_lens)
+    return REGRESSION_WEIGHT * ((x0 - target) ** 2).mean()
+
+
+def regression_inputs(seed=5):
+    inputs = small_inputs()
+    rng = np.random.default_rng(seed)
+    # Every student step, the last (K - 1: the sampler's K-step output) included.
+    inputs["steps"] = jnp.asarray([0, STEPS - 1, 1, 2])
+    inputs["ode_noise"] = jnp.asarray(rng.standard_normal((4, *SHAPE)), jnp.float32)
+    inputs["ode_target"] = jnp.asarray(rng.standard_normal((4, *SHAPE)), jnp.float32)
+    return inputs
+
+
+def test_regression_value_and_gradient_match_torch():
+    """With the DMD terms weighted 0 (their loss and gradient exactly 0), the generator loss is the regression
+    term alone: its value, metric and gradient for every student weight equal torch's; a rollout that leaked
+    gradient would give another gradient."""
+    inputs = regression_inputs()
+    critic, teacher = SmallVelocity(1), SmallVelocity(2)
+    graphdef, params = nnx.split(SmallVelocity(0))
+    regression = dmd.Regression(inputs["ode_noise"], inputs["ode_target"], REGRESSION_WEIGHT)
+
+    def loss(p):
+        student = nnx.merge(graphdef, p)
+        return small_loss(student, critic, {"t": teacher}, inputs, dm_weight=0.0, ca_weight=0.0,
+                          rollout=dmd.stopped(student), regression=regression)
+
+    (value, metrics), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert float(metrics["dmd_loss"]) == 0.0
+
+    weights = {name: torch.from_numpy(np.array(leaf[...])).requires_grad_() for name, leaf in params.items()}
+    t = {k: torch.from_numpy(np.array(inputs[k])) for k in ("ode_noise", "ode_target", "text", "text_lens",
+                                                                "steps")}
+    grid = torch.from_numpy(np.asarray(GRID))
+    args = (t["ode_noise"], t["ode_target"], t["text"], t["text_lens"], t["steps"], grid)
+    expected = torch_regression(torch_velocity(weights), *args)
+    expected_grad = torch.autograd.grad(expected, list(weights.values()))
+    assert relative_error(value, expected.item()) <= 1e-6
+    assert relative_error(metrics["regression"], expected.item() / REGRESSION_WEIGHT) <= 1e-6
+    for name, expected_leaf in zip(weights, expected_grad, strict=True):
+        assert np.abs(expected_leaf.numpy()).max() > 1e-3, name
+        assert relative_error(grad[name][...], expected_leaf.numpy()) <= 1e-5, name
+    leaked = torch.autograd.grad(torch_regression(torch_velocity(weights), *args, rollout_gradient=True),
+                                 [weights["scale"]])[0]
+    assert relative_error(grad["scale"][...], leaked.numpy()) > 1e-2
+
+
+def objective_batch(inputs):
+    return {"text": inputs["text"], "text_lens": inputs["text_lens"], "ode_noise": inputs["ode_noise"],
+            "ode_target": inputs["ode_target"]}
+
+
+def generator_update(weight):
+    config = dmd.Config(teachers=("teacher",), latent_shape=SHAPE, student_steps=STEPS, guidance_scale=3.5,
+                        regression_weight=weight)
+    objective = dmd.make(config, CONTEXT)
+    (update,) = [u for u in objective.updates if u.name == "generator"]
+    models = {"transformer": SmallVelocity(0), "critic": SmallVelocity(1), "teacher": SmallVelocity(2)}
+    frozen = {name: model for name, model in models.items() if name != "transformer"}
+    return objective, jax.jit(lambda batch, keys: update.loss({"transformer": models["transformer"]}, frozen,
+                                                              batch, keys))
+
+
+def test_weight_zero_is_the_loss_without_the_term_and_reads_no_ode_keys():
+    """Through the objective (its own draws from the keys): at weight 0 the batch keys hold no ode_* key, NaN
+    pairs leave the loss finite (never read), and the loss is the DMD term that the weighted objective computes
+    beside its regression; the weighted loss is that term plus weight x regression."""
+    inputs = regression_inputs()
+    keys = example_keys(jax.random.key(3), 4)
+    off, off_loss = generator_update(0.0)
+    on, on_loss = generator_update(REGRESSION_WEIGHT)
+    assert off.batch_keys == ("text", "text_lens")
+    assert on.batch_keys == ("text", "text_lens", "ode_noise", "ode_target")
+    assert not dmd.reads_ode_pairs(off.config) and dmd.reads_ode_pairs(on.config)
+
+    batch = objective_batch(inputs)
+    poisoned = {**batch, "ode_noise": jnp.full_like(batch["ode_noise"], jnp.nan),
+                "ode_target": jnp.full_like(batch["ode_target"], jnp.nan)}
+    plain, plain_metrics = off_loss(poisoned, keys)
+    assert np.isfinite(float(plain)) and "regression" not in plain_metrics
+    without_pairs, _ = off_loss({k: batch[k] for k in off.batch_keys}, keys)
+    assert float(without_pairs) == float(plain)
+
+    weighted, metrics = on_loss(batch, keys)
+    assert float(metrics["dmd_loss"]) == pytest.approx(float(plain), rel=1e-6)
+    assert float(metrics["regression"]) > 0.1
+    assert float(weighted) == pytest.approx(float(plain) + REGRESSION_WEIGHT * float(metrics["regression"]),
+                                            rel=1e-6)
+    with pytest.raises(ValueError, match=r"batch lacks \['ode_noise', 'ode_target'\]"):
+        on_loss({k: batch[k] for k in off.batch_keys}, keys)
+    with pytest.raises(ValueError, match="ode_noise .* and ode_target .* must be one shape"):
+        on_loss({**batch, "ode_target": batch["ode_target"][:, :2]}, keys)
+    with pytest.raises(ValueError, match="regression_weight must be non-negative"):
+        dmd.Config(regression_weight=-0.1)
