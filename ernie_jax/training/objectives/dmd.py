@@ -111,7 +111,8 @@ Metrics (float32 scalars, batch means; the trainer prefixes them `critic/` and `
 before normalisation), `direction_rms` (RMS of the normalised direction; the trainer's own `grad_norm` is the
 parameters' gradient), `gate/dm/NAME` and `gate/ca/NAME` (the mean gate weight of each teacher: its share of
 the term's supervision), `sample_mean`, `sample_std`, `sample_abs_mean` (of the student samples x: mean drift
-and oversaturation), `gan_generator` (with the head), `regression` (the unweighted mean squared error, with the regression term);
+and oversaturation), `gan_generator` (with the head), `regression` (the unweighted mean squared error, with the
+regression term);
 critic: `loss`, `mse` and the same sample statistics, with the head also `flow_matching`, `gan_discriminator`,
 `discriminator_accuracy`.
 
