@@ -4,6 +4,8 @@ independent PyTorch computation, weight 0 as no term at all, and the teacher's O
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +27,8 @@ def torch_velocity(weights: dict):
     def velocity(x, timestep, text, text_lens):
         valid = torch.arange(text.shape[1])[None, :] < text_lens[:, None]
         pooled = (text * valid[..., None]).sum(1) / text_lens.clamp(min=1)[:, None]
-        return (weights["scale"] * torch.tanh(x) + weights["bias"]
-                + weights["time"] * (timestep / 1000.0)[:, None, None, None] + (pooled @ weights["text"])[..., None, None])
+        time = weights["time"] * (timestep / 1000.0)[:, None, None, None]
+        return weights["scale"] * torch.tanh(x) + weights["bias"] + time + (pooled @ weights["text"])[..., None, None]
 
     return velocity
 
@@ -124,8 +126,6 @@ def test_weight_zero_is_the_loss_without_the_term_and_reads_no_ode_keys():
                 "ode_target": jnp.full_like(batch["ode_target"], jnp.nan)}
     plain, plain_metrics = off_loss(poisoned, keys)
     assert np.isfinite(float(plain)) and "regression" not in plain_metrics
-    without_pairs, _ = off_loss({k: batch[k] for k in off.batch_keys}, keys)
-    assert float(without_pairs) == float(plain)
 
     weighted, metrics = on_loss(batch, keys)
     assert float(metrics["dmd_loss"]) == pytest.approx(float(plain), rel=1e-6)
@@ -138,3 +138,96 @@ def test_weight_zero_is_the_loss_without_the_term_and_reads_no_ode_keys():
         on_loss({**batch, "ode_target": batch["ode_target"][:, :2]}, keys)
     with pytest.raises(ValueError, match="regression_weight must be non-negative"):
         dmd.Config(regression_weight=-0.1)
+
+
+# ---- the teacher's ODE pairs, through the runner
+
+ODE_VARIANT = "experiments/tiny_shapes_mtdmd.py:tiny_student_dmd2_ode"
+
+
+@pytest.fixture(scope="module")
+def ode_run(tmp_path_factory):
+    """tiny_student_dmd2_ode through the runner (tiny random components, 24 records of which the 16 smallest
+    source indices get pairs at 4 steps, CFG 3; 2 training steps): the run folder."""
+    from tests.test_main import ok, run_main
+
+    run = tmp_path_factory.mktemp("ode") / "run"
+    ok(run_main(run, ODE_VARIANT, "--config.stages=('components','precompute','ode_pairs','train')",
+                "--config.data.shapes.num_records=24"))
+    return run
+
+
+def test_stored_targets_are_the_teacher_sampled_alone_from_the_stored_noise(ode_run):
+    """Each stored pair against its record and the teacher: the record's own latents and text, the pipeline's
+    noise of seed `ode_pairs.seed + source index`, and as target what `ernie_jax.sampling` gives for that noise
+    and text alone (batch 1, unpadded text) at the stage's steps, CFG and the components' shift, within 1e-5;
+    without CFG it would be another output."""
+    from conversions.transformer import load_transformer
+    from ernie_jax import sampling
+    from ernie_jax.data.ode_pairs import OdePairSource
+    from ernie_jax.data.precomputed import PrecomputedSource
+    from ernie_jax.runner.stages import scheduler_shift
+
+    (folder,) = (ode_run / "ode_pairs").glob("*/shard-*")
+    (records,) = (ode_run / "precomputed").glob("*/shard-*")
+    pairs, precomputed = OdePairSource(folder), PrecomputedSource(records)
+    assert sorted(pairs.index["source_index"].tolist()) == sorted(precomputed.index["source_index"].tolist())[:16]
+    settings = json.loads((folder / "metadata.json").read_text())["ode_pairs"]
+    assert (settings["num_inference_steps"], settings["guidance_scale"], settings["seed"]) == (4, 3.0, 0)
+    teacher = load_transformer(ode_run / "components" / "transformer", "float32")
+    shift = scheduler_shift(ode_run / "components")
+    empty = pairs.empty_prompt
+    for position in (0, len(pairs) - 1):
+        pair = pairs[position]
+        index = pair["source_index"]
+        record = precomputed.record_of(index)
+        np.testing.assert_array_equal(pair["latents"][0], record["latents"])
+        np.testing.assert_array_equal(pair["text"], record["text"])
+        noise = pair["latents"][1]
+        expected_noise = jax.random.normal(jax.random.key(index), (1, *noise.shape), jnp.float32)[0]
+        np.testing.assert_array_equal(noise, expected_noise)
+
+        def alone(guidance, noise=noise, text=pair["text"]):
+            return sampling.sample(teacher, noise[None], text[None], np.array([len(text)]),
+                                   negative_text_bth=empty[None], negative_text_lens=np.array([len(empty)]),
+                                   num_inference_steps=4, guidance_scale=guidance, shift=shift)[0]
+
+        target = pair["latents"][2]
+        assert relative_error(target, alone(3.0)) <= 1e-5, index
+        assert relative_error(target, alone(1.0)) > 1e-3, index
+
+
+def test_tiny_ode_ablation_trains_with_the_term_and_logs_it(ode_run):
+    """Every generator update of the run logged a finite, positive `generator/regression` (its batches carried
+    the pairs), and its loss is the DMD term plus 0.25 of it."""
+    lines = [json.loads(line) for line in (ode_run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    for line in lines:
+        assert np.isfinite(line["generator/regression"]) and line["generator/regression"] > 0
+        assert line["generator/loss"] == pytest.approx(line["generator/dmd_loss"] + REGRESSION_WEIGHT
+                                                       * line["generator/regression"], rel=1e-5)
+
+
+def test_the_ode_pairs_stage_runs_only_for_an_objective_that_reads_pairs_and_checks_its_settings(ode_run, tmp_path):
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.runner.data import precomputed_sources
+    from ernie_jax.runner.stages import ode_pairs
+    from experiments import tiny_shapes_mtdmd
+
+    def experiment(variant, **ode_settings):
+        config = tiny_shapes_mtdmd.get_config(variant)
+        config.ode_pairs.update(ode_settings)
+        config.stages = ("ode_pairs", "train")
+        config.data.precomputed = tuple(str(f) for f in (ode_run / "precomputed").glob("*/shard-*"))
+        return resolve(config, tmp_path / variant)
+
+    assert not ode_pairs.wanted(experiment("tiny_student_dmd2"))
+    ablation = experiment("tiny_student_dmd2_ode")
+    assert ode_pairs.wanted(ablation) and ode_pairs.settings(ablation)["records"] == 16
+    with pytest.raises(ValueError, match="run the 'ode_pairs' stage"):
+        precomputed_sources(ablation)
+    for bad, message in ((dict(records=-1), "records must be an integer >= 0"),
+                         (dict(teacher="expert"), "teacher 'expert' is not a frozen model"),
+                         (dict(guidance_scale=0.5), "guidance_scale must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            ode_pairs.settings(experiment("tiny_student_dmd2_ode", **bad))
