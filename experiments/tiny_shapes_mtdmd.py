@@ -36,10 +36,10 @@ teacher, `init.path`), distilled with the same compute:
   each update still on 8 records.
 - `student_dmd2_ode`: `student_dmd2` with DMD v1's regression to the teacher's ODE outputs (`regression_weight`
   0.25, DMD v1's weight) on 2000 (noise, output) pairs the `ode_pairs` stage makes from the demo teacher at 50
-  Euler steps with CFG 3 (about 17 minutes on 2 shared CPU cores); the students' stages list `ode_pairs`, which
-  does nothing for the others. The whole objective then trains on those 2000 records' prompts (not the 8000),
-  so the ablation also narrows the DMD term's prompts: `--config.ode_pairs.records=0` pairs every record (about
-  70 minutes) and keeps student_dmd2's draws exactly.
+  Euler steps with CFG 3 (measured on 2 shared CPU cores: 1.1 to 2.0 pairs a second, 17 to 31 minutes); the
+  students' stages list `ode_pairs`, which does nothing for the others. The whole objective then trains on
+  those 2000 records' prompts (not the 8000), so the ablation also narrows the DMD term's prompts:
+  `--config.ode_pairs.records=0` pairs every record (4 times as long) and keeps student_dmd2's draws exactly.
 The student samples at 8 steps, cfg 1, on the pipeline's shifted grid; backward simulation, DMD2's coupled
 DM + CA terms, TTUR 5 (`critic_updates`): one training step = 5 critic updates and 1 generator update, each
 on its own 8 of the batch's 48 records.
