@@ -96,12 +96,12 @@ where that trajectory ends, so each should approach the ODE output from the same
 the K-step sample (the sampler's output), so the full rollout is the case k_b = K - 1 of this, and drawing
 k_b trains every step's prediction at the cost of one more DMD-term sample (a full rollout with gradient
 through its last step only would cost as much and train one step in K). Latent MSE rather than DMD v1's
-LPIPS on decoded pixels: LPIPS needs a pretrained VGG/AlexNet and a VAE decode with gradient in every generator
-update (at 1024^2 the FLUX.2 decoder costs more than a DiT step), neither of which the project has; the
-latents are normalised per channel, so their squared error weighs channels alike; and the term only
-anchors the student to the teacher's noise-to-image map beside the DMD term, which keeps the samples sharp
-(LPIPS's tolerance of small misalignments mattered for DMD v1's one-step generator, whose regression could not
-fit the map exactly).
+LPIPS on decoded pixels: LPIPS needs a pretrained VGG/AlexNet, which the project neither has nor can load
+here, and a VAE decode of every regressed sample whose full-resolution activations the generator update would
+keep for the backward pass; the latents are normalised per channel, so their squared error weighs channels
+alike; and the term only anchors the student to the teacher's noise-to-image map beside the DMD term, which
+keeps the samples sharp (LPIPS's tolerance of small misalignments mattered for DMD v1's one-step generator,
+whose regression could not fit the map exactly).
 
 One training step is `critic_updates` (default 5) critic updates then one generator update (`updates`), each
 on its own slice of the batch (the trainer's `objectives.Update`).
