@@ -68,11 +68,11 @@ ABLATIONS = {"student_dmd2_noised_data": ("student_dmd2", {"student_input": "noi
              # DMD2's SDXL weights (generator 5e-3, discriminator 1e-2) on the same DMD loss scale.
              "student_dmd2_gan": ("student_dmd2", {"gan_weight": 5e-3, "gan_discriminator_weight": 1e-2}),
              "student_dmd2_ttur1": ("student_dmd2", {"critic_updates": 1}),
-             # DMD v1's regression weight. Our DMD term's gradient in x is its direction normalised per sample by
-             # mean|x - x0_real| (DMD v1's weighting too), O(1) per element; the regression's is
-             # 2 x 0.25 (x_ode - ode_target) = half the latent error: of the DMD term's size while the student's
-             # x0 is about a unit of the normalised latents from the teacher's (LPIPS, DMD v1's distance, has
-             # no such scale here).
+             # DMD v1's regression weight (lambda_reg, as training_algorithms.md 2.1 gives it). Per element, the
+             # DMD term pulls x by its direction normalised per sample by mean|x - x0_real| (DMD v1's weighting
+             # too): O(1); the regression pulls x_ode by 2 x 0.25 (x_ode - ode_target), half its latent error: as
+             # strong while the student is about one unit of the normalised latents from the teacher's output,
+             # weaker as it closes in (DMD v1's LPIPS had a scale of its own; this is latent MSE).
              "student_dmd2_ode": ("student_dmd2", {"regression_weight": 0.25})}
 FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS, *ABLATIONS)
 VARIANTS = (*FULL_SIZE, *(f"tiny_{name}" for name in FULL_SIZE))
