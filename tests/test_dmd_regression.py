@@ -231,3 +231,44 @@ def test_the_ode_pairs_stage_runs_only_for_an_objective_that_reads_pairs_and_che
                          (dict(guidance_scale=0.5), "guidance_scale must be >= 1")):
         with pytest.raises(ValueError, match=message):
             ode_pairs.settings(experiment("tiny_student_dmd2_ode", **bad))
+
+
+def test_pairs_batch_each_record_with_its_own_noise_and_output_and_a_failure_leaves_nothing(ode_run, tmp_path):
+    """`make_ode_pairs` with a sampler whose output is known per row (noise + the mean of the row's valid text
+    features), as two hosts' shards of the 22 smallest source indices (even and odd ones, 11 each, in batches of
+    5 with the last filled up): every stored target is its own record's, the two folders read as one source; a
+    sampler that fails leaves no folder."""
+    from ernie_jax.data.ode_pairs import OdePairSource, make_ode_pairs
+    from ernie_jax.data.precomputed import PrecomputedSource
+
+    (records,) = (ode_run / "precomputed").glob("*/shard-*")
+    source = PrecomputedSource(records)
+    calls = []
+
+    def sampler(noise, text, text_lens):
+        calls.append(len(noise))
+        means = text.sum(1) / text_lens[:, None]
+        return noise + means.mean(1)[:, None, None, None]
+
+    shards = [tmp_path / "pairs" / f"shard-{i}" for i in range(2)]
+    for index, out in enumerate(shards):
+        metadata = make_ode_pairs(sampler, source, out, seed=7, records=22, batch_size=5, shard_index=index,
+                                  shard_count=2, progress=False)
+        assert metadata["records"] == 11
+    assert calls == [5, 5, 5] * 2
+    smallest = sorted(source.index["source_index"].tolist())[:22]
+    pairs = OdePairSource(shards)
+    assert pairs.index["source_index"].tolist() == [i for i in smallest if i % 2 == 0] + [
+        i for i in smallest if i % 2 == 1]
+    for position in range(len(pairs)):
+        pair = pairs[position]
+        _, noise, target = pair["latents"]
+        np.testing.assert_allclose(target, noise + pair["text"].mean(), rtol=1e-6, atol=1e-6)
+        assert pair["origin"] == {"seed": 7 + pair["source_index"]}
+
+    def failing(noise, text, text_lens):
+        raise RuntimeError("teacher failed")
+
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        make_ode_pairs(failing, source, tmp_path / "failed", seed=0, progress=False)
+    assert not (tmp_path / "failed").exists() and list(tmp_path.iterdir()) == [tmp_path / "pairs"]
