@@ -34,6 +34,13 @@ updates), DMD2's AdamW (0.9, 0.999, weight decay 0.01, clip 10), the teacher's C
 guidance, ERNIE-Image's default) in x0 space, no GAN head by default (DMD2's FLUX recipe weighs it 0.03:
 `--config.objective.gan_weight=0.03`). LoRA trains at 10x the learning rate.
 
+DMD v1's regression to the teacher's ODE outputs (off: `objective.regression_weight` 0), for ablation: with
+`--config.objective.regression_weight=0.25 --config.stages="('components','precompute','ode_pairs','train',
+'export','evaluate')"` the `ode_pairs` stage samples the frozen teacher from seeded noise for the first
+`ode_pairs.records` (1000) precomputed records, at 50 Euler steps with the teacher's CFG, and training reads
+those records with their pairs (dmd.py's regression term). Each pair costs 100 teacher forwards at 1024^2, and
+the stage samples on one device per host: plan hours.
+
 Expert teachers (MT-DMD): `with_expert_teachers(config, {"text": "/ckpt/text_expert", ...}, ...)` adds
 frozen teachers from pipeline or transformer folders (fine-tunes of the base, e.g. exports of SFT runs on
 one domain each) and the gate that routes between them; the variant suffix `-experts` (e.g.
@@ -107,7 +114,7 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         "student_input": "backward_simulation", "guidance_scale": GUIDANCE,
         "dm_sigmas": {"sigma_scheme": "uniform"}, "ca_sigmas": {"sigma_scheme": "uniform"},
         "critic": {"sigma_scheme": "uniform", "weighting": "none", "text_dropout": 0.0},
-        "critic_updates": CRITIC_UPDATES, "gan_weight": 0.0})
+        "critic_updates": CRITIC_UPDATES, "gan_weight": 0.0, "regression_weight": 0.0})
     devices = 1
     for size in config.mesh.ici.values():
         devices *= max(size, 1)
@@ -133,6 +140,10 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         config.train.optimizer.update(learning_rate=1e-2 if lora else 1e-3, warmup_steps=0, decay_steps=2)
         config.evals = ml_collections.ConfigDict({})
         config.evaluation.update(num_prompts=0, num_inference_steps=2)
+    # The regression term's pairs (made only when regression_weight > 0 and the ode_pairs stage runs).
+    config.ode_pairs = ml_collections.ConfigDict({
+        "teacher": "teacher", "records": 1000, "seed": 0, "num_inference_steps": 50,
+        "guidance_scale": config.objective.guidance_scale, "batch_size": 4})
     if experts:
         # Folders to set on the command line; at test size the starting model itself ("init") stands in.
         path = "init" if mesh == "tiny" else ""

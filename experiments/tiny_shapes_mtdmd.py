@@ -34,6 +34,12 @@ teacher, `init.path`), distilled with the same compute:
   discriminator 1e-2, the head trained in the critic updates at the critic's learning rate);
 - `student_dmd2_ttur1`: `student_dmd2` with one critic update per generator update instead of five (TTUR 1),
   each update still on 8 records.
+- `student_dmd2_ode`: `student_dmd2` with DMD v1's regression to the teacher's ODE outputs (`regression_weight`
+  0.25, DMD v1's weight) on 2000 (noise, output) pairs the `ode_pairs` stage makes from the demo teacher at 50
+  Euler steps with CFG 3 (measured on 2 shared CPU cores: 1.1 to 2.0 pairs a second, 17 to 31 minutes); the
+  students' stages list `ode_pairs`, which does nothing for the others. The whole objective then trains on
+  those 2000 records' prompts (not the 8000), so the ablation also narrows the DMD term's prompts:
+  `--config.ode_pairs.records=0` pairs every record (4 times as long) and keeps student_dmd2's draws exactly.
 The student samples at 8 steps, cfg 1, on the pipeline's shifted grid; backward simulation, DMD2's coupled
 DM + CA terms, TTUR 5 (`critic_updates`): one training step = 5 critic updates and 1 generator update, each
 on its own 8 of the batch's 48 records.
@@ -61,7 +67,13 @@ STUDENTS = {"student_dmd2": {}, "student_mtdmd": {"text": "expert_text"}}
 ABLATIONS = {"student_dmd2_noised_data": ("student_dmd2", {"student_input": "noised_data"}),
              # DMD2's SDXL weights (generator 5e-3, discriminator 1e-2) on the same DMD loss scale.
              "student_dmd2_gan": ("student_dmd2", {"gan_weight": 5e-3, "gan_discriminator_weight": 1e-2}),
-             "student_dmd2_ttur1": ("student_dmd2", {"critic_updates": 1})}
+             "student_dmd2_ttur1": ("student_dmd2", {"critic_updates": 1}),
+             # DMD v1's regression weight (lambda_reg, as training_algorithms.md 2.1 gives it). Per element, the
+             # DMD term pulls x by its direction normalised per sample by mean|x - x0_real| (DMD v1's weighting
+             # too): O(1); the regression pulls x_ode by 2 x 0.25 (x_ode - ode_target), half its latent error: as
+             # strong while the student is about one unit of the normalised latents from the teacher's output,
+             # weaker as it closes in (DMD v1's LPIPS had a scale of its own; this is latent MSE).
+             "student_dmd2_ode": ("student_dmd2", {"regression_weight": 0.25})}
 FULL_SIZE = (*EXPERT_DOMAINS, CONTROL, *STUDENTS, *ABLATIONS)
 VARIANTS = (*FULL_SIZE, *(f"tiny_{name}" for name in FULL_SIZE))
 STEPS = 300
@@ -69,6 +81,8 @@ STEPS = 300
 # (a step's batch is split between its updates).
 STUDENT_STEPS = 250
 STUDENT_UPDATE_BATCH = 8
+# The records that get teacher ODE pairs for the regression ablation (the smallest source indices).
+ODE_PAIRS = 2000
 
 
 def base_config(tiny: bool) -> ml_collections.ConfigDict:
@@ -129,6 +143,13 @@ def student_config(config: ml_collections.ConfigDict, experts: dict[str, str], t
         "decoupled": False, "domain_routes": routes, "critic_updates": 5, "gan_weight": 0.0})
     config.objective.update(objective_fields or {})
     config.frozen = ml_collections.ConfigDict({"teacher": {"path": "init", "dtype": "float32"}})
+    # The teacher's ODE pairs (the regression term's targets): made by the `ode_pairs` stage only for a run whose
+    # objective reads them (regression_weight > 0), from the demo teacher at its evaluation CFG and 50 steps.
+    stages = list(config.stages)
+    config.stages = (*stages[:stages.index("precompute") + 1], "ode_pairs", *stages[stages.index("precompute") + 1:])
+    config.ode_pairs = ml_collections.ConfigDict({
+        "teacher": "teacher", "records": 16 if tiny else ODE_PAIRS, "seed": 0, "num_inference_steps": 4 if tiny else 50,
+        "guidance_scale": config.objective.guidance_scale, "batch_size": 16})
     for name in teachers[1:]:
         config.frozen[name] = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
     steps = 2 if tiny else STUDENT_STEPS

@@ -125,7 +125,7 @@ class PrecomputedSource:
         if not folders:
             raise ValueError("PrecomputedSource needs at least one folder")
         parts = [read_metadata(folder, self.format_name, self.format_version) for folder in folders]
-        for folder, metadata in zip(folders[1:], parts[1:]):
+        for folder, metadata in zip(folders[1:], parts[1:], strict=True):
             for key in self.shared_metadata:
                 if metadata.get(key) != parts[0].get(key):
                     raise ValueError(f"{folder}: {key} differs from that of {folders[0]}; the folders are not "
@@ -144,7 +144,8 @@ class PrecomputedSource:
             with np.load(folder / INDEX_FILE) as index:
                 indexes.append({name: index[name] for name in self.index_fields})
         self.index = {name: np.concatenate([index[name] for index in indexes]) for name in self.index_fields}
-        files = [str(folder / file["name"]) for folder, metadata in zip(folders, parts) for file in metadata["files"]]
+        files = [str(folder / file["name"]) for folder, metadata in zip(folders, parts, strict=True)
+                 for file in metadata["files"]]
         if not files:
             raise ValueError(f"{', '.join(map(str, folders))}: no precomputed records")
         self.records = grain.sources.ArrayRecordDataSource(files)
@@ -167,6 +168,11 @@ class PrecomputedSource:
         if slot == len(self._sorted_indices) or self._sorted_indices[slot] != source_index:
             raise MissingRecordError(f"source index {source_index} has no record in {self!r}")
         return self[int(self._positions[slot])]
+
+    def batch_loader(self) -> type[LoadPrecomputedBatch]:
+        """The `LoadPrecomputedBatch` class that `build_precomputed_pipeline` batches this source's records with
+        by default (a subclass for another record format, e.g. ode_pairs.py's)."""
+        return LoadPrecomputedBatch
 
     @property
     def empty_prompt(self) -> np.ndarray:
@@ -203,7 +209,7 @@ def batch_text_features(features, length: int) -> tuple[np.ndarray, np.ndarray]:
     lengths int32 `[B]`: the training step's `text` and `text_lens`."""
     lengths = np.array([f.shape[0] for f in features], np.int32)
     text = np.zeros((len(features), length, features[0].shape[-1]), np.float32)
-    for padded, f in zip(text, features):
+    for padded, f in zip(text, features, strict=True):
         padded[: f.shape[0]] = f
     return text, lengths
 
@@ -242,9 +248,9 @@ class LoadPrecomputedBatch(LoadBatch):
 def build_precomputed_pipeline(sources, config: PipelineConfig, *, shard_index: int | None = None,
                                shard_count: int | None = None, category_names=None,
                                host_mean=mean_over_processes, text_multiple: int = 64,
-                               load_batch=LoadPrecomputedBatch) -> TrainingData:
+                               load_batch=None) -> TrainingData:
     """`pipeline.build_pipeline` over precomputed records (batches as `load_batch`, a `LoadPrecomputedBatch`
-    class).
+    class; None: the sources' `batch_loader()`, which must agree).
 
     `sources`: a PrecomputedSource or several (stage sides of one source); each curriculum stage reads
     the one whose bucket set is the stage's. Records are drawn exactly as the image pipeline draws the
@@ -270,6 +276,12 @@ def build_precomputed_pipeline(sources, config: PipelineConfig, *, shard_index: 
                              f"were not precomputed")
         stage_sources.append(matching[0])
     used = tuple(dict.fromkeys(stage_sources))
+    if load_batch is None:
+        loaders = {source.batch_loader() for source in used}
+        if len(loaders) != 1:
+            raise ValueError(f"the stages' sources batch their records differently "
+                             f"({sorted(loader.__name__ for loader in loaders)})")
+        load_batch = loaders.pop()
     wanted_styles = None if config.caption_styles is None else config.caption_styles.to_dict()
     for source in used:
         if source.metadata["caption_styles"] != wanted_styles:

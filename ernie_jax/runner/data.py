@@ -4,6 +4,7 @@ and the frozen VAE and text encoder that turn a data-pipeline batch into the tra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,9 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.runner.config import SHAPES_SOURCE, Experiment
+
+if TYPE_CHECKING:
+    from ernie_jax.data.precomputed import PrecomputedSource
 
 
 def open_source(spec: str, experiment: Experiment, split: str):
@@ -49,11 +53,30 @@ def checked_sources(experiment: Experiment, entries: list, source_class) -> list
     return sources
 
 
-def precomputed_sources(experiment: Experiment) -> list:
-    """`experiment.precomputed()` as checked PrecomputedSources."""
+def precomputed_records(experiment: Experiment, entry) -> PrecomputedSource:
+    """One entry of `experiment.precomputed()` (a folder or a list of a side's host shards) as a checked
+    PrecomputedSource."""
     from ernie_jax.data.precomputed import PrecomputedSource
 
-    return checked_sources(experiment, experiment.precomputed(), PrecomputedSource)
+    return checked_sources(experiment, [entry], PrecomputedSource)[0]
+
+
+def precomputed_sources(experiment: Experiment) -> list:
+    """`experiment.precomputed()` as checked PrecomputedSources; when the objective reads teacher ODE pairs,
+    the `ode_pairs` stage's folders of those records instead, as checked OdePairSources."""
+    from ernie_jax.data.precomputed import PrecomputedSource
+    from ernie_jax.runner.stages import ode_pairs
+
+    if not ode_pairs.wanted(experiment):
+        return checked_sources(experiment, experiment.precomputed(), PrecomputedSource)
+    from ernie_jax.data.ode_pairs import OdePairSource
+
+    entries = ode_pairs.folders(experiment)
+    missing = [folder for entry in entries for folder in entry if not Path(folder).is_dir()]
+    if missing:
+        raise ValueError(f"the objective reads teacher ODE pairs, but {missing[0]} does not exist: run the "
+                         f"'ode_pairs' stage (in config.stages after 'precompute', before 'train')")
+    return checked_sources(experiment, entries, OdePairSource)
 
 
 def preference_sources(experiment: Experiment) -> list:

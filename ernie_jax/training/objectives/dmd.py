@@ -49,8 +49,10 @@ of the rollout are kept. `student_input="noised_data"` instead noises the batch'
   + ca_weight CA / (mean|x - cfg(x0_uncond, x0_cond, g)| + eps)` (DMD2's normaliser is the distance from x to
   the x0 the term pulls towards; each term keeps its own so neither's scale depends on the other's sigma).
 
-The loss is `0.5 mean((x - stop_gradient(x - grad))^2)` over every element, whose gradient in x is
-`grad / (B C H W)`: the optimizer sees the DMD direction, the loss value only the size of `grad`.
+The DMD term is `0.5 mean((x - stop_gradient(x - grad))^2)` over every element, whose gradient in x is
+`grad / (B C H W)`: the optimizer sees the DMD direction, the loss value only the size of `grad`. The generator
+loss is the DMD term, plus `gan_weight mean(softplus(-D))` with the GAN head, plus
+`regression_weight mean((x_ode - ode_target)^2)` with the regression term (both below).
 
 **The gate** (MT-DMD). `gate_table(config)` is a static table `[bins, domains + 1, 2, K]` of teacher weights
 (objective 0 = DM, 1 = CA), each row the normalised product of three factors, each a row of weights over
@@ -82,6 +84,25 @@ forward gives x0_fake). Critic update (trains critic and head): `+ gan_discrimin
 + softplus(-D(real)))`, fake = the samples, real = the batch's `latents`, each noised to its own sigma from
 `gan_sigmas` (two more critic forwards per critic update).
 
+**The regression term** (DMD v1's regression loss, for ablation; `regression_weight > 0`): the batch keys
+`ode_noise` and `ode_target` `[B, C, H, W]` hold a noise and the frozen teacher's deterministic ODE output from
+it (its Euler sampler at N steps with its CFG: `data/ode_pairs.py`, made by the runner's `ode_pairs` stage).
+The student runs from `ode_noise` as backward simulation runs from its own start noise, to the same step k_b
+as the DMD term (K - 1 more gradient-free forwards and one with gradient, whatever `student_input`: the
+target is a function of that noise, not of data), and its x0-prediction there, `x_ode`, is regressed onto
+`ode_target`: `regression_weight mean((x_ode - ode_target)^2)`. The step-k x0-prediction rather than the
+K-step sample: the student's x0-prediction at any step of its own trajectory from the noise is its estimate of
+where that trajectory ends, so each should approach the ODE output from the same noise; at k = K - 1 it *is*
+the K-step sample (the sampler's output), so the full rollout is the case k_b = K - 1 of this, and drawing
+k_b trains every step's prediction at the cost of one more DMD-term sample (a full rollout with gradient
+through its last step only would cost as much and train one step in K). Latent MSE rather than DMD v1's
+LPIPS on decoded pixels: LPIPS needs a pretrained VGG/AlexNet, which the project neither has nor can load
+here, and a VAE decode of every regressed sample whose full-resolution activations the generator update would
+keep for the backward pass; the latents are normalised per channel, so their squared error weighs channels
+alike; and the term only anchors the student to the teacher's noise-to-image map beside the DMD term, which
+keeps the samples sharp (LPIPS's tolerance of small misalignments mattered for DMD v1's one-step generator,
+whose regression could not fit the map exactly).
+
 One training step is `critic_updates` (default 5) critic updates then one generator update (`updates`), each
 on its own slice of the batch (the trainer's `objectives.Update`).
 
@@ -90,11 +111,12 @@ Metrics (float32 scalars, batch means; the trainer prefixes them `critic/` and `
 before normalisation), `direction_rms` (RMS of the normalised direction; the trainer's own `grad_norm` is the
 parameters' gradient), `gate/dm/NAME` and `gate/ca/NAME` (the mean gate weight of each teacher: its share of
 the term's supervision), `sample_mean`, `sample_std`, `sample_abs_mean` (of the student samples x: mean drift
-and oversaturation), `gan_generator` (with the head);
+and oversaturation), `gan_generator` (with the head), `regression` (the unweighted mean squared error, with the
+regression term);
 critic: `loss`, `mse` and the same sample statistics, with the head also `flow_matching`, `gan_discriminator`,
 `discriminator_accuracy`.
 
-Not here: regression to teacher ODE outputs (DMD v1's alternative to the GAN; left out for time).
+Not here: DMD v1's LPIPS distance for the regression term (latent MSE instead; see the regression term).
 
 Shapes: B batch, C latent channels, H/W latent height/width, T padded text length, D text width, K teachers.
 """
@@ -128,6 +150,8 @@ from ernie_jax.training.objectives.flow_matching import (
 
 STUDENT_INPUTS = ("backward_simulation", "noised_data")
 TERMS = ("dm", "ca")
+# The batch keys of the regression term: a noise and the teacher's ODE output from it, each [B, C, H, W].
+ODE_KEYS = ("ode_noise", "ode_target")
 # The student is the run's "transformer" (the DiT the runner exports); the critic another copy of the DiT.
 GENERATOR, CRITIC, DISCRIMINATOR = "transformer", "critic", "discriminator"
 
@@ -192,7 +216,7 @@ def committee_x0(teachers: Sequence[VelocityFn], weights: Sequence[jax.Array], x
                                                                                   text_lens)),
             lambda: jnp.zeros(x_t.shape, jnp.float32))
         prediction = jax.lax.stop_gradient(prediction)
-        totals = [total + w[:, index, None, None, None] * prediction for total, w in zip(totals, weights)]
+        totals = [total + w[:, index, None, None, None] * prediction for total, w in zip(totals, weights, strict=True)]
     return totals
 
 
@@ -227,7 +251,8 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
                    grid: jax.Array, guidance_scale: float, empty_prompt: EmptyPrompt | None, decoupled: bool = False,
                    dm_weight: float = 1.0, ca_weight: float = 1.0, eps: float = 1e-6,
                    rollout: VelocityFn | None = None, latents: jax.Array | None = None,
-                   gan: GAN | None = None) -> tuple[jax.Array, objectives.Metrics]:
+                   gan: GAN | None = None, regression: Regression | None = None
+                   ) -> tuple[jax.Array, objectives.Metrics]:
     """The generator's DMD loss and metrics (the module docstring gives the math).
 
     `teachers`: name -> velocity, in the order of the gates' columns; `dm_gate`, `ca_gate` `[B, K]` (rows
@@ -235,6 +260,8 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
     as `student_sample`. `empty_prompt` is needed when the CA term is on (ca_weight != 0 and g != 1). With
     `gan`, the critic runs as `gan.critic_features` on the DM term's x_t noised from x *with* its gradient, and
     `gan.weight softplus(-D(features))` joins the loss (D = `gan.head`; x0_fake is that forward's, stopped).
+    With `regression`, `regression.weight mean((x_ode - regression.target)^2)` joins it, `x_ode` the student's
+    x0-prediction at step `draw.steps` of backward simulation from `regression.noise`.
     """
     x = student_sample(student, text, text_lens, draw.noise, draw.steps, grid, rollout=rollout, latents=latents)
     sample = jax.lax.stop_gradient(x)
@@ -288,6 +315,14 @@ def generator_loss(student: VelocityFn, critic: VelocityFn, teachers: Mapping[st
     if gan is not None:
         loss = loss + gan.weight * gan_generator
         metrics["gan_generator"] = gan_generator
+    if regression is not None:
+        if regression.noise.shape != regression.target.shape or regression.noise.ndim != 4:
+            raise ValueError(f"the regression term's ode_noise {regression.noise.shape} and ode_target "
+                             f"{regression.target.shape} must be one shape [B, C, H, W]")
+        x_ode = student_sample(student, text, text_lens, regression.noise, draw.steps, grid, rollout=rollout)
+        regression_loss = jnp.mean(jnp.square(x_ode - regression.target.astype(jnp.float32)))
+        loss = loss + regression.weight * regression_loss
+        metrics["regression"] = regression_loss
     metrics["loss"] = loss
     for index, name in enumerate(teachers):
         metrics[f"gate/dm/{name}"] = jnp.mean(dm_gate[:, index])
@@ -302,6 +337,15 @@ class GAN(NamedTuple):
 
     critic_features: Callable
     head: Callable
+    weight: float
+
+
+class Regression(NamedTuple):
+    """The regression term's inputs: the pairs' `noise` and the teacher's ODE outputs from it, `target`
+    (`[B, C, H, W]` each), and the term's `weight`."""
+
+    noise: jax.Array
+    target: jax.Array
     weight: float
 
 
@@ -401,7 +445,8 @@ class Config:
     `latents` (which then becomes a required batch key). GAN head (DMD2's diffusion GAN; needs `latents`):
     `gan_weight` (the generator's softplus(-D(fake)) term; 0 = no head and no "discriminator" part),
     `gan_discriminator_weight` (the discriminator loss's weight in the critic update), `gan_hidden` (the head's
-    width), `gan_sigmas` (the noise levels the discriminator sees).
+    width), `gan_sigmas` (the noise levels the discriminator sees). Regression term (DMD v1):
+    `regression_weight` (0 = off; above 0 the batch keys `ode_noise` and `ode_target` are read).
     """
 
     teachers: tuple[str, ...] = ("teacher",)
@@ -428,6 +473,7 @@ class Config:
     gan_discriminator_weight: float = 0.01
     gan_hidden: int = 256
     gan_sigmas: SigmaSampling = dataclasses.field(default_factory=lambda: SigmaSampling(sigma_scheme="uniform"))
+    regression_weight: float = 0.0
 
     def __post_init__(self):
         for name, kind in (("dm_sigmas", SigmaSampling), ("ca_sigmas", SigmaSampling), ("critic", FlowMatchingConfig),
@@ -459,7 +505,7 @@ class Config:
             raise ValueError(f"student_input must be one of {STUDENT_INPUTS}, got {self.student_input!r}")
         if not self.guidance_scale >= 1:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale!r}")
-        for name in ("dm_weight", "ca_weight", "gan_weight", "gan_discriminator_weight"):
+        for name in ("dm_weight", "ca_weight", "gan_weight", "gan_discriminator_weight", "regression_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if not self.normaliser_eps > 0:
@@ -564,7 +610,7 @@ class DMD:
         self.gan = config.gan_weight > 0
         needs_latents = config.latent_shape is None or config.student_input == "noised_data" or self.gan
         self.batch_keys = ("text", "text_lens") + (("latents",) if needs_latents else ()) + (
-            ("category",) if config.domain_routes else ())
+            ("category",) if config.domain_routes else ()) + (ODE_KEYS if reads_ode_pairs(config) else ())
         self.optional_batch_keys = ()
         critic_parts = critic_update_parts(config)
         self.trains = trains(config)
@@ -615,7 +661,9 @@ class DMD:
                               guidance_scale=config.guidance_scale, empty_prompt=self.empty_prompt,
                               decoupled=config.decoupled, dm_weight=config.dm_weight, ca_weight=config.ca_weight,
                               eps=config.normaliser_eps, rollout=stopped(student), latents=self._latents(batch),
-                              gan=self._gan(frozen[CRITIC], frozen.get(DISCRIMINATOR), config.gan_weight))
+                              gan=self._gan(frozen[CRITIC], frozen.get(DISCRIMINATOR), config.gan_weight),
+                              regression=Regression(batch["ode_noise"], batch["ode_target"], config.regression_weight)
+                              if reads_ode_pairs(config) else None)
 
     def critic_loss(self, trainable: Mapping[str, nnx.Module], frozen: Mapping[str, nnx.Module],
                     batch: Mapping[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, objectives.Metrics]:
@@ -640,6 +688,12 @@ class DMD:
                            gan=self._gan(trainable[CRITIC], trainable.get(DISCRIMINATOR),
                                          config.gan_discriminator_weight),
                            real=batch.get("latents") if self.gan else None, discriminator_draw=discriminator_draw)
+
+
+def reads_ode_pairs(config: Config) -> bool:
+    """Whether the objective reads the teacher's ODE pairs (the batch keys `ODE_KEYS`, which the runner's
+    `ode_pairs` stage makes): with the regression term on."""
+    return config.regression_weight > 0
 
 
 def critic_update_parts(config: Config) -> tuple[str, ...]:
