@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     base = (precompute / "components") if args.small else Path(args.base).resolve()
     folders = tuple(str(f) for f in sorted((precompute / "precomputed").glob("*/shard-*")))
     common = [f"--config.components.path={base}", "--config.components.kind=pretrained",
-              "--config.stages=('train','export')", f"--config.data.precomputed={folders}"]
+              "--config.stages=('ode_pairs','train','export')", f"--config.data.precomputed={folders}"]
     if args.steps:
         common += [f"--config.data.stage_steps=({args.steps},)", f"--config.train.optimizer.decay_steps={args.steps}",
                    f"--config.train.checkpoint_every={args.steps}", f"--config.evals.samples.every={args.steps}",
