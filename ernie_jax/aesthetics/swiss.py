@@ -37,8 +37,8 @@ judgments (ranking.py), which unlike points accounts for whom an item met; the b
 not enter it.
 
 Default rounds: ceil(log2 n), the number of rounds a Swiss needs to single out a winner, capped by the most
-rounds allowed. A finer order below the top needs more rounds; experiments/swiss_vs_likert.py measures the
-rank recovery per round count.
+rounds allowed. A finer order below the top needs more rounds: with 256 simulated images and 3 annotators,
+Kendall tau to the true order was 0.74 after 4 rounds, 0.84 after 8, 0.90 after 16 (docs/swiss_vs_likert.md).
 
 State: a Tournament is fully determined by (item_ids, rounds, seed) and the results recorded. Replaying the
 stored judgments round by round (pairings(), then record() for each of its pairs, in any order within the
