@@ -155,6 +155,16 @@ def test_seeded_determinism_and_replay():
                              env={**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(repo)}).stdout
     assert printed.splitlines() == [repr(current) for current in played]
 
+    # The same where the lookahead search picks the rounds (more rounds than the Hall bound covers).
+    original = swiss.Tournament(list(range(7)), 7, seed=5)
+    played = _play(original, _random_outcomes(np.random.default_rng(2)), check_rules=False)
+    restored = swiss.Tournament(list(range(7)), 7, seed=5)
+    for round_index, block in enumerate(np.split(np.array(original.judgments(), object), 7)):
+        assert restored.pairings() == played[round_index]
+        for left, right, outcome in block[::-1]:
+            restored.record(left, right, outcome)
+    assert restored.done and restored.judgments() != original.judgments()
+
 
 def test_pairings_fixed_until_the_round_completes():
     tournament = swiss.Tournament(list(range(8)), 3, seed=1)

@@ -37,8 +37,8 @@ judgments (ranking.py), which unlike points accounts for whom an item met; the b
 not enter it.
 
 Default rounds: ceil(log2 n), the number of rounds a Swiss needs to single out a winner, capped by the most
-rounds allowed. A finer order below the top needs more rounds; experiments/swiss_vs_likert.py measures the
-rank recovery per round count.
+rounds allowed. A finer order below the top needs more rounds: with 256 simulated images and 3 annotators,
+Kendall tau to the true order was 0.74 after 4 rounds, 0.84 after 8, 0.90 after 16 (docs/swiss_vs_likert.md).
 
 State: a Tournament is fully determined by (item_ids, rounds, seed) and the results recorded. Replaying the
 stored judgments round by round (pairings(), then record() for each of its pairs, in any order within the
@@ -218,7 +218,6 @@ class Tournament:
         self._balance = np.zeros(num_items, np.int64)
         self._last_side = np.zeros(num_items, np.int64)  # +1 left, -1 right, 0 not judged yet
         self._half_points = np.zeros(num_items, np.int64)
-        self._judged_half_points = np.zeros(num_items, np.int64)  # points from judgments only (Buchholz)
         self._judgments: list[tuple[int, int, str]] = []
         self._round = 0
         self._current_pairs: list[tuple[int, int]] = []
@@ -291,9 +290,8 @@ class Tournament:
         self._recorded.add(pair)
         self._judgments.append((pair[0], pair[1], outcome))
         left_half, right_half = _HALF_POINTS[outcome]
-        for index, half in ((pair[0], left_half), (pair[1], right_half)):
-            self._half_points[index] += half
-            self._judged_half_points[index] += half
+        self._half_points[pair[0]] += left_half
+        self._half_points[pair[1]] += right_half
         if len(self._recorded) == len(self._current_pairs):
             self._round += 1
             if not self.done:
