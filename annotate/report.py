@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from annotate.errors import AnnotateError
 from annotate.judging import Progress, read_progress, replay_tournament
 from annotate.models import Annotator, Campaign, GoldPair, Image, Judgment, Pair
-from ernie_jax.aesthetics import ranking
+from ernie_jax.aesthetics import metrics, ranking
 from ernie_jax.aesthetics.swiss import Tournament
 
 NUM_LEVELS = 10
@@ -78,7 +78,7 @@ def campaign_reports(session: Session, name: str | None = None) -> list[Campaign
         strengths = [tournament.strengths() for tournament in tournaments]
         rows = []
         for index, (annotator, tournament) in enumerate(zip(annotators, tournaments, strict=True)):
-            taus = [ranking.kendall_tau(strengths[index], other) for other_index, other in enumerate(strengths)
+            taus = [metrics.kendall_tau_b(strengths[index], other) for other_index, other in enumerate(strengths)
                     if other_index != index]
             gold_judged, gold_agreement = _gold_agreement(session, annotator.id)
             rows.append(AnnotatorReport(annotator.name, read_progress(session, annotator.id), gold_judged,

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ernie_jax.aesthetics import ranking, swiss  # noqa: E402
+from ernie_jax.aesthetics import metrics, swiss  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     print(f"standings() (Bradley-Terry fit of {len(tournament.judgments())} judgments): "
           f"{time.perf_counter() - start:.3f} s")
     strengths = np.array([row.strength for row in sorted(standings, key=lambda row: row.item_id)])
-    print(f"Kendall tau of the fit to the simulated quality: {ranking.kendall_tau(strengths, quality):.3f}")
+    print(f"Kendall tau of the fit to the simulated quality: {metrics.kendall_tau_b(strengths, quality):.3f}")
     if args.networkx:
         import networkx
         import rustworkx

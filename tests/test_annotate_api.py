@@ -20,7 +20,7 @@ from annotate.__main__ import main
 from annotate.app import create_app
 from annotate.db import make_engine, sessions
 from annotate.models import Image, Judgment
-from ernie_jax.aesthetics import ranking
+from ernie_jax.aesthetics import metrics, ranking
 from ernie_jax.aesthetics.swiss import Tournament
 from tests.annotate_servers import create_campaign, make_images
 
@@ -139,7 +139,7 @@ def test_whole_tournaments_export_what_the_annotators_logs_replay_to(campaign, c
     aggregate = ranking.aggregate_annotators(NUM_ITEMS, [[(index[a], index[b], c) for _, a, b, c in log]
                                                          for log in logs.values()])
     assert [row["level"] for row in exported["items"]] == list(ranking.levels_from_scores(aggregate.scores, 10))
-    tau = ranking.kendall_tau(fits["alice"].scores, fits["bob"].scores)
+    tau = metrics.kendall_tau_b(fits["alice"].scores, fits["bob"].scores)
     assert tau < -0.5
     rows = {row["annotator"]: row for row in exported["annotators"]}
     assert (rows["alice"]["gold_agreement"], rows["bob"]["gold_agreement"]) == (1.0, 0.0)

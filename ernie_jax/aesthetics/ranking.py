@@ -1,5 +1,5 @@
-"""Rankings from pairwise judgments: a Bradley-Terry fit with bootstrap intervals, quantile levels 1..L, rank
-metrics (Kendall tau-b, Spearman), and several annotators' fits combined with their agreement.
+"""Rankings from pairwise judgments: a Bradley-Terry fit with bootstrap intervals, quantile levels 1..L, and
+several annotators' fits combined with their agreement (Kendall tau-b and Spearman, from metrics.py).
 
 Bradley-Terry (training_algorithms.md section 3): P(a preferred to b) = sigmoid(s_a - s_b) with one log-strength
 s_i per item. The fit maximises the penalised log-likelihood
@@ -24,6 +24,8 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from ernie_jax.aesthetics import metrics
 
 DEFAULT_PRIOR = 0.1
 _OUTCOME_SCORES = {"left": 1.0, "right": 0.0, "tie": 0.5}
@@ -197,48 +199,6 @@ def levels_from_scores(scores, num_levels: int = 10, cut_points: Sequence[float]
     return 1 + np.searchsorted(thresholds, scores, side="right")
 
 
-def _check_pair(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.ndim != 1 or x.shape != y.shape or x.size < 2:
-        raise ValueError(f"need two vectors of the same length >= 2, got shapes {x.shape} and {y.shape}")
-    return x, y
-
-
-def kendall_tau(x, y) -> float:
-    """Kendall's tau-b between two score vectors [N] (ties counted as in scipy.stats.kendalltau); nan when
-    either vector is constant. O(N^2) memory: meant for N up to a few thousand."""
-    x, y = _check_pair(x, y)
-    upper = np.triu_indices(x.size, 1)
-    x_order = np.sign(x[:, None] - x[None, :])[upper]
-    y_order = np.sign(y[:, None] - y[None, :])[upper]
-    untied_x, untied_y = np.count_nonzero(x_order), np.count_nonzero(y_order)
-    if untied_x == 0 or untied_y == 0:
-        return float("nan")
-    return float(np.sum(x_order * y_order) / np.sqrt(float(untied_x) * float(untied_y)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], values.size]
-    group_rank = (starts + ends - 1) / 2.0
-    ranks = np.empty(values.size)
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks
-
-
-def spearman(x, y) -> float:
-    """Spearman's rank correlation between two score vectors [N] (tied values share their average rank);
-    nan when either vector is constant."""
-    x, y = _check_pair(x, y)
-    x_ranks, y_ranks = _average_ranks(x), _average_ranks(y)
-    x_ranks -= x_ranks.mean()
-    y_ranks -= y_ranks.mean()
-    norm = np.sqrt((x_ranks @ x_ranks) * (y_ranks @ y_ranks))
-    return float(x_ranks @ y_ranks / norm) if norm > 0 else float("nan")
-
-
 def aggregate_annotators(num_items: int, judgments_by_annotator, prior: float = DEFAULT_PRIOR) -> AnnotatorAggregate:
     """Fit each annotator's judgments over the same `num_items` items on their own, then combine (see
     AnnotatorAggregate). `judgments_by_annotator`: a sequence (one entry per annotator) of judgment lists."""
@@ -251,8 +211,8 @@ def aggregate_annotators(num_items: int, judgments_by_annotator, prior: float = 
     taus, rhos = [], []
     for first in range(len(annotator_scores)):
         for second in range(first + 1, len(annotator_scores)):
-            taus.append(kendall_tau(annotator_scores[first], annotator_scores[second]))
-            rhos.append(spearman(annotator_scores[first], annotator_scores[second]))
+            taus.append(metrics.kendall_tau_b(annotator_scores[first], annotator_scores[second]))
+            rhos.append(metrics.srcc(annotator_scores[first], annotator_scores[second]))
     mean_tau = float(np.mean(taus)) if taus else float("nan")
     mean_rho = float(np.mean(rhos)) if rhos else float("nan")
     return AnnotatorAggregate(standardised.mean(axis=0), annotator_scores, mean_tau, mean_rho)
