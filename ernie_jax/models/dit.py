@@ -81,32 +81,6 @@ PRESETS = {
 }
 
 
-class PatchEmbed(nnx.Module):
-    """Conv2d(kernel=stride=p) as a matmul over patches: `[B, C, H, W] -> [B, N, D]`, tokens row-major.
-
-    The kernel is kept in HWIO layout `[p, p, C, D]`.
-    """
-
-    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, *, dtype, param_dtype,
-                 rngs: nnx.Rngs):
-        self.patch_size = patch_size
-        self.dtype = dtype
-        fan_in = in_channels * patch_size * patch_size
-        bound = 1.0 / fan_in ** 0.5
-        uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
-        self.kernel = nnx.Param(layers.logical(uniform, ("patch", "patch", "conv_in", "embed"))(
-            rngs.params(), (patch_size, patch_size, in_channels, hidden_size), param_dtype))
-        self.bias = nnx.Param(layers.logical(uniform, ("embed",))(rngs.params(), (hidden_size,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, c, h, w = x.shape
-        p = self.patch_size
-        patches = x.astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
-        tokens = jnp.einsum("bcyixj,ijcd->byxd", patches, self.kernel[...].astype(self.dtype))
-        tokens = tokens + self.bias[...].astype(self.dtype)
-        return tokens.reshape(b, (h // p) * (w // p), -1)
-
-
 class TimestepEmbedding(nnx.Module):
     """diffusers `TimestepEmbedding`: linear_2(SiLU(linear_1(x))), `[B, D] -> [B, D]`."""
 
@@ -266,7 +240,7 @@ class ErnieImageTransformer(nnx.Module):
         self.scan_layers = scan_layers
         d = config.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.x_embedder = PatchEmbed(config.in_channels, d, config.patch_size, **kw)
+        self.x_embedder = layers.PatchEmbed(config.in_channels, d, config.patch_size, use_bias=True, **kw)
         self.text_proj = (layers.linear(config.text_in_dim, d, axes=("embed_in", "embed"), use_bias=False, **kw)
                           if config.has_text_proj else None)
         self.time_embedding = TimestepEmbedding(d, **kw)

@@ -359,3 +359,30 @@ def _attention_kernel(query, key, value, key_lengths, mask, *, implementation: s
         return splash.splash_attention(query, key, value, lengths)
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, key_value_seq_lengths=lengths, implementation=implementation)
+
+
+class PatchEmbed(nnx.Module):
+    """Conv2d(kernel=stride=p, no padding) as a matmul over patches, `[B, C, H, W] -> [B, N, D]`, tokens
+    row-major, N = (H // p) (W // p); kernel HWIO `[p, p, C, D]`, bias optional (CLIP's has none). Like the
+    convolution, it never reads the last H % p rows and W % p columns (SigLIP so400m: 384 px in patches of 14)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, *, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.dtype = dtype
+        bound = 1.0 / (in_channels * patch_size * patch_size) ** 0.5
+        uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
+        self.kernel = nnx.Param(logical(uniform, ("patch", "patch", "conv_in", "embed"))(
+            rngs.params(), (patch_size, patch_size, in_channels, hidden_size), param_dtype))
+        self.bias = (nnx.Param(logical(uniform, ("embed",))(rngs.params(), (hidden_size,), param_dtype))
+                     if use_bias else nnx.data(None))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        h, w = h - h % p, w - w % p
+        patches = x[:, :, :h, :w].astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
+        tokens = jnp.einsum("bcyixj,ijcd->byxd", patches, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            tokens = tokens + self.bias[...].astype(self.dtype)
+        return tokens.reshape(b, (h // p) * (w // p), -1)

@@ -139,34 +139,6 @@ class LayerNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
-class PatchEmbedding(nnx.Module):
-    """Conv2d(kernel=stride=p, no padding) as a matmul over patches, `[B, C, H, W] -> [B, N, D]`, tokens
-    row-major, N = (H // p) (W // p); kernel HWIO `[p, p, C, D]`. Unlike the DiT's `PatchEmbed`, the bias is
-    optional (CLIP has none) and H, W need not be multiples of p: the convolution never reads the last H % p rows
-    and W % p columns (SigLIP so400m: 384 px in patches of 14, 27 x 27 patches)."""
-
-    def __init__(self, config: VisionTowerConfig, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
-        p, c, d = config.patch_size, config.num_channels, config.hidden_size
-        self.patch_size = p
-        self.dtype = dtype
-        bound = 1.0 / (c * p * p) ** 0.5
-        uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
-        self.kernel = nnx.Param(layers.logical(uniform, ("patch", "patch", "conv_in", "embed"))(
-            rngs.params(), (p, p, c, d), param_dtype))
-        self.bias = (nnx.Param(layers.logical(uniform, ("embed",))(rngs.params(), (d,), param_dtype))
-                     if use_bias else nnx.data(None))
-
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        b, c, h, w = pixel_values.shape
-        p = self.patch_size
-        h, w = h - h % p, w - w % p
-        patches = pixel_values[:, :, :h, :w].astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
-        tokens = jnp.einsum("bcyixj,ijcd->byxd", patches, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            tokens = tokens + self.bias[...].astype(self.dtype)
-        return tokens.reshape(b, (h // p) * (w // p), -1)
-
-
 class MLP(nnx.Module):
     """fc2(act(fc1(x))), `[..., D] -> [..., D]`, with biases."""
 
@@ -273,7 +245,8 @@ class VisionTower(nnx.Module):
         d = config.hidden_size
         clip = config.family == "clip"
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.patch_embedding = PatchEmbedding(config, use_bias=not clip, rngs=rngs, **kw)
+        self.patch_embedding = layers.PatchEmbed(config.num_channels, config.hidden_size, config.patch_size,
+                                                 use_bias=not clip, rngs=rngs, **kw)
         # torch's inits: class embedding and positions (nn.Embedding) N(0, 1).
         normal = nnx.initializers.normal(1.0)
         self.class_embedding = (nnx.Param(layers.logical(normal, ("embed",))(rngs.params(), (d,), param_dtype))
