@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="points, Bradley-Terry scores and levels to CSV or JSON",
                                  description="Writes one row per image: per annotator its Swiss points, "
-                                             "Bradley-Terry score with a 90%% bootstrap interval and level 1-10, "
+                                             "Bradley-Terry score with a 90% bootstrap interval and level 1-10, "
                                              "and the level aggregated over annotators; plus one row per "
                                              "annotator with its calibration (FILE.annotators.csv beside a CSV).")
     export.add_argument("--db", required=True, help=DB_HELP)
