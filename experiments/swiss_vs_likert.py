@@ -311,11 +311,82 @@ def tables(results: dict, settings: Settings) -> str:
     return "\n".join(lines)
 
 
+# The plot's colour of each of METHODS, in order (colour-blind-safe Okabe-Ito palette).
+_COLOURS = ("#000000", "#999999", "#e69f00", "#56b4e9", "#009e73", "#d55e00", "#cc79a7")
+
+
+def _panel(series: dict[str, tuple[list[float], np.ndarray, np.ndarray]], x_label: str, title: str,
+           origin: tuple[float, float], size: tuple[float, float], y_range: tuple[float, float]) -> list[str]:
+    """SVG elements of one line chart: {method: (x values, mean [X], std [X])} with +- std bars; x on a
+    log2 axis at the values given, y linear over `y_range`."""
+    (left, top), (width, height) = origin, size
+    xs = sorted({x for values, _, _ in series.values() for x in values})
+    low, high = np.log2(xs[0]), np.log2(xs[-1])
+
+    def to_x(x):
+        return left + (np.log2(x) - low) / max(high - low, 1e-9) * width
+
+    def to_y(y):
+        return top + height - (y - y_range[0]) / (y_range[1] - y_range[0]) * height
+
+    elements = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#444"/>',
+                f'<text x="{left + width / 2}" y="{top - 10}" text-anchor="middle" font-size="14">{title}</text>',
+                f'<text x="{left + width / 2}" y="{top + height + 36}" text-anchor="middle">{x_label}</text>',
+                f'<text x="{left - 44}" y="{top + height / 2}" text-anchor="middle" '
+                f'transform="rotate(-90 {left - 44} {top + height / 2})">Kendall tau to the true quality</text>']
+    for x in xs:
+        elements.append(f'<text x="{to_x(x):.1f}" y="{top + height + 18}" text-anchor="middle">{x:g}</text>')
+    for tick in np.linspace(*y_range, 6):
+        elements.append(f'<line x1="{left}" x2="{left + width}" y1="{to_y(tick):.1f}" y2="{to_y(tick):.1f}" '
+                        f'stroke="#ddd"/><text x="{left - 6}" y="{to_y(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
+    for method, (values, means, stds) in series.items():
+        colour = _COLOURS[METHODS.index(method)]  # the legend's colour whichever methods a panel shows
+        points = " ".join(f"{to_x(x):.1f},{to_y(m):.1f}" for x, m in zip(values, means, strict=True))
+        elements.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, m, sd in zip(values, means, stds, strict=True):
+            elements.append(f'<line x1="{to_x(x):.1f}" x2="{to_x(x):.1f}" y1="{to_y(m - sd):.1f}" '
+                            f'y2="{to_y(m + sd):.1f}" stroke="{colour}"/>'
+                            f'<circle cx="{to_x(x):.1f}" cy="{to_y(m):.1f}" r="3" fill="{colour}"/>')
+    return elements
+
+
+def plot(results: dict, settings: Settings) -> str:
+    """An SVG figure (no plotting library): Kendall tau (mean +- std over seeds) against the budget per
+    annotator for every method, and against the Likert / side-by-side noise ratio at the middle budget."""
+    def series(by_value: dict, methods, x_of) -> dict:
+        values = list(by_value)
+        return {method: ([x_of(v) for v in values],
+                         np.array([by_value[v][method]["kendall_tau"].mean() for v in values]),
+                         np.array([by_value[v][method]["kendall_tau"].std() for v in values]))
+                for method in methods}
+
+    budget = series(results["budget"], METHODS, lambda rounds: rounds * (settings.num_items // 2))
+    noise = series(results["absolute_noise"], SWEEP_METHODS, float)
+    everything = [m + k * s for panel in (budget, noise) for _, m, s in panel.values() for k in (-1, 1)]
+    y_range = (np.floor(min(map(np.min, everything)) * 20) / 20, np.ceil(max(map(np.max, everything)) * 20) / 20)
+    middle = settings.rounds[len(settings.rounds) // 2] * (settings.num_items // 2)
+    elements = _panel(budget, "judgments per annotator", "every method by budget", (80, 40), (380, 300), y_range)
+    elements += _panel(noise, "Likert noise / side-by-side noise", f"at {middle} judgments per annotator",
+                       (560, 40), (300, 300), y_range)
+    for row, (colour, method) in enumerate(zip(_COLOURS, METHODS, strict=True)):
+        elements.append(f'<line x1="890" x2="915" y1="{60 + 20 * row}" y2="{60 + 20 * row}" stroke="{colour}" '
+                        f'stroke-width="2"/><text x="922" y="{64 + 20 * row}">{method}</text>')
+    return ('<svg xmlns="http://www.w3.org/2000/svg" width="1030" height="400" font-family="sans-serif" '
+            'font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n' + "\n".join(elements) + "\n</svg>\n")
+
+
+def _write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, help=f"(default {Settings.seeds}, {SMALL.seeds} with --small)")
     parser.add_argument("--small", action="store_true", help="the seconds-long test version")
     parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
+    parser.add_argument("--plot", type=Path, help="also write the figure to this SVG file")
     args = parser.parse_args(argv)
     settings = SMALL if args.small else Settings()
     if args.seeds is not None:
@@ -326,9 +397,9 @@ def main(argv=None) -> int:
     text = tables(results, settings)
     print(text)
     if args.out:
-        temporary = args.out.with_name(args.out.name + ".tmp")
-        temporary.write_text(text + "\n")
-        temporary.replace(args.out)
+        _write(args.out, text + "\n")
+    if args.plot:
+        _write(args.plot, plot(results, settings))
     return 0
 
 

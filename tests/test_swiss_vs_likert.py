@@ -72,3 +72,18 @@ def test_elo_matches_the_update_rule():
     zero = after_first - 32 * (1 - expected_one)
     expected_two = 1 / (1 + 10 ** ((zero - 0.0) / 400))
     np.testing.assert_allclose(ratings, [zero - 32 * (0.5 - expected_two), one, 32 * (0.5 - expected_two)])
+
+
+def test_plot_is_an_svg_with_a_line_per_method_and_panel(results):
+    import xml.etree.ElementTree as ElementTree
+
+    svg = ElementTree.fromstring(swiss_vs_likert.plot(results, swiss_vs_likert.SMALL))
+    namespace = "{http://www.w3.org/2000/svg}"
+    lines = svg.findall(f"{namespace}polyline")
+    assert len(lines) == len(swiss_vs_likert.METHODS) + len(swiss_vs_likert.SWEEP_METHODS)
+    # Each method keeps its legend colour in both panels.
+    colours = [line.get("stroke") for line in lines]
+    by_method = dict(zip(swiss_vs_likert.METHODS, colours[:len(swiss_vs_likert.METHODS)], strict=True))
+    assert colours[len(swiss_vs_likert.METHODS):] == [by_method[m] for m in swiss_vs_likert.SWEEP_METHODS]
+    legend = [text.text for text in svg.findall(f"{namespace}text")]
+    assert all(method in legend for method in swiss_vs_likert.METHODS)
