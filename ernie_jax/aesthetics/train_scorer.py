@@ -29,6 +29,7 @@ Bad flags or config values give one `error: ...` line and exit status 1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -243,14 +244,19 @@ def training_data(experiment: ScorerExperiment, objective):
                                  shard_index=jax.process_index(), shard_count=count)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).score(pixel_values)
+
+
 class ImageScorer:
     """`images -> scores [N]` float64 of a scorer model (PIL images or uint8 `[H, W, 3]` arrays), preprocessed
-    and scored in batches of `batch_size` (the last one padded, so one compiled program serves every call)."""
+    and scored in batches of `batch_size` (the last one padded, so one compiled program serves every call and
+    every scorer of the same structure)."""
 
     def __init__(self, model, preprocess, batch_size: int = 32):
         self.graphdef, self.state = nnx.split(model)
         self.preprocess, self.batch_size = preprocess, batch_size
-        self._score = jax.jit(lambda state, pixels: nnx.merge(self.graphdef, state).score(pixels))
 
     def __call__(self, images) -> np.ndarray:
         scores = []
@@ -258,18 +264,18 @@ class ImageScorer:
             pixels = self.preprocess(images[start:start + self.batch_size])
             count = len(pixels)
             pixels = np.concatenate([pixels, np.zeros((self.batch_size - count, *pixels.shape[1:]), pixels.dtype)])
-            scores.append(np.asarray(self._score(self.state, pixels))[:count])
+            scores.append(np.asarray(_scores(self.graphdef, self.state, pixels))[:count])
         return np.concatenate(scores).astype(np.float64)
 
 
 def scorer_model(experiment: ScorerExperiment, *, ema: bool = True, trained: bool = True):
     """The scorer of the newest checkpoint (its EMA weights unless `ema` is False) or, `trained=False`, the
-    untrained one training starts from."""
+    untrained one training starts from (as the trainer initialises it)."""
     from ernie_jax.training.checkpoints import Checkpoints
     from ernie_jax.training.state import abstract_train_state, create_train_state, part_rests
 
-    parts, initial, mesh = experiment.parts(), experiment.initial(), experiment.mesh()
-    seed, rules = experiment.config.seed, experiment.rules
+    parts, initial, name = experiment.parts(), experiment.initial(), experiment.part_name
+    mesh, seed, rules = experiment.mesh(), experiment.config.seed, experiment.rules
     if trained:
         graphdefs, abstract = abstract_train_state(parts, seed=seed, mesh=mesh, rules=rules)
         checkpoints = Checkpoints(experiment.workdir / "checkpoints")
@@ -279,9 +285,8 @@ def scorer_model(experiment: ScorerExperiment, *, ema: bool = True, trained: boo
             checkpoints.close()
     else:
         graphdefs, state = create_train_state(parts, seed=seed, mesh=mesh, rules=rules, initial=initial)
-        weights = state.ema_params
-    rest = part_rests(parts, seed=seed, mesh=mesh, rules=rules, initial=initial).get(experiment.part_name)
-    name = experiment.part_name
+        weights = state.params
+    rest = part_rests(parts, seed=seed, mesh=mesh, rules=rules, initial=initial).get(name)
     return nnx.merge(graphdefs[name], weights[name], *([] if rest is None else [rest]))
 
 
