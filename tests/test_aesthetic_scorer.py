@@ -180,6 +180,15 @@ def test_tiny_vit_learns_the_synthetic_ranking(tmp_path):
     untrained = train_scorer.evaluate(experiment, train_scorer.scorer_model(experiment, trained=False))
     # The held-out images' true quality (stripe contrast under a random brightness) is learnt.
     assert results["srcc"] > 0.8 and results["srcc"] > abs(untrained["srcc"]) + 0.4, (results, untrained)
+    # The run's folder alone gives the trained scorer as an images -> scores callable.
+    from PIL import Image
+
+    from ernie_jax.aesthetics.metrics import srcc
+
+    heldout = read_manifest(tmp_path / "synthetic" / "heldout.csv")
+    scores = train_scorer.load_trained_scorer(tmp_path, batch_size=16)(
+        [Image.open(path) for path in heldout.columns["image"]])
+    assert scores.shape == (64,) and srcc(scores, heldout.columns["ratings"]) == pytest.approx(results["srcc"])
 
 
 def test_clip_lora_run_resumes_bit_exactly(clip_folder, tmp_path):

@@ -15,7 +15,9 @@ What it does, under DIR:
 - trains the part the objective names (its module's `trains`) on `config.data.train` (a pairs or labels
   manifest, `data.aesthetic_manifest`): checkpoints/, metrics.jsonl, logs/ (TensorBoard);
 - scores `config.data.eval` (a labels manifest) with the EMA weights and writes eval.json: SRCC, PLCC and
-  Kendall tau-b against its `rating` column (else `level`), with the number of images.
+  Kendall tau-b against its `rating` column (else `level`), with the number of images;
+- config.json, from which `load_trained_scorer(DIR)` rebuilds the trained scorer as an `images -> scores`
+  callable.
 
 The tower (`config.tower`): `kind` "pretrained" loads a transformers CLIP / SigLIP folder (`path`) and its
 image processor; "random" builds a `VisionTowerConfig` from the config's fields and preprocesses with
@@ -43,6 +45,7 @@ from flax import nnx
 
 SYNTHETIC_PREFIX = "synthetic:"
 EVAL_FILE = "eval.json"
+CONFIG_FILE = "config.json"
 
 
 def _dtype(value: str, name: str):
@@ -136,8 +139,9 @@ class ScorerExperiment:
         from conversions.vision_tower import load_vision_tower
 
         param_dtype = "float32" if self.tuning == "full" else t.frozen_dtype
+        # Read straight into the shardings the rule table gives (no whole copy on one device).
         tower = load_vision_tower(t.path, t.dtype, param_dtype=jnp.dtype(param_dtype), attention_impl=t.attention_impl,
-                                  remat=t.remat)
+                                  remat=t.remat, mesh=self.mesh(), axis_rules=self.rules)
         return {self.part_name: self._with_head(tower, nnx.Rngs(self.config.seed))}
 
     def parts(self) -> dict:
@@ -190,8 +194,12 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> ScorerExperiment:
     remat_policy(t.remat)
     if t.attention_impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"config.tower.attention_impl {t.attention_impl!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-    head = ScorerHeadConfig(**{**config.head, "num_levels": getattr(module, "num_levels", lambda c: 0)(
-        objective_config)})
+    # An objective that needs more of the head (the ordinal thresholds) says so: `num_levels(config)`.
+    try:
+        head = ScorerHeadConfig(**{**config.head, "num_levels": getattr(module, "num_levels", lambda c: 0)(
+            objective_config)})
+    except TypeError as error:
+        raise ValueError(f"config.head: {error}") from None
     d = config.data
     if not d.train:
         raise ValueError("config.data.train is empty: set it to a pairs or labels manifest")
@@ -205,8 +213,11 @@ def resolve(config: ml_collections.ConfigDict, workdir) -> ScorerExperiment:
         raise ValueError(f"config.train.ema_decay must be in [0, 1], got {tc.ema_decay}")
     experiment = ScorerExperiment(config, Path(workdir), module, objective_config, part_names[0], head, train,
                                   OptimizerConfig(**tc.optimizer), check_rules(config.sharding.rules))
-    experiment.tower_config()  # checks the tower's fields
-    _ = experiment.lora  # checks the LoRA settings
+    for name, check in (("tower", experiment.tower_config), ("lora", lambda: experiment.lora)):
+        try:
+            check()
+        except TypeError as error:  # a missing or unknown field
+            raise ValueError(f"config.{name}: {error}") from None
     return experiment
 
 
@@ -216,8 +227,14 @@ def _synthetic(experiment: ScorerExperiment) -> None:
 
     paths = [experiment.config.data.train, experiment.config.data.eval]
     folder = experiment.workdir / "synthetic"
-    if any(p.startswith(SYNTHETIC_PREFIX) for p in paths) and not folder.is_dir() and jax.process_index() == 0:
+    if not any(p.startswith(SYNTHETIC_PREFIX) for p in paths):
+        return
+    if not folder.is_dir() and jax.process_index() == 0:
         write_synthetic_aesthetics(folder, SyntheticAestheticsConfig(**experiment.config.data.synthetic.to_dict()))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic aesthetics written")
 
 
 def training_data(experiment: ScorerExperiment, objective):
@@ -313,6 +330,22 @@ def evaluate(experiment: ScorerExperiment, model) -> dict:
             "kendall_tau_b": kendall_tau_b(scores, target)}
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def load_trained_scorer(workdir, *, ema: bool = True, batch_size: int = 32) -> ImageScorer:
+    """The `images -> scores` callable of a training run's folder: its config.json and newest checkpoint (EMA
+    weights unless `ema` is False; a frozen tower or LoRA base is read from where the config says)."""
+    workdir = Path(workdir)
+    if not (workdir / CONFIG_FILE).is_file():
+        raise ValueError(f"{workdir} holds no {CONFIG_FILE}: not a folder of python -m ernie_jax.aesthetics.train_scorer")
+    experiment = resolve(ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text())), workdir)
+    return ImageScorer(scorer_model(experiment, ema=ema), experiment.preprocessor(), batch_size)
+
+
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
     """Trains (resuming in `workdir`) and evaluates; returns the evaluation ({} without `data.eval`)."""
     from ernie_jax.runner.stages import latest_step, say
@@ -321,6 +354,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
     experiment = resolve(config, workdir)
     experiment.workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        _write_atomically(experiment.workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
     _synthetic(experiment)
     objective = experiment.objective_module.make(experiment.objective_config, None)
     data = training_data(experiment, objective)
@@ -346,9 +381,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         return {}
     results = evaluate(experiment, scorer_model(experiment))
     if jax.process_index() == 0:
-        staging = experiment.workdir / f".{EVAL_FILE}.tmp-{os.getpid()}"
-        staging.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(staging, experiment.workdir / EVAL_FILE)
+        _write_atomically(experiment.workdir / EVAL_FILE, json.dumps(results, indent=2) + "\n")
     say(f"evaluate: {json.dumps(results)}")
     return results
 
