@@ -398,7 +398,11 @@ def main(argv=None) -> int:
     try:
         rest = flags.FLAGS(list(sys.argv if argv is None else argv))
         config = config_flag.value
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+    except (AttributeError, KeyError) as error:  # how ml_collections reports overriding a key the config lacks
+        print(f"error: the config has no key {str(error).strip(chr(34) + chr(39))!r} (check the --config.* "
+              f"overrides)", file=sys.stderr)
+        return 1
+    except (flags.Error, TypeError, ValueError, OSError) as error:
         print("error: " + [line.strip() for line in str(error).splitlines() if line.strip()][-1], file=sys.stderr)
         return 1
     if len(rest) > 1 or workdir_flag.value is None or config is None:
