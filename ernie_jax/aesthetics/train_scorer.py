@@ -14,8 +14,8 @@ What it does, under DIR:
   (`data.synthetic_aesthetics`) to DIR/synthetic/ once;
 - trains the part the objective names (its module's `trains`) on `config.data.train` (a pairs or labels
   manifest, `data.aesthetic_manifest`): checkpoints/, metrics.jsonl, logs/ (TensorBoard);
-- scores `config.data.eval` (a labels manifest) with the EMA weights and writes eval.json: SRCC, PLCC and
-  Kendall tau-b against its `rating` column (else `level`), with the number of images;
+- scores `config.data.eval` (a labels manifest) with the EMA weights and writes eval.json (`evaluate`): SRCC,
+  PLCC and Kendall tau-b against its `rating` column (else `level`), and per-category bias;
 - config.json, from which `load_trained_scorer(DIR)` rebuilds the trained scorer as an `images -> scores`
   callable.
 
@@ -308,11 +308,12 @@ def scorer_model(experiment: ScorerExperiment, *, ema: bool = True, trained: boo
 
 
 def evaluate(experiment: ScorerExperiment, model) -> dict:
-    """SRCC, PLCC and Kendall tau-b of `model`'s scores on `config.data.eval` against its `rating` column (else
-    `level`)."""
+    """SRCC, PLCC (raw and after the 4-parameter logistic fit) and Kendall tau-b of `model`'s scores on
+    `config.data.eval` against its `rating` column (else `level`); with categories in the manifest also
+    `category_bias`, {category: mean residual of the logistic-mapped scores} (positive: rated too high)."""
     from PIL import Image
 
-    from ernie_jax.aesthetics.metrics import kendall_tau_b, plcc, srcc
+    from ernie_jax.aesthetics.metrics import category_bias, kendall_tau_b, plcc, srcc
     from ernie_jax.data.aesthetic_manifest import read_manifest
 
     d = experiment.config.data
@@ -326,8 +327,13 @@ def evaluate(experiment: ScorerExperiment, model) -> dict:
             images.append(image.convert("RGB"))
     scores = ImageScorer(model, experiment.preprocessor(), d.batch_size)(images)
     target = manifest.columns[target_key].astype(np.float64)
-    return {"images": len(images), "target": target_key, "srcc": srcc(scores, target), "plcc": plcc(scores, target),
-            "kendall_tau_b": kendall_tau_b(scores, target)}
+    results = {"images": len(images), "target": target_key, "srcc": srcc(scores, target),
+               "plcc": plcc(scores, target), "plcc_logistic4": plcc(scores, target, fit="logistic4"),
+               "kendall_tau_b": kendall_tau_b(scores, target)}
+    if len(manifest.category_names) > 1:
+        names = np.asarray(manifest.category_names)[manifest.columns["category"]]
+        results["category_bias"] = category_bias(scores, target, names, fit="logistic4")
+    return results
 
 
 def _write_atomically(path: Path, text: str) -> None:

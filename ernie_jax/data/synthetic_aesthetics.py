@@ -3,7 +3,10 @@
 Every image has a quality q ~ U(0, 1): the contrast of a striped pattern (random orientation and phase) laid
 over a random uniform brightness (a nuisance an untrained tower's features mostly see), plus pixel noise:
 
-    pixel = brightness + (0.04 + 0.26 q) * stripes + noise,   brightness ~ U(0.3, 0.7), stripes in {-1, 1}
+    pixel = (brightness + (0.04 + 0.26 q) * stripes) * tint + noise,   brightness ~ U(0.3, 0.7), stripes in {-1, 1}
+
+with `tint` the image's category's colour: grey (1, 1, 1) for "photo", orange (1, 0.75, 0.5) for
+"illustration".
 
     python -m ernie_jax.data.synthetic_aesthetics --out DIR [--train 256] [--heldout 128] [--size 32]
 
@@ -13,7 +16,12 @@ writes DIR/images/*.png and the manifests `ernie_jax.data.aesthetic_manifest` re
   sigmoid(sharpness (q_a - q_b));
 - levels.csv: the training images with `level` 1..10 (deciles of q plus annotator noise) and a `category`;
 - ratings.csv: the training images with a Likert-like `rating` = round(1 + 9 q + noise), clipped to 1..10;
-- heldout.csv: other images with their exact quality as `rating` (the truth to rank against) and `level`.
+- heldout.csv: other images with their exact quality as `rating` (the truth to rank against), `level` and
+  `category`.
+Every image has a category, "photo" or "illustration" (its tint). `category_bias` b is added
+to the quality the *training* labels see for illustrations (all three files; an annotator who likes them, as
+LAION's raters over-score anime): the held-out truth stays clean, so a scorer's per-category residual on it
+shows how much of the bias it learnt (reference section 9, experiment F).
 The folder appears only once complete (written beside it, then renamed).
 """
 
@@ -31,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 CATEGORIES = ("photo", "illustration")
+TINTS = ((1.0, 1.0, 1.0), (1.0, 0.75, 0.5))
 NUM_LEVELS = 10
 
 
@@ -43,6 +52,7 @@ class SyntheticAestheticsConfig:
     sharpness: float = 12.0
     tie_band: float = 0.03
     label_noise: float = 0.05
+    category_bias: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -50,12 +60,14 @@ class SyntheticAestheticsConfig:
             raise ValueError(f"need num_train, num_heldout >= 2, size >= 4, pairs_per_image >= 1; got {self}")
 
 
-def render(quality: float, brightness: float, angle: float, phase: float, noise: np.ndarray) -> np.ndarray:
-    """One image `[S, S, 3]` uint8 (S = noise's side): stripes of contrast set by `quality` over `brightness`."""
+def render(quality: float, brightness: float, angle: float, phase: float, noise: np.ndarray,
+           tint: tuple[float, float, float] = TINTS[0]) -> np.ndarray:
+    """One image `[S, S, 3]` uint8 (S = noise's side): stripes of contrast set by `quality` over `brightness`,
+    coloured by `tint`."""
     size = noise.shape[0]
     y, x = np.mgrid[0:size, 0:size] / size
     stripes = np.sign(np.sin(2 * np.pi * 4 * (x * np.cos(angle) + y * np.sin(angle)) + phase))
-    values = brightness + (0.04 + 0.26 * quality) * stripes[..., None] + noise
+    values = (brightness + (0.04 + 0.26 * quality) * stripes[..., None]) * np.asarray(tint) + noise
     return (np.clip(values, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -81,6 +93,7 @@ def write_synthetic_aesthetics(out: str | os.PathLike, config: SyntheticAestheti
     rng = np.random.default_rng(config.seed)
     count = config.num_train + config.num_heldout
     quality = rng.uniform(0, 1, count)
+    categories = rng.integers(0, len(CATEGORIES), count)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "images").mkdir(parents=True)
@@ -88,17 +101,17 @@ def write_synthetic_aesthetics(out: str | os.PathLike, config: SyntheticAestheti
         names = []
         for index in range(count):
             image = render(quality[index], rng.uniform(0.3, 0.7), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi),
-                           rng.normal(0, 0.03, (config.size, config.size, 3)))
+                           rng.normal(0, 0.03, (config.size, config.size, 3)), TINTS[categories[index]])
             names.append(f"images/{index:05d}.png")
             Image.fromarray(image).save(staging / names[-1])
         train = np.arange(config.num_train)
         heldout = np.arange(config.num_train, count)
-        noisy = quality + rng.normal(0, config.label_noise, count)
-        categories = rng.integers(0, len(CATEGORIES), count)
+        judged = quality + config.category_bias * (categories == CATEGORIES.index("illustration"))
+        noisy = judged + rng.normal(0, config.label_noise, count)
         pairs = []
         for _ in range(config.pairs_per_image * config.num_train):
             a, b = rng.choice(train, 2, replace=False)
-            difference = quality[a] - quality[b]
+            difference = judged[a] - judged[b]
             if abs(difference) < config.tie_band:
                 outcome = "tie"
             else:
@@ -112,7 +125,7 @@ def write_synthetic_aesthetics(out: str | os.PathLike, config: SyntheticAestheti
         ratings = np.clip(np.round(1 + 9 * noisy + rng.normal(0, 0.5, count)), 1, NUM_LEVELS)
         _write_csv(staging / "ratings.csv", [{"image": names[i], "rating": float(ratings[i])} for i in train])
         _write_csv(staging / "heldout.csv", [
-            {"image": names[i], "rating": float(quality[i]), "level": int(level)}
+            {"image": names[i], "rating": float(quality[i]), "level": int(level), "category": CATEGORIES[categories[i]]}
             for i, level in zip(heldout, _levels(quality[heldout]), strict=True)])
         os.replace(staging, out)
     finally:
