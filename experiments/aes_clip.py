@@ -2,7 +2,7 @@
 predictor's) or SigLIP folder as the tower, a small MLP head on its L2-normalised image embedding, trained on
 the annotation service's export or any manifest (`ernie_jax.data.aesthetic_manifest`).
 
-    python -m ernie_jax.aesthetics.train_scorer --config experiments/aes_clip.py:ordinal-lora --workdir runs/aes \\
+    python -m ernie_jax.main --config experiments/aes_clip.py:ordinal-lora --workdir runs/aes \\
         --config.tower.path=/models/clip-vit-large-patch14 --config.data.train=study1.csv \\
         --config.data.eval=heldout.csv [--config.data.images_root=/data/images]
 
@@ -37,6 +37,7 @@ def get_config(variant: str = "ordinal-frozen") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "aes_clip"
     config.seed = 0
+    config.runner = "ernie_jax.aesthetics.train_scorer"  # not the DiT runner's stages
     config.tower = ml_collections.ConfigDict({
         "kind": "pretrained",
         "path": "",                  # a transformers CLIP / SigLIP folder (config.json, weights, preprocessor_config.json)

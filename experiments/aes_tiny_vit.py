@@ -2,8 +2,8 @@
 linear head, on the synthetic set whose true ranking is known (`ernie_jax.data.synthetic_aesthetics`: the
 contrast of stripes under a random brightness), evaluated by SRCC against the held-out images' true quality.
 
-    python -m ernie_jax.aesthetics.train_scorer --config experiments/aes_tiny_vit.py:pairwise --workdir runs/aes_pw
-    python -m ernie_jax.aesthetics.train_scorer --config experiments/aes_tiny_vit.py:tiny_pairwise --workdir /tmp/s
+    python -m ernie_jax.main --config experiments/aes_tiny_vit.py:pairwise --workdir runs/aes_pw
+    python -m ernie_jax.main --config experiments/aes_tiny_vit.py:tiny_pairwise --workdir /tmp/s
 
 Variants: the loss, `pairwise` (Bradley-Terry on pairs.csv, the default), `ordinal` (CORAL on levels.csv's
 levels 1-10) or `regression` (MSE on ratings.csv's Likert ratings); `tiny_` before it is the test's size;
@@ -36,6 +36,7 @@ def get_config(variant: str = "pairwise") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "aes_tiny_vit"
     config.seed = 0
+    config.runner = "ernie_jax.aesthetics.train_scorer"  # not the DiT runner's stages
     # A CLIP-family ViT on 32x32 images in 4x4 patches (64 tokens + class token); random init, trained whole.
     config.tower = ml_collections.ConfigDict({
         "kind": "random", "path": "", "tuning": "full",

@@ -153,7 +153,14 @@ def test_manifests_are_read_checked_and_batched(tmp_path):
 
 
 def test_config_errors_are_named(tmp_path):
+    from ernie_jax.main import runner_of
+
     module = load_experiment("aes_tiny_vit")
+    config = module.get_config("tiny_pairwise")
+    assert runner_of(config) is train_scorer  # python -m ernie_jax.main runs the scorer's configs with it
+    config.runner = "ernie_jax.no_such.runner"
+    with pytest.raises(ValueError, match="config.runner 'ernie_jax.no_such.runner'"):
+        runner_of(config)
     for overrides, message in (({"objective": {"name": "aesthetic_listwise"}}, "no module"),
                                ({"tower": {"tuning": "half"}}, "config.tower.tuning 'half'"),
                                ({"tower": {"kind": "pretrained", "path": str(tmp_path)}}, "no config.json")):
@@ -174,6 +181,7 @@ def test_tiny_vit_learns_the_synthetic_ranking(tmp_path):
     results = train_scorer.run(config, tmp_path)
     assert json.loads((tmp_path / "eval.json").read_text()) == results
     assert results["images"] == 64 and results["target"] == "ratings"
+    assert sorted(results["category_bias"]) == ["illustration", "photo"]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == config.data.num_steps
     experiment = train_scorer.resolve(config, tmp_path)

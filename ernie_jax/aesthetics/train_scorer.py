@@ -1,9 +1,8 @@
-"""Train our aesthetic scorer (`models.aesthetic_scorer`: a vision tower and a head) with the project's trainer:
+"""The runner of our aesthetic scorer's experiments (`models.aesthetic_scorer`: a vision tower and a head):
 
-    python -m ernie_jax.aesthetics.train_scorer --config experiments/aes_clip.py:VARIANT --workdir DIR \\
-        [--config.KEY=VALUE ...]
+    python -m ernie_jax.main --config experiments/aes_clip.py:VARIANT --workdir DIR [--config.KEY=VALUE ...]
 
-This is the scorer's counterpart of `python -m ernie_jax.main`: the same config-file flags, the same trainer
+runs `run(config, DIR)` for configs that name this module in `config.runner`. The same trainer as the DiT's
 (`training.loop.train`: sharded train state by the config's rule table, AdamW, EMA, Orbax checkpoints with
 the data position, a rerun resumes), the objectives under `training/objectives/` (`config.objective.name`:
 aesthetic_pairwise, aesthetic_ordinal or aesthetic_regression), but its own model and data: the DiT runner's
@@ -24,8 +23,6 @@ image processor; "random" builds a `VisionTowerConfig` from the config's fields 
 `config.tower.preprocessor` (a preprocessor_config.json dict). `tuning`: "frozen" trains the head only (the
 tower's weights are read from where they came from, never checkpointed), "lora" trains LoRA adapters on the
 tower (`config.lora`, `models.lora`) and the head, "full" everything.
-
-Bad flags or config values give one `error: ...` line and exit status 1.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -347,7 +343,7 @@ def load_trained_scorer(workdir, *, ema: bool = True, batch_size: int = 32) -> I
     weights unless `ema` is False; a frozen tower or LoRA base is read from where the config says)."""
     workdir = Path(workdir)
     if not (workdir / CONFIG_FILE).is_file():
-        raise ValueError(f"{workdir} holds no {CONFIG_FILE}: not a folder of python -m ernie_jax.aesthetics.train_scorer")
+        raise ValueError(f"{workdir} holds no {CONFIG_FILE}: not the folder of a scorer training run")
     experiment = resolve(ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text())), workdir)
     return ImageScorer(scorer_model(experiment, ema=ema), experiment.preprocessor(), batch_size)
 
@@ -390,33 +386,3 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         _write_atomically(experiment.workdir / EVAL_FILE, json.dumps(results, indent=2) + "\n")
     say(f"evaluate: {json.dumps(results)}")
     return results
-
-
-def main(argv=None) -> int:
-    from absl import flags, logging
-    from ml_collections import config_flags
-
-    from conversions.common import run_command
-
-    config_flag = config_flags.DEFINE_config_file("config", None, "scorer config: experiments/NAME.py[:VARIANT]",
-                                                  lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", None, "output folder (created if missing; a rerun resumes in it)")
-    try:
-        rest = flags.FLAGS(list(sys.argv if argv is None else argv))
-        config = config_flag.value
-    except (AttributeError, KeyError) as error:  # how ml_collections reports overriding a key the config lacks
-        print(f"error: the config has no key {str(error).strip(chr(34) + chr(39))!r} (check the --config.* "
-              f"overrides)", file=sys.stderr)
-        return 1
-    except (flags.Error, TypeError, ValueError, OSError) as error:
-        print("error: " + [line.strip() for line in str(error).splitlines() if line.strip()][-1], file=sys.stderr)
-        return 1
-    if len(rest) > 1 or workdir_flag.value is None or config is None:
-        print("error: --config and --workdir are required (and nothing else)", file=sys.stderr)
-        return 1
-    logging.set_verbosity(logging.WARNING)
-    return run_command(lambda _: run(config, workdir_flag.value))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
