@@ -30,14 +30,32 @@ stage); this is its command line. Stages and what they write under DIR:
   evaluate    eval/: samples.png and, on the shapes dataset, scores.json (the shapes detector's scores
               of the held-out prompts next to their chance levels).
 
+An experiment that is not made of these stages (the aesthetic scorer: a vision tower, no VAE or text encoder)
+names the module that runs it in `config.runner` (`run(config, workdir)`, e.g.
+`ernie_jax.aesthetics.train_scorer`); the command line is the same.
+
 Bad flags, overrides or config values give one `error: ...` line and exit status 1.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 
-from ernie_jax.runner.stages import run
+STAGES_RUNNER = "ernie_jax.runner.stages"
+
+
+def runner_of(config):
+    """The module whose `run(config, workdir)` runs `config`: `config.runner`, or the stages runner."""
+    name = config.get("runner") or STAGES_RUNNER
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    if not found:
+        raise ValueError(f"config.runner {name!r}: there is no such module")
+    return importlib.import_module(name)
 
 
 def _define_flags():
@@ -77,7 +95,7 @@ def main(argv=None) -> int:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 1
     logging.set_verbosity(logging.WARNING)
-    return run_command(lambda _: run(config, workdir_flag.value))
+    return run_command(lambda _: runner_of(config).run(config, workdir_flag.value))
 
 
 if __name__ == "__main__":
