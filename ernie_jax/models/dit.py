@@ -231,9 +231,7 @@ class ErnieImageTransformer(nnx.Module):
         scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
-        layers.remat_policy(remat)  # validates the name before anything is built
-        if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"unknown attention implementation {attention_impl!r}")
+        layers.check_build_settings(remat, attention_impl)
         self.config = config
         self.dtype = dtype
         self.remat = remat

@@ -86,6 +86,13 @@ def remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
+def check_build_settings(remat: str, attention_impl: str) -> None:
+    """Refuses an unknown remat policy or attention implementation before a model builds anything."""
+    remat_policy(remat)
+    if attention_impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {attention_impl!r}")
+
+
 def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     """`num_layers` copies of `make_layer(rngs)` as one module whose variables have a leading `layers` axis."""
 

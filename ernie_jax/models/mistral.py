@@ -368,9 +368,7 @@ class MistralModel(nnx.Module):
     def __init__(self, config: MistralConfig, *, encoder_only: bool = False, dtype=jnp.float32,
                  param_dtype=jnp.float32, attention_impl: str = "xla", remat: str = "none",
                  scan_layers: bool = True, rngs: nnx.Rngs):
-        layers.remat_policy(remat)  # validates the name before anything is built
-        if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"unknown attention implementation {attention_impl!r}")
+        layers.check_build_settings(remat, attention_impl)
         self.config = config
         self.encoder_only = encoder_only
         self.dtype = dtype
