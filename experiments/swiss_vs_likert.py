@@ -1,19 +1,10 @@
 """Experiment D (reference/training_algorithms.md section 9): does a Swiss tournament rank images better than
 Likert ratings under annotator offsets, drift and lapses, at an equal budget of judgments?
 
-Noise model (one perceptual model for both protocols, so neither gets an easier annotator):
-- N items with latent quality q ~ N(0, 1).
-- Each look at an image perceives p = q + e, e ~ N(0, perception_std^2) drawn afresh per look.
-- Annotator r has an offset b_r ~ N(0, offset_std^2), a Likert scale s_r = likert_scale * exp(N(0, 0.15^2))
-  (rating points per unit of quality), and a drift over their session d_r(t) = a_r * t + w_r(t), t in [0, 1]
-  the share of their session's judgments made so far, a_r = +-drift (random sign), w_r a random walk whose
-  standard deviation at the session's end is drift / 2. Drift and offset are in units of quality.
-- Likert rating: clip(round(5.5 + s_r * (p + b_r + d_r(t))), 1, 10).
-- Pairwise judgment (left, right): "left" iff p_left + position_bias > p_right, with independent perceptions of
-  the two images; offset and drift are the same for both images seen side by side and cancel, which is the
-  mechanism the report's claim rests on (an annotator's drifting standard that acts on the images differently,
-  e.g. a growing decisiveness, is not modelled).
-- Lapses: with probability `lapse` a judgment is random (a uniform rating 1..10; a coin flip between sides).
+Noise model: `ernie_jax.aesthetics.simulated_annotators` (one perceptual model for both protocols, so neither
+gets an easier annotator: offsets, Likert scales, drift over the session, lapses, position bias), with items of
+latent quality q ~ N(0, 1). An annotator's drifting standard that acts on the images differently (a growing
+decisiveness, say) is not modelled.
 Every method sees the same annotators (offsets, scales, drift paths); each annotator spends the same budget of
 B judgments, and their results are combined as the report's protocol does (each annotator on their own, then
 aggregated: ernie_jax.aesthetics.ranking.aggregate_annotators for the Bradley-Terry methods; the mean of
@@ -56,21 +47,12 @@ import numpy as np
 import rustworkx
 from scipy import stats
 
-from ernie_jax.aesthetics import ranking, swiss
+from ernie_jax.aesthetics import ranking
+from ernie_jax.aesthetics.simulated_annotators import (Annotator, NoiseModel, likert_ratings, standardised_mean,
+                                                      swiss_tournaments)
 
 METHODS = ("likert", "likert_2x", "random_bt", "elo", "swiss_points", "swiss_bt", "active_bt")
 METRICS = ("kendall_tau", "spearman", "level_exact", "level_within_one", "top_decile_precision", "annotator_tau")
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseModel:
-    perception_std: float = 0.5
-    offset_std: float = 0.5
-    likert_scale: float = 1.5
-    drift: float = 0.5
-    lapse: float = 0.05
-    position_bias: float = 0.1
-    absolute_noise_ratio: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,45 +69,6 @@ class Settings:
 SMALL = Settings(num_items=32, num_annotators=2, rounds=(6,), drift_sweep=(0.0, 2.0), absolute_noise_sweep=(3.0,),
                  seeds=3)
 SWEEP_METHODS = ("likert", "likert_2x", "random_bt", "swiss_bt")
-
-
-class Annotator:
-    """One simulated annotator (module docstring) over a session of `session_length` judgments."""
-
-    def __init__(self, rng: np.random.Generator, noise: NoiseModel, session_length: int):
-        self.noise = noise
-        self.offset = rng.normal(0, noise.offset_std)
-        self.scale = noise.likert_scale * np.exp(rng.normal(0, 0.15))
-        steps = rng.normal(0, noise.drift / 2 / np.sqrt(session_length), session_length)
-        self.drift = rng.choice([-1.0, 1.0]) * noise.drift * np.arange(session_length) / session_length + np.cumsum(steps)
-
-    def rate(self, rng, quality: float, time_index: int) -> int:
-        if rng.random() < self.noise.lapse:
-            return int(rng.integers(1, 11))
-        perceived = quality + rng.normal(0, self.noise.perception_std * self.noise.absolute_noise_ratio)
-        return int(np.clip(np.round(5.5 + self.scale * (perceived + self.offset + self.drift[time_index])), 1, 10))
-
-    def choose(self, rng, left_quality: float, right_quality: float) -> str:
-        if rng.random() < self.noise.lapse:
-            return "left" if rng.random() < 0.5 else "right"
-        left = left_quality + rng.normal(0, self.noise.perception_std) + self.noise.position_bias
-        right = right_quality + rng.normal(0, self.noise.perception_std)
-        return "left" if left > right else "right"
-
-
-def _standardised_mean(per_annotator: np.ndarray) -> np.ndarray:
-    spread = per_annotator.std(axis=1, keepdims=True)
-    return np.mean((per_annotator - per_annotator.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1), axis=0)
-
-
-def _likert(annotators, quality, ratings_per_item, rng) -> np.ndarray:
-    num_items = len(quality)
-    per_annotator = []
-    for annotator in annotators:
-        order = np.concatenate([rng.permutation(num_items) for _ in range(ratings_per_item)])
-        ratings = np.array([annotator.rate(rng, quality[item], time_index) for time_index, item in enumerate(order)])
-        per_annotator.append(np.bincount(order, ratings, num_items) / ratings_per_item)
-    return np.stack(per_annotator)
 
 
 def _random_pairs(annotators, quality, budget, rng) -> list[list[tuple[int, int, str]]]:
@@ -147,22 +90,6 @@ def elo_ratings(num_items: int, judgments, k_factor: float = 32.0) -> np.ndarray
         ratings[left] += k_factor * (score_left - expected_left)
         ratings[right] -= k_factor * (score_left - expected_left)
     return ratings
-
-
-def _swiss(annotators, quality, rounds, seed) -> tuple[list, np.ndarray]:
-    """Each annotator's own tournament: (judgments per annotator, points + Buchholz / 1000 per annotator)."""
-    num_items = len(quality)
-    judgments, points = [], []
-    for index, annotator in enumerate(annotators):
-        rng = np.random.default_rng([seed, 1, index])
-        tournament = swiss.Tournament(list(range(num_items)), rounds, seed=seed * 100 + index)
-        while not tournament.done:
-            for left, right in tournament.pairings().pairs:
-                tournament.record(left, right, annotator.choose(rng, quality[left], quality[right]))
-        judgments.append(tournament.judgments())
-        by_item = {row.item_id: row.points + row.buchholz / 1000 for row in tournament.standings()}
-        points.append(np.array([by_item[item] for item in range(num_items)]))
-    return judgments, np.stack(points)
 
 
 def _active(annotators, quality, rounds, seed) -> list:
@@ -232,7 +159,7 @@ def run_seed(settings: Settings, rounds: int, noise: NoiseModel, seed: int, meth
             if kind == "random":
                 cache[kind] = _random_pairs(annotators(budget), quality, budget, np.random.default_rng([seed, 4]))
             elif kind == "swiss":
-                cache[kind] = _swiss(annotators(budget), quality, rounds, seed)
+                cache[kind] = swiss_tournaments(annotators(budget), quality, rounds, seed)
             else:
                 cache[kind] = _active(annotators(budget), quality, rounds, seed)
         return cache[kind]
@@ -242,14 +169,14 @@ def run_seed(settings: Settings, rounds: int, noise: NoiseModel, seed: int, meth
         if method in ("likert", "likert_2x"):
             ratings_per_item = budget // num_items * (2 if method == "likert_2x" else 1)
             rng = np.random.default_rng([seed, 3, METHODS.index(method)])
-            per_annotator = _likert(annotators(ratings_per_item * num_items), quality, ratings_per_item, rng)
-            results[method] = metrics(_standardised_mean(per_annotator), quality, per_annotator)
+            per_annotator = likert_ratings(annotators(ratings_per_item * num_items), quality, ratings_per_item, rng)
+            results[method] = metrics(standardised_mean(per_annotator), quality, per_annotator)
         elif method == "elo":
             per_annotator = np.stack([elo_ratings(num_items, rows) for rows in pairwise("random")])
-            results[method] = metrics(_standardised_mean(per_annotator), quality, per_annotator)
+            results[method] = metrics(standardised_mean(per_annotator), quality, per_annotator)
         elif method == "swiss_points":
             points = pairwise("swiss")[1]
-            results[method] = metrics(_standardised_mean(points), quality, points)
+            results[method] = metrics(standardised_mean(points), quality, points)
         else:
             judgments = {"random_bt": lambda: pairwise("random"), "swiss_bt": lambda: pairwise("swiss")[0],
                          "active_bt": lambda: pairwise("active")}[method]()

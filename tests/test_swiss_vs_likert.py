@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ernie_jax.aesthetics import simulated_annotators
 from experiments import swiss_vs_likert
 
 
@@ -37,9 +38,9 @@ def test_equal_budgets():
     num_items, rounds = 16, 4
     budget = rounds * num_items // 2
     quality = np.random.default_rng(0).normal(size=num_items)
-    noise = swiss_vs_likert.NoiseModel()
-    annotators = [swiss_vs_likert.Annotator(np.random.default_rng(seed), noise, budget) for seed in range(2)]
-    tournament_judgments, _ = swiss_vs_likert._swiss(annotators, quality, rounds, seed=0)
+    noise = simulated_annotators.NoiseModel()
+    annotators = [simulated_annotators.Annotator(np.random.default_rng(seed), noise, budget) for seed in range(2)]
+    tournament_judgments, _ = simulated_annotators.swiss_tournaments(annotators, quality, rounds, seed=0)
     random_judgments = swiss_vs_likert._random_pairs(annotators, quality, budget, np.random.default_rng(1))
     active_judgments = swiss_vs_likert._active(annotators, quality, rounds, seed=0)
     for judgments in (tournament_judgments, random_judgments, active_judgments):
@@ -50,8 +51,8 @@ def test_equal_budgets():
 
 
 def test_annotator_noise_model():
-    noise = swiss_vs_likert.NoiseModel(perception_std=0.0, lapse=0.0, drift=1.0, position_bias=0.0)
-    annotator = swiss_vs_likert.Annotator(np.random.default_rng(0), noise, 1000)
+    noise = simulated_annotators.NoiseModel(perception_std=0.0, lapse=0.0, drift=1.0, position_bias=0.0)
+    annotator = simulated_annotators.Annotator(np.random.default_rng(0), noise, 1000)
     rng = np.random.default_rng(1)
     # Without perception noise or lapses a rating is the rounded, clipped affine map of quality + offset + drift.
     for time_index in (0, 500, 999):
@@ -59,7 +60,7 @@ def test_annotator_noise_model():
         assert annotator.rate(rng, 0.3, time_index) == expected
     assert abs(annotator.drift[-1] - annotator.drift[0]) > 0.5 and annotator.choose(rng, 0.4, 0.3) == "left"
     # Lapses: a coin flip whatever the qualities.
-    lapsing = swiss_vs_likert.Annotator(np.random.default_rng(0), swiss_vs_likert.NoiseModel(lapse=1.0), 10)
+    lapsing = simulated_annotators.Annotator(np.random.default_rng(0), simulated_annotators.NoiseModel(lapse=1.0), 10)
     choices = [lapsing.choose(rng, 5.0, -5.0) for _ in range(400)]
     assert 150 < choices.count("right") < 250
 

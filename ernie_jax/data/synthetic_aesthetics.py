@@ -1,28 +1,36 @@
-"""A synthetic aesthetic dataset whose true ranking is known, for training and testing the scorer on a CPU.
+"""An annotated synthetic aesthetic dataset whose true quality is known, for training and testing the scorer on a
+CPU (issue 15's toy proof; training_algorithms.md section 9, experiments D and F on images).
 
-Every image has a quality q ~ U(0, 1): the contrast of a striped pattern (random orientation and phase) laid
-over a random uniform brightness (a nuisance an untrained tower's features mostly see), plus pixel noise:
+Images: `aesthetic_shapes.render_scenes(num_train + num_heldout, seed, size, size)` (shapes scenes whose quality
+1..10 follows from symmetry, colour harmony, clutter and edge roughness; categories emblem, pattern, collage),
+the first `num_train` for training, the rest held out.
 
-    pixel = (brightness + (0.04 + 0.26 q) * stripes) * tint + noise,   brightness ~ U(0.3, 0.7), stripes in {-1, 1}
+Labels: the training images are annotated by `num_annotators` simulated annotators
+(`ernie_jax.aesthetics.simulated_annotators`, the noise model `noise`: offsets, Likert scales, drift over the
+session, lapses, position bias) who perceive the true quality z-scored over the training images, plus
+`category_bias` (in those units) for the images of `biased_category`: a taste every annotator shares (as
+LAION's raters over-score AI images), present only in the training labels. Two protocols at an equal budget of
+`rounds * num_train / 2` judgments per annotator:
+- Swiss: each annotator judges their own `swiss.Tournament` of `rounds` rounds; the judgments are combined by
+  `ranking.aggregate_annotators` (each annotator's Bradley-Terry fit, standardised, averaged);
+- Likert: each annotator rates every image `rounds / 2` times over their session; an image's score is the mean
+  of the annotators' standardised mean ratings.
 
-with `tint` the image's category's colour: grey (1, 1, 1) for "photo", orange (1, 0.75, 0.5) for
-"illustration".
+    python -m ernie_jax.data.synthetic_aesthetics --out DIR [--num-train 512] [--category-bias 0.5] ...
 
-    python -m ernie_jax.data.synthetic_aesthetics --out DIR [--train 256] [--heldout 128] [--size 32]
-
-writes DIR/images/*.png and the manifests `ernie_jax.data.aesthetic_manifest` reads:
-- pairs.csv: `pairs_per_image` x train random pairs of training images (no image against itself), judged as a
-  noisy annotator would: a tie when |q_a - q_b| < tie_band, else image_a wins with probability
-  sigmoid(sharpness (q_a - q_b));
-- levels.csv: the training images with `level` 1..10 (deciles of q plus annotator noise) and a `category`;
-- ratings.csv: the training images with a Likert-like `rating` = round(1 + 9 q + noise), clipped to 1..10;
-- heldout.csv: other images with their exact quality as `rating` (the truth to rank against), `level` and
-  `category`.
-Every image has a category, "photo" or "illustration" (its tint). `category_bias` b is added
-to the quality the *training* labels see for illustrations (all three files; an annotator who likes them, as
-LAION's raters over-score anime): the held-out truth stays clean, so a scorer's per-category residual on it
-shows how much of the bias it learnt (reference section 9, experiment F).
-The folder appears only once complete (written beside it, then renamed).
+writes DIR (atomically) with DIR/images/NNNNN.png and the manifests `ernie_jax.data.aesthetic_manifest` reads:
+- pairs.csv: every Swiss judgment of every annotator (image_a shown left, image_b right, outcome left/right);
+- levels.csv: the training images with `level` 1..10 (deciles of the Swiss Bradley-Terry scores), `category`;
+- swiss_scores.csv: the same images with the Swiss Bradley-Terry score as `rating`;
+- ratings.csv: the Likert score (standardised mean rating) as `rating`;
+- likert_levels.csv: `level` 1..10, deciles of the Likert score;
+- clean.csv: the true quality z-scored over the training images as `rating` (the ceiling no annotation
+  reaches, on the scale of the other scores);
+- heldout.csv: the held-out images with their true quality as `rating`, the clean level round(quality) as
+  `level`, and `category` (what a scorer is judged against);
+- annotation.json: the budget and, for each label set (Swiss and Likert scores), its SRCC, PLCC (raw and
+  after the 4-parameter logistic fit) and Kendall tau-b against the training images' true quality, and its
+  per-category mean residual on the quality scale after the logistic fit (the bias the labels carry).
 """
 
 from __future__ import annotations
@@ -30,51 +38,44 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-CATEGORIES = ("photo", "illustration")
-TINTS = ((1.0, 1.0, 1.0), (1.0, 0.75, 0.5))
+from ernie_jax.aesthetics import metrics, ranking
+from ernie_jax.aesthetics.simulated_annotators import (Annotator, NoiseModel, likert_ratings, standardised_mean,
+                                                      swiss_tournaments)
+from ernie_jax.data import aesthetic_shapes
+
 NUM_LEVELS = 10
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticAestheticsConfig:
-    num_train: int = 256
+    num_train: int = 512
     num_heldout: int = 128
-    size: int = 32
-    pairs_per_image: int = 4
-    sharpness: float = 12.0
-    tie_band: float = 0.03
-    label_noise: float = 0.05
+    size: int = 64
+    num_annotators: int = 3
+    rounds: int = 8
     category_bias: float = 0.0
+    biased_category: str = "collage"
+    noise: dict = dataclasses.field(default_factory=dict)  # NoiseModel fields to change
     seed: int = 0
 
     def __post_init__(self):
-        if min(self.num_train, self.num_heldout) < 2 or self.size < 4 or self.pairs_per_image < 1:
-            raise ValueError(f"need num_train, num_heldout >= 2, size >= 4, pairs_per_image >= 1; got {self}")
-
-
-def render(quality: float, brightness: float, angle: float, phase: float, noise: np.ndarray,
-           tint: tuple[float, float, float] = TINTS[0]) -> np.ndarray:
-    """One image `[S, S, 3]` uint8 (S = noise's side): stripes of contrast set by `quality` over `brightness`,
-    coloured by `tint`."""
-    size = noise.shape[0]
-    y, x = np.mgrid[0:size, 0:size] / size
-    stripes = np.sign(np.sin(2 * np.pi * 4 * (x * np.cos(angle) + y * np.sin(angle)) + phase))
-    values = (brightness + (0.04 + 0.26 * quality) * stripes[..., None]) * np.asarray(tint) + noise
-    return (np.clip(values, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _levels(values: np.ndarray) -> np.ndarray:
-    """1..NUM_LEVELS by equal-count bins of `values`."""
-    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
-    return 1 + ranks * NUM_LEVELS // len(values)
+        if (min(self.num_train, self.num_heldout) < 2 or self.size < 8 or self.num_annotators < 1
+                or self.rounds < 2 or self.rounds % 2):
+            raise ValueError(f"need num_train, num_heldout >= 2, size >= 8, num_annotators >= 1 and an even "
+                             f"rounds >= 2 (Likert rates each image rounds / 2 times); got {self}")
+        if self.biased_category not in aesthetic_shapes.CATEGORIES:
+            raise ValueError(f"biased_category {self.biased_category!r} is not one of {aesthetic_shapes.CATEGORIES}")
+        try:
+            NoiseModel(**dict(self.noise))
+        except TypeError as error:
+            raise ValueError(f"noise: {error}") from None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -84,71 +85,90 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _label_quality(labels: np.ndarray, quality: np.ndarray, categories: np.ndarray) -> dict:
+    return {"srcc": metrics.srcc(labels, quality), "plcc": metrics.plcc(labels, quality),
+            "plcc_logistic4": metrics.plcc(labels, quality, fit="logistic4"),
+            "kendall_tau_b": metrics.kendall_tau_b(labels, quality),
+            "category_bias": metrics.category_bias(labels, quality, categories, fit="logistic4")}
+
+
 def write_synthetic_aesthetics(out: str | os.PathLike, config: SyntheticAestheticsConfig = SyntheticAestheticsConfig()
                                ) -> Path:
     """Writes the dataset (module docstring) to `out`, which must not exist; returns its path."""
+    from conversions.common import atomic_directory
+
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists")
-    rng = np.random.default_rng(config.seed)
-    count = config.num_train + config.num_heldout
-    quality = rng.uniform(0, 1, count)
-    categories = rng.integers(0, len(CATEGORIES), count)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
-    try:
-        names = []
-        for index in range(count):
-            image = render(quality[index], rng.uniform(0.3, 0.7), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi),
-                           rng.normal(0, 0.03, (config.size, config.size, 3)), TINTS[categories[index]])
-            names.append(f"images/{index:05d}.png")
-            Image.fromarray(image).save(staging / names[-1])
-        train = np.arange(config.num_train)
-        heldout = np.arange(config.num_train, count)
-        judged = quality + config.category_bias * (categories == CATEGORIES.index("illustration"))
-        noisy = judged + rng.normal(0, config.label_noise, count)
-        pairs = []
-        for _ in range(config.pairs_per_image * config.num_train):
-            a, b = rng.choice(train, 2, replace=False)
-            difference = judged[a] - judged[b]
-            if abs(difference) < config.tie_band:
-                outcome = "tie"
-            else:
-                outcome = "left" if rng.uniform() < 1 / (1 + np.exp(-config.sharpness * difference)) else "right"
-            pairs.append({"image_a": names[a], "image_b": names[b], "outcome": outcome})
-        _write_csv(staging / "pairs.csv", pairs)
-        train_levels = _levels(noisy[train])
-        _write_csv(staging / "levels.csv", [
-            {"image": names[i], "level": int(level), "category": CATEGORIES[categories[i]]}
-            for i, level in zip(train, train_levels, strict=True)])
-        ratings = np.clip(np.round(1 + 9 * noisy + rng.normal(0, 0.5, count)), 1, NUM_LEVELS)
-        _write_csv(staging / "ratings.csv", [{"image": names[i], "rating": float(ratings[i])} for i in train])
+    scenes = aesthetic_shapes.render_scenes(config.num_train + config.num_heldout, config.seed, config.size,
+                                            config.size)
+    train = np.arange(config.num_train)
+    heldout = np.arange(config.num_train, config.num_train + config.num_heldout)
+    names = [f"images/{index:05d}.png" for index in range(len(scenes.quality))]
+    quality, categories = scenes.quality, scenes.categories
+    train_quality = quality[train]
+    standardised = (train_quality - train_quality.mean()) / train_quality.std()
+    perceived = (standardised + config.category_bias * (categories[train] == config.biased_category))
+
+    noise = NoiseModel(**dict(config.noise))
+    budget = config.rounds * config.num_train // 2
+    world = np.random.default_rng([config.seed, 7])
+    annotator_seeds = world.integers(0, 2**31, config.num_annotators)
+
+    def annotators(session_length):
+        # The same annotators (offset, scale, drift path over their session) for both protocols.
+        return [Annotator(np.random.default_rng(seed), noise, session_length) for seed in annotator_seeds]
+
+    judgments, _ = swiss_tournaments(annotators(budget), perceived, config.rounds, config.seed)
+    swiss_scores = ranking.aggregate_annotators(config.num_train, judgments).scores
+    ratings_per_item = config.rounds // 2
+    likert_scores = standardised_mean(likert_ratings(annotators(ratings_per_item * config.num_train), perceived,
+                                                     ratings_per_item, np.random.default_rng([config.seed, 8])))
+
+    def labels(column: str, values, index=train) -> list[dict]:
+        return [{"image": names[i], column: value, "category": categories[i]}
+                for i, value in zip(index, np.asarray(values).tolist(), strict=True)]
+
+    with atomic_directory(out) as staging:
+        (staging / "images").mkdir()
+        for name, image in zip(names, scenes.images, strict=True):
+            Image.fromarray(image).save(staging / name)
+        _write_csv(staging / "pairs.csv", [{"image_a": names[left], "image_b": names[right], "outcome": outcome}
+                                           for annotator in judgments for left, right, outcome in annotator])
+        _write_csv(staging / "levels.csv", labels("level", ranking.levels_from_scores(swiss_scores, NUM_LEVELS)))
+        _write_csv(staging / "swiss_scores.csv", labels("rating", swiss_scores))
+        _write_csv(staging / "ratings.csv", labels("rating", likert_scores))
+        _write_csv(staging / "likert_levels.csv", labels("level", ranking.levels_from_scores(likert_scores, NUM_LEVELS)))
+        _write_csv(staging / "clean.csv", labels("rating", standardised))
         _write_csv(staging / "heldout.csv", [
-            {"image": names[i], "rating": float(quality[i]), "level": int(level), "category": CATEGORIES[categories[i]]}
-            for i, level in zip(heldout, _levels(quality[heldout]), strict=True)])
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            {"image": names[i], "rating": float(quality[i]), "level": int(np.clip(np.round(quality[i]), 1, NUM_LEVELS)),
+             "category": categories[i]} for i in heldout])
+        summary = {"config": dataclasses.asdict(config), "judgments_per_annotator": budget,
+                   "labels": {"swiss": _label_quality(swiss_scores, train_quality, categories[train]),
+                              "likert": _label_quality(likert_scores, train_quality, categories[train])}}
+        (staging / "annotation.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    defaults = SyntheticAestheticsConfig()
-    for field in dataclasses.fields(SyntheticAestheticsConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    try:
+def main(argv=None) -> int:
+    from conversions.common import run_command
+
+    def command(argv):
+        parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.synthetic_aesthetics",
+                                         description=__doc__.splitlines()[0])
+        parser.add_argument("--out", required=True)
+        defaults = SyntheticAestheticsConfig()
+        for field in dataclasses.fields(SyntheticAestheticsConfig):
+            if field.name != "noise":
+                parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
+                                    default=getattr(defaults, field.name))
+        args = vars(parser.parse_args(argv))
+        out = args.pop("out")
         write_synthetic_aesthetics(out, SyntheticAestheticsConfig(**args))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {out}")
+        print(f"wrote {out}")
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
