@@ -111,9 +111,11 @@ def status_text(reports: list[CampaignReport]) -> str:
 
 
 def export_tables(report: CampaignReport, exclude: set[str], num_bootstrap: int = NUM_BOOTSTRAP
-                  ) -> tuple[list[dict], list[dict]]:
-    """(one row per item, one row per annotator). EXCLUDE: annotators left out of the aggregated level;
-    NUM_BOOTSTRAP: resamples for the Bradley-Terry intervals."""
+                  ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(one row per item, one row per annotator, one row per judgment of the annotators in the aggregate: the
+    pairs manifest `image_a,image_b,outcome` that a Bradley-Terry scorer trains on, plus `annotator`).
+    EXCLUDE: annotators left out of the aggregated level and the judgments; NUM_BOOTSTRAP: resamples for the
+    Bradley-Terry intervals."""
     unknown = exclude - {row.name for row in report.annotators}
     if unknown:
         raise AnnotateError(f"--exclude names no annotator of campaign {report.name}: {', '.join(sorted(unknown))}")
@@ -149,7 +151,9 @@ def export_tables(report: CampaignReport, exclude: set[str], num_bootstrap: int 
             "skipped": state.skipped_total, "gold_judged": row.gold_judged,
             "gold_agreement": None if math.isnan(row.gold_agreement) else row.gold_agreement,
             "agreement_with_others": None if math.isnan(row.agreement_with_others) else row.agreement_with_others})
-    return item_rows, annotator_rows
+    judgment_rows = [{"image_a": report.item_paths[left], "image_b": report.item_paths[right], "outcome": outcome,
+                      "annotator": name} for name in kept for left, right, outcome in index_judgments[name]]
+    return item_rows, annotator_rows, judgment_rows
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -175,20 +179,23 @@ def _write_atomically(files: dict[Path, str]) -> None:
 
 def write_export(report: CampaignReport, out: Path, exclude: set[str], num_bootstrap: int = NUM_BOOTSTRAP
                  ) -> list[Path]:
-    """Writes OUT (.json: items and annotators; .csv: items, with OUT's stem + .annotators.csv beside it)."""
+    """Writes OUT (.json: items, annotators and judgments; .csv: items, with OUT's stem + .annotators.csv and,
+    once there are judgments, + .pairs.csv beside it)."""
     if out.suffix not in (".csv", ".json"):
         raise AnnotateError(f"--out {out}: the file name must end in .csv or .json")
     if not out.parent.is_dir():
         raise AnnotateError(f"--out {out}: the folder {out.parent} does not exist")
     if num_bootstrap < 1:
         raise AnnotateError(f"--bootstrap must be at least 1, got {num_bootstrap}")
-    item_rows, annotator_rows = export_tables(report, exclude, num_bootstrap)
+    item_rows, annotator_rows, judgment_rows = export_tables(report, exclude, num_bootstrap)
     if out.suffix == ".json":
         document = {"campaign": report.name, "num_levels": NUM_LEVELS, "confidence": CONFIDENCE,
                     "num_bootstrap": num_bootstrap,
-                    "items": item_rows, "annotators": annotator_rows}
+                    "items": item_rows, "annotators": annotator_rows, "judgments": judgment_rows}
         files = {out: json.dumps(document, indent=1) + "\n"}
     else:
         files = {out: _csv_text(item_rows), out.with_name(f"{out.stem}.annotators.csv"): _csv_text(annotator_rows)}
+        if judgment_rows:
+            files[out.with_name(f"{out.stem}.pairs.csv")] = _csv_text(judgment_rows)
     _write_atomically(files)
     return list(files)

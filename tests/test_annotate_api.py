@@ -7,6 +7,7 @@ replayed through ernie_jax.aesthetics (Tournament, ranking), never from the serv
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 
@@ -141,6 +142,14 @@ def test_whole_tournaments_export_what_the_annotators_logs_replay_to(campaign, c
     assert [row["level"] for row in exported["items"]] == list(ranking.levels_from_scores(aggregate.scores, 10))
     tau = metrics.kendall_tau_b(fits["alice"].scores, fits["bob"].scores)
     assert tau < -0.5
+    # The raw judgments, for a Bradley-Terry scorer: each annotator's Swiss games as the log has them (gold
+    # checks and skips are not games), the same rows in the CSV export's pairs manifest.
+    assert exported["judgments"] == [{"image_a": campaign["names"][index[left]],
+                                      "image_b": campaign["names"][index[right]], "outcome": choice, "annotator": name}
+                                     for name, log in logs.items() for _, left, right, choice in log]
+    assert main(["export", "--db", campaign["db"], "--name", "study", "--out", str(campaign["tmp"] / "x.csv")]) == 0
+    with open(campaign["tmp"] / "x.pairs.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == exported["judgments"]
     rows = {row["annotator"]: row for row in exported["annotators"]}
     assert (rows["alice"]["gold_agreement"], rows["bob"]["gold_agreement"]) == (1.0, 0.0)
     assert rows["alice"]["gold_judged"] == rows["bob"]["gold_judged"] == 3
