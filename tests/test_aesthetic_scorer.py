@@ -208,7 +208,8 @@ def test_clip_lora_run_resumes_bit_exactly(clip_folder, tmp_path):
     from ernie_jax.training.state import abstract_train_state
 
     _, folder = clip_folder
-    data = write_synthetic_aesthetics(tmp_path / "set", SyntheticAestheticsConfig(num_train=16, num_heldout=4, size=32))
+    data = write_synthetic_aesthetics(tmp_path / "set", SyntheticAestheticsConfig(num_train=16, num_heldout=4, size=32,
+                                                                                 rounds=4))
     config = load_experiment("aes_clip").get_config("tiny-ordinal-lora")
     config.tower.path, config.data.train = str(folder), str(data / "levels.csv")
     config.data.eval = ""
