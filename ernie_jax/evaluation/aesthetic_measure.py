@@ -147,10 +147,10 @@ def edge_amplitude(image: np.ndarray, masks: list[np.ndarray]) -> float:
     return float(np.interp(observed.mean(), np.maximum.accumulate(simulated.mean(-1)), amplitudes[:, 0, 0]))
 
 
-def measure(image: np.ndarray, config: shapes_detector.DetectorConfig = shapes_detector.DetectorConfig()
-            ) -> dict[str, float]:
+def measure(image: np.ndarray, config: shapes_detector.DetectorConfig | None = None) -> dict[str, float]:
     """The four factors (each in [0, 1]) and `quality` read from a uint8 RGB image `[H, W, 3]`, plus `specks`
     (the count) and `objects` (how many the detector found)."""
+    config = config or shapes_detector.DetectorConfig()
     objects = shapes_detector.detect(image, config)
     labels, _ = shapes_detector.segment(image, config)
     height, width = labels.shape
