@@ -11,18 +11,21 @@ demo, and `measured_quality` with the domain's formula.
                or misreads changes it.
     harmony    1 - (distinct colours of the detected objects - 1) / 3.
     clutter    specks / MAX_SPECKS, a speck being a component of one palette colour (4-connected, as the
-               detector's) of at least half a speck's area (`aesthetic_shapes.speck_side`), too small to be an
-               object, and away from every object (it does not touch the `OBJECT_MARGIN`-pixel band around
-               one), where the edge noise of the rough scenes makes stray pixels of other colours. Specks
-               that overlap each other count once, specks on or next to an object not at all.
+               detector's) from half a speck's area (`aesthetic_shapes.speck_side`) up to the smallest object
+               the detector keeps, with a pixel outside the `OBJECT_MARGIN`-pixel band on either side of every
+               object's boundary (where the edge noise of rough scenes makes stray pixels of other colours) and
+               away from text (whose anti-aliased fringes in generated images take palette colours); a
+               component of k speck areas counts k (overlapping specks). A speck is lost where it merges
+               with an object of its colour or lies on an object's edge band.
     roughness  the noise amplitude a on the objects' edges over MAX_EDGE_NOISE. A clean edge pixel is a mix
                of the background and its object's colour, so it lies on the segment between the two in RGB;
-               noise uniform in [-a, a] per channel moves it off the segment by a residual whose mean square
-               grows as a (a + 1) (2 of the 3 noise dimensions are perpendicular to the segment) until the
-               clipping to [0, 255] cuts it, which it does early: the background's channels are 24-32 and
-               the colours' bright channels 185-245. So a is found as the amplitude whose expected mean square
-               residual, simulated on the edge pixels' own clean values (their nearest points on the
-               segment) with the same clipping, matches the observed one. The edge pixels are those within
+               noise uniform in [-a, a] per channel (mean absolute deviation a / 2, mean square a (a + 1) / 3)
+               moves it off the segment, by a squared residual whose mean grows as 2 a (a + 1) / 3 (2 of the 3
+               noise dimensions are perpendicular to the segment) until the clipping to [0, 255] cuts it,
+               which it does early: the background's channels are 24-32, the colours' bright ones 185-245. So
+               a is the amplitude whose mean squared residual (to the nearest background-to-colour segment),
+               simulated on the edge pixels' own clean values (their nearest points on those segments) with
+               the same rounding and clipping, matches the observed one. The edge pixels are those within
                `EDGE_REACH` pixels of an object's boundary that are not exactly the background or a palette
                colour: in a render every pixel the noise reaches has left its exact colour (with
                probability 1 - (2a + 1)^-3), and no pixel away from the edges has.
@@ -32,6 +35,13 @@ demo, and `measured_quality` with the domain's formula.
 An image with no detected object has symmetry and harmony 0: nothing in it is arranged. For a sample of the
 shapes demo (trained on clean renders without specks or noise) clutter counts the stray blobs and roughness
 reads how far its edges lie from clean background-to-colour mixes, on the same scale.
+
+On 300 renders of `render_scenes` (seed 11, all categories; tests/test_aesthetic_loop.py) the measured quality's
+Spearman with the true one is 0.996 (0.98-0.99 within each category), its mean absolute error 0.08 on the
+1-10 scale; the detector reads every object of 96% of the scenes, and there harmony and cell symmetry are
+exact; the speck count is within one of the truth on 93% of the scenes (exact on 64%, missed specks
+otherwise), the amplitude within 1 of 96 levels on half of them and within 3 on 90%. Cell symmetry differs from the exact factor on 13 of 991 collages (1.3%) and on no emblem or
+pattern (3000 scenes of seed 7).
 """
 
 from __future__ import annotations
