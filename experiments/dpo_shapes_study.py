@@ -60,13 +60,13 @@ def make_pairs(pairs_run: Path, config: str, overrides: list[str], base: Path | 
     return base or pairs_run / "components", str(next((pairs_run / "pairs").iterdir()))
 
 
-def train_dpo(run: Path, config: str, common: list[str], pairs: str, base: Path, seed: int, steps: int,
+def train_dpo(run: Path, config: str, overrides: list[str], pairs: str, base: Path, seed: int, steps: int,
               eval_every: int, objective: dict) -> list[int]:
     """One DPO run of `steps` updates on `pairs` from `base` (also the frozen reference) through the runner
-    (resuming in `run`), with the `objective` overrides (a `VARIANTS` entry) and `seed` changing its draws
-    only; returns the updates at which it keeps a checkpoint (every `eval_every`)."""
+    (resuming in `run`), with `overrides`, then the `objective` ones (a `VARIANTS` entry), and `seed` changing
+    its draws only; returns the updates at which it keeps a checkpoint (every `eval_every`)."""
     checkpoints = list(range(eval_every, steps + 1, eval_every))
-    runner(run, config, [*common, "--config.stages=('train',)", f"--config.data.preferences=('{pairs}',)",
+    runner(run, config, [*overrides, "--config.stages=('train',)", f"--config.data.preferences=('{pairs}',)",
                          f"--config.components.path={base.resolve()}", "--config.components.kind=pretrained",
                          f"--config.seed={seed}", f"--config.data.stage_steps=({steps},)",
                          f"--config.train.optimizer.decay_steps={steps}",
