@@ -52,6 +52,31 @@ def runner(workdir: Path, config: str, overrides: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
 
 
+def make_pairs(pairs_run: Path, config: str, overrides: list[str], base: Path | None) -> tuple[Path, str]:
+    """(base pipeline folder, pairs folder): the config's pairs stage, once, in `pairs_run`, sampling `base`
+    (which `overrides` name as the components) or, `base` None (test size), random components the same run
+    makes first, which are then the base."""
+    runner(pairs_run, config, [*overrides, f"--config.stages={('pairs',) if base else ('components', 'pairs')}"])
+    return base or pairs_run / "components", str(next((pairs_run / "pairs").iterdir()))
+
+
+def train_dpo(run: Path, config: str, overrides: list[str], pairs: str, base: Path, seed: int, steps: int,
+              eval_every: int, objective: dict) -> list[int]:
+    """One DPO run of `steps` updates on `pairs` from `base` (also the frozen reference) through the runner
+    (resuming in `run`), with `overrides`, then the `objective` ones (a `VARIANTS` entry), and `seed` changing
+    its draws only; returns the updates at which it keeps a checkpoint (every `eval_every`)."""
+    checkpoints = list(range(eval_every, steps + 1, eval_every))
+    runner(run, config, [*overrides, "--config.stages=('train',)", f"--config.data.preferences=('{pairs}',)",
+                         f"--config.components.path={base.resolve()}", "--config.components.kind=pretrained",
+                         f"--config.seed={seed}", f"--config.data.stage_steps=({steps},)",
+                         f"--config.train.optimizer.decay_steps={steps}",
+                         f"--config.train.checkpoint_every={eval_every}",
+                         f"--config.train.max_to_keep={len(checkpoints)}",
+                         f"--config.evals.eval.every={eval_every}",
+                         *(f"--config.objective.{key}={value}" for key, value in objective.items())])
+    return checkpoints
+
+
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     """E|X - Y| - (E|X - X'| + E|Y - Y'|) / 2 between two sets of flattened samples `[N, D]`."""
     def mean_distance(a, b):
@@ -86,7 +111,7 @@ class Evaluator:
         self.base = ErnieImagePipeline.from_pretrained(base, dtype="float32")
         self.shift = scheduler_shift(base)
         heldout = heldout or heldout_prompts(ShapesConfig(height=side, width=side), num_prompts)
-        self.prompts, self.scenes = map(list, zip(*heldout))
+        self.prompts, self.scenes = map(list, zip(*heldout, strict=True))
         self.reward, self.steps, self.guidance, self.side = load_reward(reward), steps, guidance, side
         self.batch_size = batch_size
 
@@ -109,7 +134,7 @@ class Evaluator:
 
         pipe = self.pipeline(transformer)
         latents, images = zip(*(self.sample(pipe, self.prompts[first:first + self.batch_size], seed_offset + first)
-                                for first in range(0, len(self.prompts), self.batch_size)))
+                                for first in range(0, len(self.prompts), self.batch_size)), strict=True)
         latents, images = np.concatenate(latents), np.concatenate(images)
         return {"scores": shapes_detector.score_images(self.scenes, images),
                 "rewards": np.asarray(self.reward(images, self.prompts), np.float64), "latents": latents,
@@ -157,11 +182,7 @@ def main(argv=None) -> None:
     common = [] if args.small else [f"--config.components.path={Path(args.base).resolve()}"]
     if args.small:
         common.append(f"--config.pairs.reward={SMALL_REWARD}")
-    # The pairs, once (with --small also the random components they start from).
-    pairs_run = out / "pairs"
-    runner(pairs_run, config, [*common, f"--config.stages={('components', 'pairs') if args.small else ('pairs',)}"])
-    base = pairs_run / "components" if args.small else Path(args.base)
-    pairs = str(next((pairs_run / "pairs").iterdir()))
+    base, pairs = make_pairs(out / "pairs", config, common, None if args.small else Path(args.base))
     side = 64
     evaluate = Evaluator(base, args.prompts, args.sample_steps, 3.0, SMALL_REWARD if args.small else "shapes", side)
     from conversions.transformer import load_transformer
@@ -171,19 +192,11 @@ def main(argv=None) -> None:
     results = {"base": {"scores": reference["scores"], "reward": float(reference["rewards"].mean()),
                         "floor": noise_floor(evaluate(base_transformer, seed_offset=FLOOR_SEEDS), reference)},
                "runs": {}}
-    checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
     for name in args.variants:
         for seed in args.seeds:
             run = out / f"{name}-seed{seed}"
-            overrides = [f"--config.objective.{key}={value}" for key, value in VARIANTS[name].items()]
-            runner(run, config, [*common, "--config.stages=('train',)", f"--config.data.preferences=('{pairs}',)",
-                                 f"--config.components.path={base.resolve()}", "--config.components.kind=pretrained",
-                                 f"--config.seed={seed}", f"--config.data.stage_steps=({args.steps},)",
-                                 f"--config.train.optimizer.decay_steps={args.steps}",
-                                 f"--config.train.checkpoint_every={args.eval_every}",
-                                 f"--config.train.max_to_keep={len(checkpoints)}",
-                                 f"--config.evals.eval.every={args.eval_every}", *overrides])
-            for step in checkpoints:
+            for step in train_dpo(run, config, common, pairs, base, seed, args.steps, args.eval_every,
+                                  VARIANTS[name]):
                 got = evaluate(restore(run, step))
                 results["runs"].setdefault(name, {}).setdefault(str(step), []).append({
                     "seed": seed, "scores": got["scores"], "reward": float(got["rewards"].mean()),
@@ -193,7 +206,7 @@ def main(argv=None) -> None:
     print(f"wrote {args.report} and {out / 'results.json'}")
 
 
-def _spread(values) -> str:
+def spread(values) -> str:
     values = np.asarray([v for v in values if v is not None], np.float64)
     if not len(values):
         return "-"
@@ -216,11 +229,11 @@ def report(results: dict, args) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, steps in results["runs"].items():
         for step, rows in steps.items():
-            lines.append(f"| {name} | {step} | {_spread(r['reward'] for r in rows)} | "
-                         f"{_spread(r['win_rate'] for r in rows)} | {_spread(r['scores']['all'] for r in rows)} | "
-                         f"{_spread(r['scores']['shape'] for r in rows)} | {_spread(r['eval_loss'] for r in rows)} | "
-                         f"{_spread(r['velocity_norm_ratio'] for r in rows)} | "
-                         f"{_spread(r['latent_energy_distance'] for r in rows)} |")
+            lines.append(f"| {name} | {step} | {spread(r['reward'] for r in rows)} | "
+                         f"{spread(r['win_rate'] for r in rows)} | {spread(r['scores']['all'] for r in rows)} | "
+                         f"{spread(r['scores']['shape'] for r in rows)} | {spread(r['eval_loss'] for r in rows)} | "
+                         f"{spread(r['velocity_norm_ratio'] for r in rows)} | "
+                         f"{spread(r['latent_energy_distance'] for r in rows)} |")
     return "\n".join(lines) + "\n"
 
 

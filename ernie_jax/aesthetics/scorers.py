@@ -13,6 +13,7 @@ separated by the last ",".
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,25 @@ def laion_scorer(argument: str, batch_size: int) -> Scorer:
     return LaionAestheticScorer.from_pretrained(clip_folder, head_file, batch_size=batch_size)
 
 
-SCORERS: dict[str, Callable[[str, int], Scorer]] = {"laion": laion_scorer}
+def trained_scorer(argument: str, batch_size: int) -> Scorer:
+    """`train_scorer.load_trained_scorer` of the training run folder WORKDIR."""
+    from ernie_jax.aesthetics import train_scorer
+
+    workdir = Path(argument)
+    try:
+        runner = json.loads((workdir / train_scorer.CONFIG_FILE).read_text()).get("runner") if argument else None
+    except (OSError, ValueError, AttributeError):
+        runner = None
+    if runner != train_scorer.__name__ or not (workdir / "checkpoints").is_dir():
+        raise ValueError(f"scorer 'trained:{argument}': not the folder of a scorer training run (expected "
+                         f"{train_scorer.CONFIG_FILE} with runner {train_scorer.__name__!r} and checkpoints/, as "
+                         f"`python -m ernie_jax.main --config experiments/aes_tiny_vit.py` writes them)")
+    scorer = train_scorer.load_trained_scorer(workdir, batch_size=batch_size)
+    scorer.__name__ = f"trained:{argument}"
+    return scorer
+
+
+SCORERS: dict[str, Callable[[str, int], Scorer]] = {"laion": laion_scorer, "trained": trained_scorer}
 
 
 def load_scorer(spec: str, batch_size: int = 16) -> Scorer:
