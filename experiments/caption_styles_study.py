@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.dpo_shapes_study import REPO, _spread, runner
+from experiments.dpo_shapes_study import REPO, spread, runner
 
 STYLES = ("keywords", "request", "instruction", "composition")
 METRICS = ("all", "object", "colour", "shape", "position")
@@ -74,7 +74,7 @@ def table(results: dict, args) -> str:
             difference = [m - d for m, d in zip(mixed, dense)]
             if all(np.isnan(v) for v in dense):
                 continue
-            lines.append(f"| {style} | {metric} | {_spread(dense)} | {_spread(mixed)} | {_spread(difference)} |")
+            lines.append(f"| {style} | {metric} | {spread(dense)} | {spread(mixed)} | {spread(difference)} |")
     return "\n".join(lines) + "\n"
 
 

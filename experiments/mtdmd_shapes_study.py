@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.dpo_shapes_study import FLOOR_SEEDS, Evaluator, _spread, runner
+from experiments.dpo_shapes_study import FLOOR_SEEDS, Evaluator, spread, runner
 from experiments.tiny_shapes_mtdmd import ABLATIONS, CONTROL, EXPERT_DOMAINS, STUDENTS
 
 CONFIG = "experiments/tiny_shapes_mtdmd.py"
@@ -280,11 +280,11 @@ def tables(results: dict, args) -> str:
              "|---|" + "---|" * (2 * len(domains) + 2)]
 
     def cells(entries) -> list[str]:
-        return [_spread(e["domains"][d][m] for e in entries) for d in domains for m in ("all", DOMAIN_METRICS[d])]
+        return [spread(e["domains"][d][m] for e in entries) for d in domains for m in ("all", DOMAIN_METRICS[d])]
 
     for name, entries in results["rows"].items():
         seconds = results["seconds_per_image"].get(name)
-        lines.append(f"| {name} | {' | '.join(cells(entries))} | {_spread(e['frechet'] for e in entries)} | "
+        lines.append(f"| {name} | {' | '.join(cells(entries))} | {spread(e['frechet'] for e in entries)} | "
                      f"{'-' if seconds is None else f'{seconds:.4f}'} |")
     lines.append(f"| teacher, 50 steps, CFG {GUIDANCE:g}, other sampling seeds (the reference set; the floor) | "
                  f"{' | '.join(cells([floor]))} | 0 | - |")
@@ -303,8 +303,8 @@ def tables(results: dict, args) -> str:
             got = [e["domains"][domain][metric] for e in entries]
             over_control = [e["domains"][domain][metric] - control[e["seed"]][domain][metric]
                             for e in entries if e["seed"] in control]
-            lines.append(f"| {expert} | {domain} | {metric} | {_spread(got)} | "
-                         f"{_spread(v - teacher[domain][metric] for v in got)} | {_spread(over_control)} | "
+            lines.append(f"| {expert} | {domain} | {metric} | {spread(got)} | "
+                         f"{spread(v - teacher[domain][metric] for v in got)} | {spread(over_control)} | "
                          f"{floor['domains'][domain][metric] - teacher[domain][metric]:+.3f} |")
     lines += student_table(results)
     lines += ablation_table(results)
@@ -332,8 +332,8 @@ def student_table(results: dict) -> list[str]:
             paired = [e["domains"][domain][name] - by_seed[e["seed"]][domain][name] for e in mtdmd
                       if e["seed"] in by_seed]
             lines.append(f"| {domain} | {name} | {teacher[domain][name]:.3f} | {euler[domain][name]:.3f} | {start[domain][name]:.3f} | "
-                         f"{_spread(e['domains'][domain][name] for e in dmd2)} | "
-                         f"{_spread(e['domains'][domain][name] for e in mtdmd)} | {_spread(paired)} | "
+                         f"{spread(e['domains'][domain][name] for e in dmd2)} | "
+                         f"{spread(e['domains'][domain][name] for e in mtdmd)} | {spread(paired)} | "
                          f"{floor[domain][name] - teacher[domain][name]:+.3f} |")
     return lines
 
@@ -353,9 +353,9 @@ def ablation_table(results: dict) -> list[str]:
                      f"| ablation | fields | seeds | {' | '.join(f'{d}: {n}' for d, n in columns)} | Fréchet |",
                      "|---|---|---|" + "---|" * (len(columns) + 1)]
         seeds = sorted(base)
-        differences = [_spread(changed[s]["domains"][d][n] - base[s]["domains"][d][n] for s in seeds)
+        differences = [spread(changed[s]["domains"][d][n] - base[s]["domains"][d][n] for s in seeds)
                        for d, n in columns]
-        frechet = _spread(changed[s]["frechet"] - base[s]["frechet"] for s in seeds)
+        frechet = spread(changed[s]["frechet"] - base[s]["frechet"] for s in seeds)
         lines.append(f"| {ablation} minus {student} | {fields} | {seeds} | {' | '.join(differences)} | {frechet} |")
     return lines
 
