@@ -162,8 +162,8 @@ def measure(image: np.ndarray, config: shapes_detector.DetectorConfig | None = N
     """The four factors (each in [0, 1]) and `quality` read from a uint8 RGB image `[H, W, 3]`, plus `specks`
     (the count) and `objects` (how many the detector found)."""
     config = config or shapes_detector.DetectorConfig()
-    objects = shapes_detector.detect(image, config)
-    labels, _ = shapes_detector.segment(image, config)
+    labels, coverage = shapes_detector.segment(image, config)
+    objects = shapes_detector.objects_in(labels, coverage, config)
     height, width = labels.shape
     min_area = config.min_area_fraction * (height / GRID) * (width / GRID)
     masks = _object_masks(labels, min_area)

@@ -122,10 +122,12 @@ def classify_shape(coverage: np.ndarray) -> str:
 
 def detect(image: np.ndarray, config: DetectorConfig = DetectorConfig()) -> list[DetectedObject]:
     """The shapes in a uint8 RGB image `[H, W, 3]`, largest first (text-coloured pixels are not shapes)."""
-    return _objects(*segment(image, config), config)
+    return objects_in(*segment(image, config), config)
 
 
-def _objects(labels: np.ndarray, coverage: np.ndarray, config: DetectorConfig) -> list[DetectedObject]:
+def objects_in(labels: np.ndarray, coverage: np.ndarray, config: DetectorConfig = DetectorConfig()
+               ) -> list[DetectedObject]:
+    """`detect`'s shapes from a segmentation already made (`segment(image, config)`)."""
     height, width = labels.shape
     min_area = config.min_area_fraction * (height / GRID) * (width / GRID)
     # A one-pixel frame of background gives every component a full rim; boxes below are in framed pixels.
@@ -213,7 +215,7 @@ def score(spec: Prompt | Scene | str, image: np.ndarray, config: DetectorConfig 
     else:
         scene, attributes = Scene.from_json(spec) if isinstance(spec, str) else spec, ATTRIBUTES
     labels, coverage = segment(image, config)
-    found = _objects(labels, coverage, config)
+    found = objects_in(labels, coverage, config)
     wanted = scene.objects
     fields = [_ATTRIBUTE_FIELDS[a] for a in attributes]
 
