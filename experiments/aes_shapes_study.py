@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,8 @@ import numpy as np
 from ernie_jax.aesthetics import metrics
 from ernie_jax.data import aesthetic_shapes, categories
 from ernie_jax.data.synthetic_aesthetics import SyntheticAestheticsConfig, write_synthetic_aesthetics
+from experiments import aes_tiny_vit
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("pairwise", "ordinal", "regression", "ordinal_likert", "regression_clean")
 # Which labels each variant learns from (for the table).
 LABELS = {"pairwise": "Swiss pairs (BT)", "ordinal": "Swiss levels (CORAL)", "regression": "Likert scores (MSE)",
@@ -55,15 +54,7 @@ COVERAGE_DRAWS = 100
 TOP_FRACTION = 0.1
 
 
-def _experiment():
-    sys.path.insert(0, str(REPO))
-    from experiments import aes_tiny_vit
-
-    return aes_tiny_vit
-
-
 def _config(variant: str, seed: int, data: Path, small: bool, steps: int | None = None):
-    aes_tiny_vit = _experiment()
     config = aes_tiny_vit.get_config(("tiny_" if small else "") + variant + "-biased")
     config.seed = seed
     if steps is not None:
@@ -80,11 +71,9 @@ def data_config(seed: int, small: bool) -> SyntheticAestheticsConfig:
 
 
 def f_metrics(scores: np.ndarray, quality: np.ndarray, category_names: np.ndarray) -> dict:
+    """`metrics.agreement_summary` against the true quality, and the SRCC against the clean levels 1..10."""
     levels = np.clip(np.round(quality), 1, 10)
-    return {"srcc": metrics.srcc(scores, quality), "plcc": metrics.plcc(scores, quality),
-            "plcc_logistic4": metrics.plcc(scores, quality, fit="logistic4"),
-            "kendall_tau_b": metrics.kendall_tau_b(scores, quality), "srcc_levels": metrics.srcc(scores, levels),
-            "bias": metrics.category_bias(scores, quality, category_names, fit="logistic4")}
+    return {**metrics.agreement_summary(scores, quality, category_names), "srcc_levels": metrics.srcc(scores, levels)}
 
 
 def _read_labels(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -112,14 +101,15 @@ def fine_pool(size: int, seed: int, image_side: int) -> tuple[np.ndarray, np.nda
     ranks = rng.permutation(len(names)) + 1
     shares = ranks ** -1.1 / np.sum(ranks ** -1.1)
     wanted = np.maximum(1, np.round(shares * size)).astype(int)
-    scenes, ids = [], []
+    scenes, ids, have = [], [], np.zeros(len(names), int)
     while len(scenes) < wanted.sum():
         scene = aesthetic_shapes.sample_scene(rng, aesthetic_shapes.CATEGORIES[int(rng.integers(3))])
         first = scene.objects[0]
         index = names.index(f"{scene.category}/{first.shape}/{first.colour}")
-        if np.sum(np.asarray(ids) == index) < wanted[index]:
+        if have[index] < wanted[index]:
             scenes.append(scene)
             ids.append(index)
+            have[index] += 1
     images = np.stack([aesthetic_shapes.render(scene, image_side, image_side) for scene in scenes])
     return images, np.array([aesthetic_shapes.quality(scene) for scene in scenes]), np.array(ids), names
 
@@ -147,20 +137,19 @@ def run_seed(out: Path, seed: int, variants, pool: int, small: bool, steps: int 
         write_synthetic_aesthetics(data, data_config(seed, small))
     heldout_names, heldout_quality, heldout_categories = _read_labels(data / "heldout.csv")
     heldout_images = _load_images(data, heldout_names)
-    labels = json.loads((data / "annotation.json").read_text())["labels"]
-    results = {"labels": {name: {**values, "bias": values.pop("category_bias")} for name, values in labels.items()},
-               "scorers": {}}  # labels: "swiss" and "likert" scores of the training images
-    scorers = {}
+    # labels: the "swiss" and "likert" scores of the training images against their truth.
+    results = {"labels": json.loads((data / "annotation.json").read_text())["labels"], "scorers": {}}
+    scorers, heldout_scores = {}, {}
     for variant in variants:
         workdir = out / f"seed{seed}" / variant
         train_scorer.run(_config(variant, seed, data, small, steps), workdir)
         scorers[variant] = train_scorer.load_trained_scorer(workdir)
-        results["scorers"][variant] = f_metrics(scorers[variant](heldout_images), heldout_quality, heldout_categories)
+        heldout_scores[variant] = scorers[variant](heldout_images)
+        results["scorers"][variant] = f_metrics(heldout_scores[variant], heldout_quality, heldout_categories)
         log(f"seed {seed} {variant}: {json.dumps(results['scorers'][variant])}")
     if E_SCORER in scorers:
         images, quality, ids, names = fine_pool(pool, seed, data_config(seed, small).size)
-        heldout_scores = scorers[E_SCORER](heldout_images)
-        calibration = metrics.fit_logistic4(heldout_scores, heldout_quality)
+        calibration = metrics.fit_logistic4(heldout_scores[E_SCORER], heldout_quality)
         learned = metrics.logistic4(scorers[E_SCORER](list(images)), calibration)
         results["e"] = {"learned": e_metrics(ids, learned, quality, names),
                         "true": e_metrics(ids, quality, quality, names),
@@ -177,7 +166,7 @@ def _cell(values) -> str:
 def tables(per_seed: dict[int, dict]) -> str:
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
-    names = sorted(next(iter(first["scorers"].values()))["bias"])
+    names = sorted(next(iter(first["scorers"].values()))["category_bias"])
     columns = ["srcc", "plcc", "plcc_logistic4", "kendall_tau_b", "srcc_levels"]
     lines = [f"Seeds {seeds}; mean ± std (ddof 0). Bias: mean residual of the logistic-mapped scores on the 1..10 "
              f"quality scale, per category (positive: rated too high).", "",
@@ -187,7 +176,7 @@ def tables(per_seed: dict[int, dict]) -> str:
     def row(label, values_by_seed):
         cells = [_cell([values[column] for values in values_by_seed]) if column in values_by_seed[0] else "-"
                  for column in columns]
-        cells += [_cell([values["bias"][name] for values in values_by_seed]) for name in names]
+        cells += [_cell([values["category_bias"][name] for values in values_by_seed]) for name in names]
         return f"| {label} | " + " | ".join(cells) + " |"
 
     for name in first["labels"]:

@@ -74,7 +74,7 @@ def test_the_study_runs_at_test_size(tmp_path):
                                               log=lambda line: None)}
     results = per_seed[0]
     assert set(results["labels"]) == {"swiss", "likert"} and set(results["scorers"]) == {"pairwise"}
-    assert set(results["scorers"]["pairwise"]["bias"]) == {"collage", "emblem", "pattern"}
+    assert set(results["scorers"]["pairwise"]["category_bias"]) == {"collage", "emblem", "pattern"}
     assert set(results["e"]["learned"]) == set(aes_shapes_study.FORMULAS)
     table = aes_shapes_study.tables(per_seed)
     assert "| scorer: Swiss pairs (BT) |" in table and table.count("| count x mean (article) |") == 2

@@ -203,3 +203,13 @@ def category_bias(pred, target, categories: Sequence, fit: str | None = None) ->
     residual = pred - target
     return {category.item() if hasattr(category, "item") else category: float(residual[categories == category].mean())
             for category in np.unique(categories)}
+
+
+def agreement_summary(pred, target, categories: Sequence | None = None) -> dict:
+    """SRCC, PLCC (raw and after the logistic fit) and Kendall tau-b of `pred` against `target`, and with
+    `categories` (one per image, more than one distinct) the per-category bias of the logistic-mapped scores."""
+    summary = {"srcc": srcc(pred, target), "plcc": plcc(pred, target),
+               "plcc_logistic4": plcc(pred, target, fit="logistic4"), "kendall_tau_b": kendall_tau_b(pred, target)}
+    if categories is not None and len(set(np.asarray(categories).tolist())) > 1:
+        summary["category_bias"] = category_bias(pred, target, categories, fit="logistic4")
+    return summary

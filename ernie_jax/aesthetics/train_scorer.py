@@ -309,7 +309,7 @@ def evaluate(experiment: ScorerExperiment, model) -> dict:
     `category_bias`, {category: mean residual of the logistic-mapped scores} (positive: rated too high)."""
     from PIL import Image
 
-    from ernie_jax.aesthetics.metrics import category_bias, kendall_tau_b, plcc, srcc
+    from ernie_jax.aesthetics.metrics import agreement_summary
     from ernie_jax.data.aesthetic_manifest import read_manifest
 
     d = experiment.config.data
@@ -323,13 +323,8 @@ def evaluate(experiment: ScorerExperiment, model) -> dict:
             images.append(image.convert("RGB"))
     scores = ImageScorer(model, experiment.preprocessor(), d.batch_size)(images)
     target = manifest.columns[target_key].astype(np.float64)
-    results = {"images": len(images), "target": target_key, "srcc": srcc(scores, target),
-               "plcc": plcc(scores, target), "plcc_logistic4": plcc(scores, target, fit="logistic4"),
-               "kendall_tau_b": kendall_tau_b(scores, target)}
-    if len(manifest.category_names) > 1:
-        names = np.asarray(manifest.category_names)[manifest.columns["category"]]
-        results["category_bias"] = category_bias(scores, target, names, fit="logistic4")
-    return results
+    names = np.asarray(manifest.category_names)[manifest.columns["category"]]
+    return {"images": len(images), "target": target_key, **agreement_summary(scores, target, names)}
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -85,13 +85,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _label_quality(labels: np.ndarray, quality: np.ndarray, categories: np.ndarray) -> dict:
-    return {"srcc": metrics.srcc(labels, quality), "plcc": metrics.plcc(labels, quality),
-            "plcc_logistic4": metrics.plcc(labels, quality, fit="logistic4"),
-            "kendall_tau_b": metrics.kendall_tau_b(labels, quality),
-            "category_bias": metrics.category_bias(labels, quality, categories, fit="logistic4")}
-
-
 def write_synthetic_aesthetics(out: str | os.PathLike, config: SyntheticAestheticsConfig = SyntheticAestheticsConfig()
                                ) -> Path:
     """Writes the dataset (module docstring) to `out`, which must not exist; returns its path."""
@@ -144,8 +137,8 @@ def write_synthetic_aesthetics(out: str | os.PathLike, config: SyntheticAestheti
             {"image": names[i], "rating": float(quality[i]), "level": int(np.clip(np.round(quality[i]), 1, NUM_LEVELS)),
              "category": categories[i]} for i in heldout])
         summary = {"config": dataclasses.asdict(config), "judgments_per_annotator": budget,
-                   "labels": {"swiss": _label_quality(swiss_scores, train_quality, categories[train]),
-                              "likert": _label_quality(likert_scores, train_quality, categories[train])}}
+                   "labels": {"swiss": metrics.agreement_summary(swiss_scores, train_quality, categories[train]),
+                              "likert": metrics.agreement_summary(likert_scores, train_quality, categories[train])}}
         (staging / "annotation.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out
 
