@@ -165,12 +165,18 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-rows", default=None, help="an earlier study's results.json: its rows of models "
                         "not in --variants are kept")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning updates (default: the config's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config override for every run this invocation trains (repeatable), for example "
+                        "train.optimizer.learning_rate=2e-4; recorded in results.json")
     parser.add_argument("--per-domain", type=int, default=48, help="held-out prompts per category")
     parser.add_argument("--batch-size", type=int, default=16, help="sampling batch (and the timed batch)")
     parser.add_argument("--timing-repeats", type=int, default=2, help="timed batches per row")
     parser.add_argument("--report", default=None, help="markdown tables (default OUT/report.md)")
     parser.add_argument("--small", action="store_true", help="test size: tiny random components, 2-step sampling")
     args = parser.parse_args(argv)
+    for override in args.overrides:
+        if "=" not in override:
+            parser.error(f"--set {override!r}: expected FIELD=VALUE, for example train.optimizer.learning_rate=2e-4")
     out = Path(args.out)
     prefix = "tiny_" if args.small else ""
     # The demo's records, encoded once by the base's VAE and text encoder (with --small, made from the tiny
@@ -183,6 +189,7 @@ def main(argv=None) -> None:
     folders = tuple(str(f) for f in sorted((precompute / "precomputed").glob("*/shard-*")))
     common = [f"--config.components.path={base}", "--config.components.kind=pretrained",
               "--config.stages=('ode_pairs','train','export')", f"--config.data.precomputed={folders}"]
+    common += [f"--config.{override}" for override in args.overrides]
     if args.steps:
         common += [f"--config.data.stage_steps=({args.steps},)", f"--config.train.optimizer.decay_steps={args.steps}",
                    f"--config.train.checkpoint_every={args.steps}", f"--config.evals.samples.every={args.steps}",
@@ -202,7 +209,7 @@ def main(argv=None) -> None:
 
     results_path = out / "results.json"
     results = {"prompts": len(heldout), "per_domain": len(heldout) // len(DOMAIN_METRICS), "rows": {},
-               "seconds_per_image": {}, "run_seconds": {}}
+               "seconds_per_image": {}, "run_seconds": {}, "overrides": args.overrides, "steps": args.steps}
     scenes = evaluator(REFERENCE).scenes
 
     def samples(row: Row, transformer, tag: str, seed_offset: int = 0) -> np.ndarray:
