@@ -32,6 +32,7 @@ teacher, `init.path`), distilled with the same compute:
   at step k the data noised to sigma_k;
 - `student_dmd2_gan`: `student_dmd2` with DMD2's GAN head on the critic's features (generator weight 5e-3,
   discriminator 1e-2, the head trained in the critic updates at the critic's learning rate);
+  `student_dmd2_gan10` the same head at ten times those weights;
 - `student_dmd2_ttur1`: `student_dmd2` with one critic update per generator update instead of five (TTUR 1),
   each update still on 8 records.
 - `student_dmd2_ode`: `student_dmd2` with DMD v1's regression to the teacher's ODE outputs (`regression_weight`
@@ -67,6 +68,9 @@ STUDENTS = {"student_dmd2": {}, "student_mtdmd": {"text": "expert_text"}}
 ABLATIONS = {"student_dmd2_noised_data": ("student_dmd2", {"student_input": "noised_data"}),
              # DMD2's SDXL weights (generator 5e-3, discriminator 1e-2) on the same DMD loss scale.
              "student_dmd2_gan": ("student_dmd2", {"gan_weight": 5e-3, "gan_discriminator_weight": 1e-2}),
+             # Ten times DMD2's weights: at 5e-3 the head's term was 0.7 % of the generator loss and changed no
+             # detector score (docs/mtdmd_shapes.md), so this asks whether it matters once it weighs ~7 %.
+             "student_dmd2_gan10": ("student_dmd2", {"gan_weight": 5e-2, "gan_discriminator_weight": 1e-1}),
              "student_dmd2_ttur1": ("student_dmd2", {"critic_updates": 1}),
              # DMD v1's regression weight (lambda_reg, as training_algorithms.md 2.1 gives it). Per element, the
              # DMD term pulls x by its direction normalised per sample by mean|x - x0_real| (DMD v1's weighting

@@ -191,6 +191,8 @@ def test_training_from_precomputed_features_computes_the_losses_of_training_from
     `ernie_jax.data.precompute`: the same draws, batches and losses."""
     from conversions.common import run_command
     from ernie_jax.data import precompute
+    from ernie_jax.runner.config import resolve
+    from ernie_jax.runner.data import precomputed_sources
     from ernie_jax.data.shapes import ShapesConfig, ShapesSource
     from tests.test_data import png_bytes, write_folder
 
@@ -211,14 +213,18 @@ def test_training_from_precomputed_features_computes_the_losses_of_training_from
     assert len(losses[0]) == 2
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
-    # Features of other encoders are refused.
+    # Features of other encoders are refused by the train stage's source check (in process: a third runner
+    # would only add its start-up).
     other = tmp_path / "other_components"
     shutil.copytree(components, other)
     tokenizer = other / "tokenizer" / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text() + "\n")
-    result = run_main(tmp_path / "refused", TINY_SHAPES, stages, "--config.components.kind=pretrained",
-                      f"--config.components.path={other}", f"--config.data.precomputed=('{precomputed}',)")
-    assert result.returncode == 1 and "model fingerprints differ" in result.stderr
+    config = load_experiment("tiny_shapes").get_config("tiny")
+    config.stages = ("components", "train")
+    config.components.update(kind="pretrained", path=str(other))
+    config.data.precomputed = (str(precomputed),)
+    with pytest.raises(ValueError, match="model fingerprints differ"):
+        precomputed_sources(resolve(config, tmp_path / "refused"))
 
 
 
