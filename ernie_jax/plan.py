@@ -90,6 +90,9 @@ def parse_args(argv):
     parser.add_argument("--frozen-dtype", default="bfloat16",
                         help="--mode train: the dtype of frozen weights (the LoRA base, the DPO reference, the DMD "
                              "teachers)")
+    parser.add_argument("--without-ema", default="",
+                        help="--mode train: comma-separated trained parts (transformer, critic, discriminator) that "
+                             "keep no EMA (ema_decay 0 in their config)")
     parser.add_argument("--preset", default="full", help="transformer preset: full (the released 8B), small, tiny")
     parser.add_argument("--num-layers", type=int, help="override the preset's number of blocks (quick what-ifs)")
     parser.add_argument("--attention", default="xla",
@@ -229,18 +232,23 @@ def plan(args, sizes: dict[str, int]) -> dict:
 
             trained = nnx.Param
 
-        def trainable(build, trained=trained):
-            return TrainablePart(build, make_optimizer(settings), ema_decay=0.999, trained=trained,
-                                 learning_rate=learning_rate_schedule(settings))
+        without_ema = {name for name in args.without_ema.split(",") if name}
+        unknown = sorted(without_ema - {"transformer", "critic", "discriminator"})
+        if unknown:
+            raise ValueError(f"--without-ema names no trained part: {unknown} (transformer, critic, discriminator)")
 
-        parts = {"transformer": trainable(build)}
+        def trainable(name, build, trained=trained):
+            return TrainablePart(build, make_optimizer(settings), ema_decay=0.0 if name in without_ema else 0.999,
+                                 trained=trained, learning_rate=learning_rate_schedule(settings))
+
+        parts = {"transformer": trainable("transformer", build)}
         if args.objective == "dmd":
-            parts["critic"] = trainable(build)
+            parts["critic"] = trainable("critic", build)
             if args.gan:
                 from ernie_jax.models.gan_head import GANHead
 
                 parts["discriminator"] = trainable(
-                    lambda rngs: GANHead(config.hidden_size, DMD_GAN_HIDDEN, rngs=rngs), nnx.Param)
+                    "discriminator", lambda rngs: GANHead(config.hidden_size, DMD_GAN_HIDDEN, rngs=rngs), nnx.Param)
         graphdefs, train_state = abstract_train_state(parts, seed=0, mesh=mesh, rules=rules)
         params = train_state.params
         optimizer_bytes = _per_device_bytes(train_state.opt_state)

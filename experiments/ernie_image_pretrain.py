@@ -140,7 +140,8 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
     """For each curriculum stage (or those in `stages`), `ernie_jax.plan`'s per-device memory of one training
     step of `config`'s DiT on its mesh (the trainer's update: square images of the stage side, the stage's
     batch in `config.train.microbatches` microbatches, `config.plan.attention` standing in for the
-    accelerator's flash kernel; parameters, Adam moments and EMA weights) and `fits` against
+    accelerator's flash kernel; parameters, Adam moments and the EMA weights of the parts whose
+    `part_settings` decay is not 0) and `fits` against
     `config.plan.device_memory`. Post-training configs plan their own step: `config.objective.name` (DPO: the
     stage's batch counts pairs, the frozen reference in `config.frozen.reference.dtype`; DMD: student,
     critic, the `config.objective.teachers` in the first one's dtype and the GAN head when `gan_weight > 0`)
@@ -148,6 +149,7 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
     is also the reference, `config.frozen.reference.path` "init", and with DMD the first teacher). `num_layers`
     shrinks the model for a quick check. Each plan runs in its own process (it emulates the mesh's devices)."""
     from ernie_jax.plan import OBJECTIVES, parse_bytes
+    from ernie_jax.runner.config import part_settings
 
     shape = {k: v for k, v in config.model.items() if k in _model_fields("full") and k != "num_layers"}
     if shape != {k: v for k, v in _model_fields("full").items() if k != "num_layers"}:
@@ -182,6 +184,9 @@ def memory_plans(config: ml_collections.ConfigDict, *, num_layers: int | None = 
     if objective == "dmd":
         training += ["--teachers", str(len(config.objective.teachers))]
         training += ["--gan"] if config.objective.get("gan_weight", 0.0) > 0 else []
+    trained = ("transformer", *(("critic", "discriminator") if objective == "dmd" else ()))
+    without_ema = [name for name in trained if part_settings(config, name)[1] == 0]
+    training += ["--without-ema", ",".join(without_ema)] if without_ema else []
     budget = parse_bytes(config.plan.device_memory)
     reports = []
     for index, (side, batch) in enumerate(zip(config.data.sides, config.data.batch_sizes)):

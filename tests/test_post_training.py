@@ -172,6 +172,7 @@ def test_dpo_memory_plan_fits_on_8xh100(variant):
         assert report["frozen models"] == report["parameters"] // 2
     else:  # rank-64 adapters' Adam moments, far below the whole DiT's (8 bytes a parameter, split 8 ways)
         assert report["optimizer state"] < count * 8 / 8 / 10
+    assert report["EMA weights"] == 0  # the config's ema_decay 0: the trainer keeps no copy
 
 
 def test_sft_variants_build(tmp_path):
@@ -280,6 +281,8 @@ def test_mtdmd_memory_plan_fits_on_8xh100(variant):
     # Two bf16 DiTs split 8 ways (norms and biases are not split: 2%): the two teachers, or the LoRA base
     # shared by student, critic and the first teacher, and the expert.
     assert abs(report["frozen models"] - 2 * count * 2 / 8) <= 0.02 * report["frozen models"]
+    # The student's EMA only: the config's critic has ema_decay 0, and the trainer keeps no copy of it.
+    assert report["EMA weights"] == report["parameters"] // 2
     if variant == "8xh100":  # student and critic: two fp32 DiTs, and their Adam moments
         assert report["frozen models"] == report["parameters"] // 2
         assert abs(report["optimizer state"] - 2 * report["parameters"]) <= 1e-3 * report["parameters"]

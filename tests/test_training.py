@@ -282,6 +282,44 @@ def test_updates_take_turns_each_on_its_slice_with_its_own_optimizer():
         Update("critic", ("critic",), objective.critic_loss, repeats=0)
 
 
+def test_a_part_with_ema_decay_0_keeps_no_ema_and_exports_its_trained_weights(tmp_path):
+    """The critic at decay 0 holds no EMA copy (at 8B, 32 GB of float32); what its averaged weights are read
+    as (evaluators, export) is its trained weights, while the generator keeps its EMA."""
+    mesh = parallel.make_mesh({}, devices=jax.devices()[:1])
+
+    def build(rngs):
+        return layers.linear(2, 2, axes=("embed", "mlp"), use_bias=True, dtype=jnp.float32,
+                             param_dtype=jnp.float32, rngs=rngs)
+
+    parts = {"critic": state.TrainablePart(build, optax.adam(0.05), ema_decay=0.0),
+             "generator": state.TrainablePart(build, optax.adam(0.05), ema_decay=0.5)}
+    graphdefs, initial = state.create_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
+    assert sorted(initial.ema_params) == ["generator"]
+    batch = {"x": jax.random.normal(jax.random.key(1), (8, 2))}
+    done, _ = jax.jit(step.make_train_step(parts, graphdefs, _TakingTurns()))(initial, {}, batch)
+    assert sorted(done.ema_params) == ["generator"]
+    averaged = done.averaged_params()
+    assert averaged["critic"] is done.params["critic"] and averaged["generator"] is done.ema_params["generator"]
+    np.testing.assert_allclose(done.ema_params["generator"]["kernel"],
+                               (initial.params["generator"]["kernel"] + done.params["generator"]["kernel"]) / 2,
+                               rtol=1e-6)
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", async_save=False)
+    try:
+        checkpoints.save(1, done, force=True)
+        _, abstract = state.abstract_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
+        for ema, expected in ((True, averaged), (False, done.params)):
+            restored = checkpoints.restore_weights(abstract, ema=ema)
+            assert sorted(restored) == ["critic", "generator"]
+            for name in parts:
+                for got, want in zip(jax.tree.leaves(restored[name]), jax.tree.leaves(expected[name]), strict=True):
+                    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    finally:
+        checkpoints.close()
+    # The EMA and the trained generator differ, so the restore above read each from its own field.
+    assert np.abs(np.asarray(done.ema_params["generator"]["kernel"] - done.params["generator"]["kernel"])).max() > 1e-3
+
+
 def test_sharded_train_step_equals_single_device():
     """Two updates (fp32, 2 microbatches, text dropout) on 8 emulated devices, fsdp x tensor and data x fsdp
     (the split the XLA workaround in parallel.py exists for), and fsdp x tensor made by jax.make_mesh (Explicit

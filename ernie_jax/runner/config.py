@@ -31,6 +31,16 @@ def named_module(package: str, name: str, what: str):
     return importlib.import_module(f"{package}.{name}")
 
 
+def part_settings(config: ml_collections.ConfigDict, name: str):
+    """(OptimizerConfig, EMA decay) of trained part `name`: `config.train.optimizer` and
+    `config.train.ema_decay` with the overrides of `config.parts.NAME.{optimizer, ema_decay}`."""
+    from ernie_jax.training.optimizer import OptimizerConfig
+
+    overrides = config.get("parts", {}).get(name, {})
+    optimizer = OptimizerConfig(**{**config.train.optimizer, **overrides.get("optimizer", {})})
+    return optimizer, overrides.get("ema_decay", config.train.ema_decay)
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """The config resolved into the library's dataclasses (all values checked before any stage runs)."""
@@ -66,13 +76,8 @@ class Experiment:
         return {} if models is None else dict(models(self.objective))
 
     def part_settings(self, name: str):
-        """(OptimizerConfig, EMA decay) of part `name`: `config.train.optimizer` and `config.train.ema_decay`
-        with the overrides of `config.parts.NAME.{optimizer, ema_decay}`."""
-        from ernie_jax.training.optimizer import OptimizerConfig
-
-        overrides = self.config.get("parts", {}).get(name, {})
-        optimizer = OptimizerConfig(**{**self.config.train.optimizer, **overrides.get("optimizer", {})})
-        return optimizer, overrides.get("ema_decay", self.config.train.ema_decay)
+        """(OptimizerConfig, EMA decay) of part `name`: `part_settings(self.config, name)`."""
+        return part_settings(self.config, name)
 
     @property
     def init_path(self) -> str:

@@ -58,18 +58,22 @@ class Checkpoints:
         return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
     def restore_weights(self, abstract_state: TrainState, *, ema: bool = True, step: int | None = None):
-        """Only the EMA parameters (or, `ema=False`, the trained ones) of `step` (default: the latest), in
-        `abstract_state`'s shardings: what an export needs, without reading the optimizer state (twice the
-        weights) or the other copy of the weights."""
+        """{part: weights} of `step` (default: the latest) in `abstract_state`'s shardings: each part's EMA
+        (a part that keeps none: its trained weights), or with `ema=False` the trained ones. What an export
+        needs, without reading the optimizer state (twice the weights) or the other copy of the weights."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        field = "ema_params" if ema else "params"
+        averaged = abstract_state.ema_params if ema else {}
+        trained = {name: weights for name, weights in abstract_state.params.items() if name not in averaged}
+        item = {field: tree for field, tree in (("params", trained), ("ema_params", averaged)) if tree}
         # A checkpointer of its own: the manager's item handler is the StandardCheckpointHandler of save/restore.
         with ocp.PyTreeCheckpointer() as checkpointer:
+            # Restore args from the abstract tree: the arrays land in its shardings, not in those the file records
+            # (which need not exist on the restoring topology).
             restored = checkpointer.restore(os.path.join(self.directory, str(step), STATE), args=ocp.args.PyTreeRestore(
-                item={field: getattr(abstract_state, field)}, partial_restore=True))
-        return restored[field]
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        return {**restored.get("params", {}), **restored.get("ema_params", {})}
 
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save (if any) is on disk."""

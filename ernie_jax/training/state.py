@@ -4,7 +4,7 @@ or placed directly in its shardings.
 A trainable model is a `TrainablePart`: how to build it, which of its variables the optimizer updates
 (`trained`: every `nnx.Param` for full training; the adapters for LoRA), its optimizer and EMA decay. The
 train state holds, per part name, the trained variables (float32 master weights), their optimizer state and
-their EMA; the rest of a part's variables (a LoRA's frozen base) and whole frozen models (a DPO reference,
+their EMA (none for a part with `ema_decay` 0, whose average would be a copy of its weights); the rest of a part's variables (a LoRA's frozen base) and whole frozen models (a DPO reference,
 distillation teachers) are `frozen` states held beside it: placed by the same rule tables, passed to the
 step unchanged, never checkpointed (they are reloaded from where they came from).
 
@@ -35,6 +35,8 @@ class TrainablePart:
     frozen base) in the dtype they are kept in. `trained` is an nnx filter (default: every `nnx.Param`).
     `stochastic(model, key)`, if given, puts the model into training mode with randomness from `key` (e.g.
     LoRA dropout's `models.lora.set_training`); the step calls it on every microbatch's model.
+    `ema_decay` 0 keeps no EMA (at 8B that copy is 32 GB of float32): the part's averaged weights are its
+    trained ones.
     """
 
     build: Callable[[nnx.Rngs], nnx.Module]
@@ -51,15 +53,20 @@ class TrainablePart:
 
 @struct.dataclass
 class TrainState:
-    """step: int32 [] optimizer updates done; params / ema_params: {part: nnx.State of its trained variables}
-    (float32); opt_state: {part: its optax state}; rng: uint32 [2] base key (step s draws from
-    fold_in(rng, s), so a resumed run draws the same numbers)."""
+    """step: int32 [] optimizer updates done; params: {part: nnx.State of its trained variables} (float32);
+    ema_params: the same for the parts that keep an EMA (`ema_decay` > 0); opt_state: {part: its optax
+    state}; rng: uint32 [2] base key (step s draws from fold_in(rng, s), so a resumed run draws the same
+    numbers)."""
 
     step: jax.Array
     params: dict[str, nnx.State]
     opt_state: dict[str, Any]
     ema_params: dict[str, nnx.State]
     rng: jax.Array
+
+    def averaged_params(self) -> dict[str, nnx.State]:
+        """Each part's EMA weights, or its trained weights where it keeps no EMA."""
+        return {**self.params, **self.ema_params}
 
 
 def _is_variable(x) -> bool:
@@ -112,10 +119,12 @@ def abstract_parts(parts: Mapping[str, TrainablePart], *, seed: int
 
 
 def _fresh_state(params: dict[str, nnx.State], parts: Mapping[str, TrainablePart], seed: int) -> TrainState:
-    """Step 0: each part's optimizer's initial state and the EMA at its initial parameters."""
+    """Step 0: each part's optimizer's initial state and, where it keeps one, the EMA at its initial
+    parameters."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state={name: parts[name].optimizer.init(p) for name, p in params.items()},
-                      ema_params=params, rng=jax.random.key_data(jax.random.key(seed)))
+                      ema_params={name: p for name, p in params.items() if parts[name].ema_decay > 0},
+                      rng=jax.random.key_data(jax.random.key(seed)))
 
 
 def abstract_train_state(parts: Mapping[str, TrainablePart], *, seed: int, mesh: Mesh, rules: parallel.Rules

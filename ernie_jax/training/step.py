@@ -129,7 +129,8 @@ def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, 
         for name in update.trains:
             change, new_opt[name] = parts[name].optimizer.update(grads[name], opt_state[name], params[name])
             new_params[name] = optax.apply_updates(params[name], change)
-            new_ema[name] = ema_update(ema_params[name], new_params[name], parts[name].ema_decay)
+            if name in ema_params:
+                new_ema[name] = ema_update(ema_params[name], new_params[name], parts[name].ema_decay)
         metrics["grad_norm"] = optax.global_norm(grads)
         if not update.name and len(update.trains) > 1:
             metrics.update({f"grad_norm/{name}": optax.global_norm(grads[name]) for name in update.trains})

@@ -1,4 +1,5 @@
-"""Stage `export`: the trained transformer (EMA unless `export.use_ema` is False) with the frozen
+"""Stage `export`: the trained transformer (its EMA unless `export.use_ema` is False or its `ema_decay` is 0,
+which keeps none) with the frozen
 components, in the diffusers layout, in WORKDIR/pipeline: `ErnieImagePipeline.from_pretrained` and
 `python -m ernie_jax.generate --model WORKDIR/pipeline` load it. With LoRA (`config.lora.rank > 0`) the
 transformer there is the base with the adapters merged, and WORKDIR/pipeline/lora/
@@ -106,5 +107,6 @@ def run(experiment: Experiment) -> None:
         index = json.loads((components / "model_index.json").read_text())
         index.update(pe=[None, None], pe_tokenizer=[None, None])
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    say(f"export: wrote {destination} (step {done}, {'EMA' if config.export.use_ema else 'raw'} weights, "
+    averaged = config.export.use_ema and experiment.part_settings("transformer")[1] > 0
+    say(f"export: wrote {destination} (step {done}, {'EMA' if averaged else 'trained'} weights, "
          f"{config.export.dtype})")

@@ -191,7 +191,7 @@ def run(experiment: Experiment) -> None:
 
     def transformer_of(state, ema: bool = True) -> nnx.Module:
         """The transformer of the state's EMA weights (`ema`) or trained ones, with any frozen rest."""
-        params = state.ema_params if ema else state.params
+        params = state.averaged_params() if ema else state.params
         return nnx.merge(graphdef, params["transformer"], *([] if rest is None else [rest]))
 
     rounds = None
