@@ -62,8 +62,9 @@ class Row:
 
 
 REFERENCE = Row(TEACHER, 50, GUIDANCE)
-# The teacher at 8 steps without CFG is where the students start.
-ROWS = (REFERENCE, Row(TEACHER, 8, GUIDANCE), Row(TEACHER, 8, 1.0),
+# The teacher at 8 steps without CFG is where the students start; at 4 steps with CFG it makes the students' 8
+# transformer calls (the sampler a student must beat at equal cost).
+ROWS = (REFERENCE, Row(TEACHER, 8, GUIDANCE), Row(TEACHER, 8, 1.0), Row(TEACHER, 4, GUIDANCE),
         *(Row(name, 50, GUIDANCE) for name in (*EXPERT_DOMAINS, CONTROL)))
 # The single-teacher DMD2 and the MT-DMD students (and the ablations), 8 steps without CFG as the released Turbo
 # samples.
@@ -329,16 +330,19 @@ def student_table(results: dict) -> list[str]:
     start = results["rows"][Row(TEACHER, 8, 1.0).name][0]["domains"]
     floor = results["floor"]["domains"]
     by_seed = {e["seed"]: e["domains"] for e in dmd2}
-    lines = ["", ("The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps; "
-             "MT-DMD minus DMD2 paired by training seed; the floor is the teacher with other sampling seeds minus "
-             "the teacher:"), "",
-             ("| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | DMD2 | MT-DMD | MT-DMD minus DMD2 "
-             "| floor |"), "|---|---|---|---|---|---|---|---|---|"]
+    equal_calls = results["rows"].get(Row(TEACHER, 4, GUIDANCE).name)
+    lines = ["", ("The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps, "
+             "without CFG at 8 and with CFG at 4 (both the students' 8 transformer calls); MT-DMD minus DMD2 paired "
+             "by training seed; the floor is the teacher with other sampling seeds minus the teacher:"), "",
+             ("| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | teacher 4 Euler | DMD2 | MT-DMD | "
+             "MT-DMD minus DMD2 | floor |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for domain, metric in DOMAIN_METRICS.items():
         for name in ("all", metric):
             paired = [e["domains"][domain][name] - by_seed[e["seed"]][domain][name] for e in mtdmd
                       if e["seed"] in by_seed]
-            lines.append(f"| {domain} | {name} | {teacher[domain][name]:.3f} | {euler[domain][name]:.3f} | {start[domain][name]:.3f} | "
+            four = "-" if equal_calls is None else f"{equal_calls[0]['domains'][domain][name]:.3f}"
+            lines.append(f"| {domain} | {name} | {teacher[domain][name]:.3f} | {euler[domain][name]:.3f} | "
+                         f"{start[domain][name]:.3f} | {four} | "
                          f"{spread(e['domains'][domain][name] for e in dmd2)} | "
                          f"{spread(e['domains'][domain][name] for e in mtdmd)} | {spread(paired)} | "
                          f"{floor[domain][name] - teacher[domain][name]:+.3f} |")

@@ -181,3 +181,26 @@ def test_ablation_table_pairs_each_ablation_with_its_student_by_seed():
     # differences per seed: all +0.1 and 0.0 (mean 0.05, sd 0.0707), the metric twice that; Fréchet -0.01, -0.03.
     assert cells[3:5] == ["0.050 ± 0.071", "0.100 ± 0.141"] and cells[-1] == "-0.020 ± 0.014"
     assert not any("ttur1" in line or "noised_data" in line for line in lines)  # no rows, no line
+
+
+def test_student_table_pairs_the_committee_with_dmd2_by_seed_beside_the_equal_cost_sampler():
+    from experiments.mtdmd_shapes_study import DOMAIN_METRICS, GUIDANCE, TEACHER, Row, student_table
+
+    def entry(seed, value):
+        return {"seed": seed, "frechet": 0.0,
+                "domains": {d: {"all": value, m: 2 * value} for d, m in DOMAIN_METRICS.items()}}
+
+    teacher_rows = {Row(TEACHER, 50, GUIDANCE): 0.3, Row(TEACHER, 8, GUIDANCE): 0.25, Row(TEACHER, 8, 1.0): 0.1}
+    rows = {row.name: [entry(None, value)] for row, value in teacher_rows.items()}
+    rows[Row("student_dmd2", 8, 1.0).name] = [entry(0, 0.2), entry(1, 0.1), entry(2, 0.3)]
+    rows[Row("student_mtdmd", 8, 1.0).name] = [entry(1, 0.2), entry(0, 0.2)]  # seed 2 missing: not paired
+    results = {"rows": rows, "floor": entry(None, 0.35)}
+    lines = student_table(results)
+    shapes = [cell.strip() for cell in next(line for line in lines if line.startswith("| shapes | all")).split("|")[1:-1]]
+    # teacher 50, 8 Euler, 8 without CFG, 4 Euler (no row yet), DMD2, MT-DMD, MT-DMD minus DMD2 (0.0 and +0.1), floor
+    assert shapes[2:] == ["0.300", "0.250", "0.100", "-", "0.200 ± 0.100", "0.200 ± 0.000", "0.050 ± 0.071", "+0.050"]
+    rows[Row(TEACHER, 4, GUIDANCE).name] = [entry(None, 0.15)]
+    counts = next(line for line in student_table(results) if line.startswith("| counting | count"))
+    assert [cell.strip() for cell in counts.split("|")[1:-1]][5] == "0.300"
+    del rows[Row("student_mtdmd", 8, 1.0).name]
+    assert student_table(results) == []
