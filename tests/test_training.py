@@ -320,6 +320,26 @@ def test_a_part_with_ema_decay_0_keeps_no_ema_and_exports_its_trained_weights(tm
     assert np.abs(np.asarray(done.ema_params["generator"]["kernel"] - done.params["generator"]["kernel"])).max() > 1e-3
 
 
+def test_an_objective_metric_named_like_the_trainers_gradient_norm_is_refused():
+    """Before, the trainer's `grad_norm` silently replaced an objective's metric of that name."""
+    mesh = parallel.make_mesh({}, devices=jax.devices()[:1])
+
+    def build(rngs):
+        return layers.linear(2, 2, axes=("embed", "mlp"), use_bias=True, dtype=jnp.float32,
+                             param_dtype=jnp.float32, rngs=rngs)
+
+    class Clashing(_TakingTurns):
+        @staticmethod
+        def generator_loss(trainable, frozen, batch, keys):
+            loss, _ = _TakingTurns.generator_loss(trainable, frozen, batch, keys)
+            return loss, {"loss": loss, "grad_norm": loss}
+
+    parts = {name: state.TrainablePart(build, optax.adam(0.05)) for name in ("critic", "generator")}
+    graphdefs, initial = state.create_train_state(parts, seed=0, mesh=mesh, rules=parallel.TRAINING_RULES)
+    with pytest.raises(ValueError, match=r"metrics \['grad_norm'\] have the names of the trainer's gradient norms"):
+        step.make_train_step(parts, graphdefs, Clashing())(initial, {}, {"x": jnp.ones((4, 2))})
+
+
 def test_sharded_train_step_equals_single_device():
     """Two updates (fp32, 2 microbatches, text dropout) on 8 emulated devices, fsdp x tensor and data x fsdp
     (the split the XLA workaround in parallel.py exists for), and fsdp x tensor made by jax.make_mesh (Explicit

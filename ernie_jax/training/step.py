@@ -76,7 +76,7 @@ def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, 
     metrics: per update, its loss's metrics (averaged over its runs) and its `grad_norm` (over its parts,
     before clipping), prefixed `NAME/` when the update has a name; with several parts also `grad_norm/PART`
     of an unnamed update; each part's `learning_rate` (given its schedule, at its first update of the step;
-    suffixed `/PART` with several parts).
+    suffixed `/PART` with several parts). An objective metric named like the gradient norms is refused.
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
@@ -131,9 +131,14 @@ def make_train_step(parts: Mapping[str, TrainablePart], graphdefs: Mapping[str, 
             new_params[name] = optax.apply_updates(params[name], change)
             if name in ema_params:
                 new_ema[name] = ema_update(ema_params[name], new_params[name], parts[name].ema_decay)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        norms = {"grad_norm": optax.global_norm(grads)}
         if not update.name and len(update.trains) > 1:
-            metrics.update({f"grad_norm/{name}": optax.global_norm(grads[name]) for name in update.trains})
+            norms.update({f"grad_norm/{name}": optax.global_norm(grads[name]) for name in update.trains})
+        clash = sorted(set(norms) & set(metrics))
+        if clash:  # the trainer's norms would silently replace the objective's values
+            raise ValueError(f"the objective's metrics {clash} have the names of the trainer's gradient norms; "
+                             f"rename them")
+        metrics.update(norms)
         return (new_params, new_opt, new_ema), metrics
 
     def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, Metrics]:
