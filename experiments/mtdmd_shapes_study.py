@@ -175,6 +175,10 @@ def main(argv=None) -> None:
     parser.add_argument("--report", default=None, help="markdown tables (default OUT/report.md)")
     parser.add_argument("--small", action="store_true", help="test size: tiny random components, 2-step sampling")
     args = parser.parse_args(argv)
+    known = sorted({row.model for row in (*ROWS, *STUDENT_ROWS)} - {TEACHER})
+    unknown = sorted(set(args.variants) - set(known))
+    if unknown:
+        parser.error(f"--variants {unknown}: not variants of the study (known: {', '.join(known)})")
     for override in args.overrides:
         if "=" not in override:
             parser.error(f"--set {override!r}: expected FIELD=VALUE, for example train.optimizer.learning_rate=2e-4")

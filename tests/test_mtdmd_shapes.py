@@ -204,3 +204,14 @@ def test_student_table_pairs_the_committee_with_dmd2_by_seed_beside_the_equal_co
     assert [cell.strip() for cell in counts.split("|")[1:-1]][5] == "0.300"
     del rows[Row("student_mtdmd", 8, 1.0).name]
     assert student_table(results) == []
+
+
+def test_study_refuses_unknown_variants_and_malformed_overrides_before_running(tmp_path, capsys):
+    from experiments.mtdmd_shapes_study import main
+
+    for argv, message in ((["--variants", "student_dmd2", "student_dmd3"], "--variants ['student_dmd3']"),
+                          (["--set", "train.optimizer.learning_rate"], "expected FIELD=VALUE")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "study"), "--small", *argv])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
