@@ -181,7 +181,7 @@ def main(argv=None) -> None:
         parser.error(f"--variants {unknown}: not variants of the study (known: {', '.join(known)})")
     for override in args.overrides:
         if "=" not in override:
-            parser.error(f"--set {override!r}: expected FIELD=VALUE, for example train.optimizer.learning_rate=2e-4")
+            parser.error(f"--set {override!r}: expected FIELD=VALUE, e.g. train.optimizer.learning_rate=2e-4")
     out = Path(args.out)
     prefix = "tiny_" if args.small else ""
     # The demo's records, encoded once by the base's VAE and text encoder (with --small, made from the tiny
@@ -338,8 +338,8 @@ def student_table(results: dict) -> list[str]:
     lines = ["", ("The students (8 steps, no CFG) per domain beside the teacher with CFG at 50 and at 8 Euler steps, "
              "without CFG at 8 and with CFG at 4 (both the students' 8 transformer calls); MT-DMD minus DMD2 paired "
              "by training seed; the floor is the teacher with other sampling seeds minus the teacher:"), "",
-             ("| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | teacher 4 Euler | DMD2 | MT-DMD | "
-             "MT-DMD minus DMD2 | floor |"), "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| domain | metric | teacher 50 | teacher 8 Euler | teacher 8, no CFG | teacher 4 Euler | DMD2 | "
+              "MT-DMD | MT-DMD minus DMD2 | floor |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for domain, metric in DOMAIN_METRICS.items():
         for name in ("all", metric):
             paired = [e["domains"][domain][name] - by_seed[e["seed"]][domain][name] for e in mtdmd

@@ -191,9 +191,9 @@ def test_training_from_precomputed_features_computes_the_losses_of_training_from
     `ernie_jax.data.precompute`: the same draws, batches and losses."""
     from conversions.common import run_command
     from ernie_jax.data import precompute
+    from ernie_jax.data.shapes import ShapesConfig, ShapesSource
     from ernie_jax.runner.config import resolve
     from ernie_jax.runner.data import precomputed_sources
-    from ernie_jax.data.shapes import ShapesConfig, ShapesSource
     from tests.test_data import png_bytes, write_folder
 
     images = tmp_path / "images"

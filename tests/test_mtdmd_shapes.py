@@ -196,9 +196,11 @@ def test_student_table_pairs_the_committee_with_dmd2_by_seed_beside_the_equal_co
     rows[Row("student_mtdmd", 8, 1.0).name] = [entry(1, 0.2), entry(0, 0.2)]  # seed 2 missing: not paired
     results = {"rows": rows, "floor": entry(None, 0.35)}
     lines = student_table(results)
-    shapes = [cell.strip() for cell in next(line for line in lines if line.startswith("| shapes | all")).split("|")[1:-1]]
+    shapes = next(line for line in lines if line.startswith("| shapes | all"))
+    shapes = [cell.strip() for cell in shapes.split("|")[1:-1]]
     # teacher 50, 8 Euler, 8 without CFG, 4 Euler (no row yet), DMD2, MT-DMD, MT-DMD minus DMD2 (0.0 and +0.1), floor
-    assert shapes[2:] == ["0.300", "0.250", "0.100", "-", "0.200 ± 0.100", "0.200 ± 0.000", "0.050 ± 0.071", "+0.050"]
+    assert shapes[2:] == ["0.300", "0.250", "0.100", "-", "0.200 ± 0.100", "0.200 ± 0.000", "0.050 ± 0.071",
+                          "+0.050"]
     rows[Row(TEACHER, 4, GUIDANCE).name] = [entry(None, 0.15)]
     counts = next(line for line in student_table(results) if line.startswith("| counting | count"))
     assert [cell.strip() for cell in counts.split("|")[1:-1]][5] == "0.300"

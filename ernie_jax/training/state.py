@@ -4,9 +4,10 @@ or placed directly in its shardings.
 A trainable model is a `TrainablePart`: how to build it, which of its variables the optimizer updates
 (`trained`: every `nnx.Param` for full training; the adapters for LoRA), its optimizer and EMA decay. The
 train state holds, per part name, the trained variables (float32 master weights), their optimizer state and
-their EMA (none for a part with `ema_decay` 0, whose average would be a copy of its weights); the rest of a part's variables (a LoRA's frozen base) and whole frozen models (a DPO reference,
-distillation teachers) are `frozen` states held beside it: placed by the same rule tables, passed to the
-step unchanged, never checkpointed (they are reloaded from where they came from).
+their EMA (none for a part with `ema_decay` 0, whose average would be a copy of its weights); the rest of a
+part's variables (a LoRA's frozen base) and whole frozen models (a DPO reference, distillation teachers) are
+`frozen` states held beside it: placed by the same rule tables, passed to the step unchanged, never
+checkpointed (they are reloaded from where they came from).
 
 Variables stay `nnx.Variable`s with their logical axis names, and the Adam moments (which optax builds with
 `jax.tree.map` over the parameters) keep them too: one rule table places all of it.

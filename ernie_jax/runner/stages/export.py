@@ -1,10 +1,9 @@
 """Stage `export`: the trained transformer (its EMA unless `export.use_ema` is False or its `ema_decay` is 0,
-which keeps none) with the frozen
-components, in the diffusers layout, in WORKDIR/pipeline: `ErnieImagePipeline.from_pretrained` and
-`python -m ernie_jax.generate --model WORKDIR/pipeline` load it. With LoRA (`config.lora.rank > 0`) the
-transformer there is the base with the adapters merged, and WORKDIR/pipeline/lora/
-pytorch_lora_weights.safetensors holds the adapters in the diffusers/PEFT format (diffusers:
-`pipe.load_lora_weights(WORKDIR / "pipeline" / "lora")` on the base pipeline)."""
+which keeps none) with the frozen components, in the diffusers layout, in WORKDIR/pipeline:
+`ErnieImagePipeline.from_pretrained` and `python -m ernie_jax.generate --model WORKDIR/pipeline` load it.
+With LoRA (`config.lora.rank > 0`) the transformer there is the base with the adapters merged, and
+WORKDIR/pipeline/lora/pytorch_lora_weights.safetensors holds the adapters in the diffusers/PEFT format
+(diffusers: `pipe.load_lora_weights(WORKDIR / "pipeline" / "lora")` on the base pipeline)."""
 
 from __future__ import annotations
 
