@@ -17,10 +17,19 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def emulated_devices_flags(devices: int) -> str:
+    """XLA_FLAGS for `devices` emulated CPU devices. XLA:CPU aborts the process when one device's thread reaches
+    a collective over 40 s after the others: on two cores, beside the other test worker, one of eight device
+    threads can be descheduled that long (it happened once, in a collective permute of the sharded pipeline),
+    so the abort waits as long as a test may run."""
+    return (f"--xla_force_host_platform_device_count={devices}"
+            " --xla_cpu_collective_call_terminate_timeout_seconds=900")
+
+
 def run_worker(script: str, *args, devices: int = 8, timeout: float = 900):
     """Runs `tests/workers/SCRIPT ARGS...` in a fresh process with `devices` emulated CPU devices and returns
     the JSON its last line of output holds; a failing worker fails the test with the end of its stderr."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(REPO))
+    env = dict(os.environ, XLA_FLAGS=emulated_devices_flags(devices), PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / script), *map(str, args)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import emulated_devices_flags
+
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "BUILD.md")
 LANGUAGES = ("python", "bash", "text")
@@ -114,7 +116,7 @@ def _environment(devices: int) -> dict[str, str]:
                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     environment.pop("XLA_FLAGS", None)
     if devices > 1:
-        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        environment["XLA_FLAGS"] = emulated_devices_flags(devices)
     return environment
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import emulated_devices_flags
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "multihost.py"
 TIMEOUT_S = 600
@@ -31,7 +33,7 @@ def run_workers(folder, workdir: Path, timeout_s: float = TIMEOUT_S) -> tuple[li
     """Runs both processes; returns their exit codes and stderrs, and process 0's JSON (workdir/results.json,
     "" if none). Whatever happens, no process is left running: on a failure of either (the other would wait
     on it forever) or the timeout, both are killed."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(REPO),
+    env = dict(os.environ, XLA_FLAGS=emulated_devices_flags(4), PYTHONPATH=str(REPO),
                JAX_PLATFORMS="cpu")
     port = free_port()
     procs, logs = [], []
