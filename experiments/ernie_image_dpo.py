@@ -52,8 +52,10 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
     config.data.update(source="", preferences=(), stage_steps=(2_000,), batch_sizes=(pairs,), sides=(SIDE,))
     config.train.ema_decay = 0.0  # a few thousand updates: the policy itself, not an average
     config.train.checkpoint_every = 500
+    # Summed errors make the anchors' gradients D times those of the per-element-mean loss pre-training clips
+    # at 1.0, so the same threshold in those units is 1.0 x D; left at 1.0 it clipped every update.
     config.train.optimizer.update(learning_rate=1e-5 if lora else 1e-6, warmup_steps=100, decay_steps=2_000,
-                                  final_lr_fraction=1.0, weight_decay=0.0)
+                                  final_lr_fraction=1.0, weight_decay=0.0, clip_norm=1.0 * LATENT_ELEMENTS)
     config.evals.samples.every = 500
     if mesh == "tiny":
         config.stages = ("components", "pairs", "train", "export", "evaluate")
@@ -63,7 +65,9 @@ def get_config(variant: str = "8xh100") -> ml_collections.ConfigDict:
         config.pairs = ml_collections.ConfigDict({
             "prompts": "shapes:2", "samples_per_prompt": 2, "reward": "shapes", "selection": "best-worst",
             "margin": 0.0, "num_inference_steps": 2, "guidance_scale": 3.0})
-        config.objective.beta = 0.05 * 128 * (64 // 16) ** 2  # the same reading at the tiny 64^2 side
+        tiny_latent_elements = 128 * (64 // 16) ** 2  # the same readings at the tiny 64^2 side
+        config.objective.beta = 0.05 * tiny_latent_elements
+        config.train.optimizer.clip_norm = 1.0 * tiny_latent_elements
         config.data.update(stage_steps=(2,), batch_sizes=(2,), sides=(64,))
         config.data.shapes.update(height=64, width=64)
         config.train.optimizer.update(warmup_steps=1, decay_steps=2)

@@ -39,26 +39,41 @@ def _checked_one_layer_plan(report: dict) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract_transformer(one_layer), nnx.Param)))
 
 
-def test_sft_lora_export_loads_in_diffusers(tmp_path):
-    """SFT with LoRA exports adapters that diffusers' load_lora_weights applies to the base pipeline to
-    compute what our exported (merged) transformer computes. (That training starts from the components'
-    transformer shows in the DPO study test: its policy equals the reference exactly at step 0.)"""
+def test_dpo_tiny_lora_runs_every_stage_and_exports_adapters_diffusers_applies(tmp_path):
+    """experiments/ernie_image_dpo.py:tiny-lora as a user runs it (components, pairs from its own samples,
+    LoRA-DPO against the base with the adapters off, export, evaluate). At step 0 the reference is the policy
+    exactly (B starts at 0, and the reference is the same base arrays without adapters): DPO loss log 2, equal
+    errors. The exported LoRA file, which diffusers' load_lora_weights applies to the base pipeline, computes
+    what our exported (merged) transformer computes. The SFT and DPO configs share the LoRA export (the SFT
+    run is README's doc test)."""
+    import json
+
     import torch
     from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel
 
     from conversions.transformer import load_transformer
+    from ernie_jax.data.preferences import PreferenceSource
     from tests.test_main import ok, run_main
 
-    adapted = tmp_path / "lora"
-    # No EMA: the exported adapters are the trained ones.
-    ok(run_main(adapted, "experiments/ernie_image_sft.py:tiny-lora", "--config.stages=('components','train','export')",
-                "--config.train.optimizer.learning_rate=0.1", "--config.train.ema_decay=0.0"))
-    base = load_transformer(adapted / "components" / "transformer", "float32")
+    workdir = tmp_path / "dpo"
+    # lr 0.1 (the config's 1e-5 is for the trained 8B DiT) so that one update moves the adapters measurably.
+    ok(run_main(workdir, "experiments/ernie_image_dpo.py:tiny-lora", "--config.train.optimizer.learning_rate=0.1"))
+    (pairs,) = [PreferenceSource(str(folder)) for folder in sorted((workdir / "pairs").iterdir())]
+    assert len(pairs) == 2
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert [row["step"] for row in rows] == [0, 1]
+    assert first["dpo_loss"] == np.float32(np.log(2)) and first["velocity_norm_ratio"] == 1.0
+    assert (first["policy_chosen_error"], first["policy_rejected_error"]) == (
+        first["reference_chosen_error"], first["reference_rejected_error"])
+    assert (workdir / "eval" / "samples.png").stat().st_size > 0
+
+    base = load_transformer(workdir / "components" / "transformer", "float32")
     latents, text = _inputs(base.config)
-    ours = _velocity(load_transformer(adapted / "pipeline" / "transformer", "float32"), latents, text)
-    reference = ErnieImageTransformer2DModel.from_pretrained(adapted / "components" / "transformer").eval()
+    ours = _velocity(load_transformer(workdir / "pipeline" / "transformer", "float32"), latents, text)
+    reference = ErnieImageTransformer2DModel.from_pretrained(workdir / "components" / "transformer").eval()
     pipe = ErnieImagePipeline(transformer=reference, vae=None, text_encoder=None, tokenizer=None, scheduler=None)
-    pipe.load_lora_weights(adapted / "pipeline" / "lora")
+    pipe.load_lora_weights(workdir / "pipeline" / "lora")
     with torch.no_grad():
         expected = pipe.transformer(torch.from_numpy(latents), torch.tensor([500.0, 250.0]), torch.from_numpy(text),
                                     torch.tensor([5, 3]), return_dict=False)[0].numpy()
@@ -144,6 +159,9 @@ def test_dpo_variants_build(tmp_path):
             continue
         # The report's beta 0.05 on errors summed over the 128 x 64 x 64 latent elements of a 1024^2 image.
         assert objective.reduction == "sum" and objective.beta == 0.05 * 128 * 64 * 64
+        # Pre-training's clip norm 1.0 in the same per-element-mean units: at tiny size the whole DiT's
+        # summed-error gradient norm is about 900, so a clip at 1.0 cut every update.
+        assert config.train.optimizer.clip_norm == 128 * 64 * 64
         stage, = experiment.curriculum.stages
         assert stage.batch_size == pretrain.MESH_PRESETS[mesh][1][-1] // 2
         assert stage.buckets == as_buckets(RELEASED_1MP)
