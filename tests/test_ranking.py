@@ -84,9 +84,12 @@ def test_levels_from_scores():
     # Configurable cut points: a 20/60/20 split into three levels.
     levels = ranking.levels_from_scores(scores, 3, cut_points=[0.2, 0.8])
     np.testing.assert_array_equal(levels, 1 + (rank >= 20) + (rank >= 80))
-    # Equal scores share a level.
-    tied = ranking.levels_from_scores([0.0, 1.0, 1.0, 1.0, 2.0], 5)
-    assert len(set(tied[1:4].tolist())) == 1
+    # Equal scores share the level of the middle of their positions (cuts at positions 0.8, 1.6, 2.4, 3.2; the
+    # tie spans 1..3, middle 2), not the top of the block (4); all-equal scores get the middle level, and a cut
+    # exactly on a position (0.5 x 6 = 3) counts for the item there.
+    np.testing.assert_array_equal(ranking.levels_from_scores([0.0, 1.0, 1.0, 1.0, 2.0], 5), [1, 3, 3, 3, 5])
+    np.testing.assert_array_equal(ranking.levels_from_scores(np.zeros(7)), np.full(7, 6))
+    np.testing.assert_array_equal(ranking.levels_from_scores(np.arange(7.0)), [1, 2, 4, 6, 7, 9, 10])
     for kwargs, match in (
         ({"num_levels": 3, "cut_points": [0.5]}, "cut_points must be 2"),
         ({"num_levels": 3, "cut_points": [0.6, 0.4]}, "increasing"),

@@ -181,9 +181,12 @@ def bradley_terry(
 def levels_from_scores(scores, num_levels: int = 10, cut_points: Sequence[float] | None = None) -> np.ndarray:
     """Scores [N] -> levels [N] in 1..num_levels (num_levels = best), cut at quantiles of the scores.
 
-    `cut_points`: num_levels - 1 increasing quantiles in (0, 1); item i gets 1 + the number of cut scores
-    (np.quantile of `scores` at the cut points) that are <= its score. The default, evenly spaced cut points,
-    gives equal-count levels; equal scores always share a level."""
+    `cut_points`: num_levels - 1 increasing quantiles in (0, 1); the default, evenly spaced, gives equal-count
+    levels. Item i gets 1 + the number of cut scores (np.quantile of `scores` at the cut points) that are <=
+    its score, which for distinct scores is 1 + the number of cut points q with q (N - 1) <= the item's
+    position in ascending order. Equal scores share the level of the middle of the positions they span: a
+    tie block sits where its items' mean rank puts it (all-equal scores get the middle level), rather than
+    at the top of the block, where a rule on scores alone would put it."""
     scores = np.asarray(scores, np.float64)
     if scores.ndim != 1 or scores.size == 0:
         raise ValueError(f"scores must be a non-empty vector, got shape {scores.shape}")
@@ -195,8 +198,13 @@ def levels_from_scores(scores, num_levels: int = 10, cut_points: Sequence[float]
     if (cut_points.shape != (num_levels - 1,) or np.any(cut_points <= 0) or np.any(cut_points >= 1)
             or np.any(np.diff(cut_points) <= 0)):
         raise ValueError(f"cut_points must be {num_levels - 1} increasing quantiles in (0, 1), got {cut_points.tolist()}")
-    thresholds = np.quantile(scores, cut_points)
-    return 1 + np.searchsorted(thresholds, scores, side="right")
+    ordered = np.sort(scores)
+    first = np.searchsorted(ordered, scores, side="left")
+    last = np.searchsorted(ordered, scores, side="right") - 1
+    # np.quantile's cut at q lies at position q (N - 1) of the sorted scores (its default, linear method);
+    # rounded so that a cut on a position (0.28 x 200) is on it, not a rounding error above it.
+    cut_positions = np.round(cut_points * (scores.size - 1), 9)
+    return 1 + np.searchsorted(cut_positions, (first + last) / 2, side="right")
 
 
 def aggregate_annotators(num_items: int, judgments_by_annotator, prior: float = DEFAULT_PRIOR) -> AnnotatorAggregate:
