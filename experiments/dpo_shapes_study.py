@@ -14,6 +14,9 @@ held-out prompts with the base model's seeds, and the study records:
 - the collapse signals: the held-out flow-matching loss of the policy (`eval/loss`), the velocity-norm ratio
   policy / reference on the training pairs (metrics.jsonl), and the energy distance of the generated latents
   to the base's (0 for the base itself).
+With `--pairs offline online` every variant also runs on online pairs (`VARIANT_online`): each run makes its
+own rounds of pairs with its live policy every `--refresh-every` updates, for `--round-prompts` fresh training
+prompts with the same sampling and reward (by default as many samples in all as the offline pair set).
 The table (mean and spread over seeds) goes to `--report` (docs/dpo_shapes.md by default), with the base
 measured in the same run. `--small` runs the whole study at test size (tiny random components, a
 brightness reward) in about a minute.
@@ -60,13 +63,21 @@ def make_pairs(pairs_run: Path, config: str, overrides: list[str], base: Path | 
     return base or pairs_run / "components", str(next((pairs_run / "pairs").iterdir()))
 
 
-def train_dpo(run: Path, config: str, overrides: list[str], pairs: str, base: Path, seed: int, steps: int,
-              eval_every: int, objective: dict) -> list[int]:
-    """One DPO run of `steps` updates on `pairs` from `base` (also the frozen reference) through the runner
-    (resuming in `run`), with `overrides`, then the `objective` ones (a `VARIANTS` entry), and `seed` changing
-    its draws only; returns the updates at which it keeps a checkpoint (every `eval_every`)."""
+def online_pairs(refresh_every: int, prompts_per_round: int) -> list[str]:
+    """The runner overrides of online pairs: every `refresh_every` updates the live policy makes the next
+    round's pairs for `prompts_per_round` fresh training prompts (the pairs stage's sampling and reward)."""
+    return [f"--config.pairs.refresh_every={refresh_every}", f"--config.pairs.prompts_per_round={prompts_per_round}"]
+
+
+def train_dpo(run: Path, config: str, overrides: list[str], pairs: str | list[str], base: Path, seed: int,
+              steps: int, eval_every: int, objective: dict) -> list[int]:
+    """One DPO run of `steps` updates from `base` (also the frozen reference) through the runner (resuming in
+    `run`) on `pairs`: a pairs folder, or the runner overrides of online pairs (`online_pairs`); with
+    `overrides`, then the `objective` ones (a `VARIANTS` entry), and `seed` changing its draws only; returns
+    the updates at which it keeps a checkpoint (every `eval_every`)."""
     checkpoints = list(range(eval_every, steps + 1, eval_every))
-    runner(run, config, [*overrides, "--config.stages=('train',)", f"--config.data.preferences=('{pairs}',)",
+    data = pairs if isinstance(pairs, list) else [f"--config.data.preferences=('{pairs}',)"]
+    runner(run, config, [*overrides, "--config.stages=('train',)", *data,
                          f"--config.components.path={base.resolve()}", "--config.components.kind=pretrained",
                          f"--config.seed={seed}", f"--config.data.stage_steps=({steps},)",
                          f"--config.train.optimizer.decay_steps={steps}",
@@ -176,13 +187,33 @@ def main(argv=None) -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--report", default=str(REPO / "docs" / "dpo_shapes.md"))
     parser.add_argument("--small", action="store_true", help="test size: tiny random components")
+    parser.add_argument("--pairs", nargs="+", default=["offline"], choices=["offline", "online"],
+                        help="offline: every run trains on one pair set the base made first; online: each run "
+                             "makes its own rounds of pairs with its live policy (runs named VARIANT_online)")
+    parser.add_argument("--refresh-every", type=int, default=25, help="online: updates per round of pairs")
+    parser.add_argument("--round-prompts", type=int, default=128,
+                        help="online: prompts per round (the default with --steps 100 and --refresh-every 25 "
+                             "samples as many images as the offline pairs' 512 prompts)")
+    parser.add_argument("--pair-prompts", type=int, help="the training prompts pairs are made for (offline all "
+                        "at once, online a round's share at a time; default: the config's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     config = f"{CONFIG}:tiny" if args.small else CONFIG
     common = [] if args.small else [f"--config.components.path={Path(args.base).resolve()}"]
     if args.small:
         common.append(f"--config.pairs.reward={SMALL_REWARD}")
-    base, pairs = make_pairs(out / "pairs", config, common, None if args.small else Path(args.base))
+    if args.pair_prompts:
+        common.append(f"--config.pairs.prompts=shapes:{args.pair_prompts}")
+    modes = {}
+    if "offline" in args.pairs:
+        base, modes[""] = make_pairs(out / "pairs", config, common, None if args.small else Path(args.base))
+    elif args.small:  # the random components the pairs stage would have made first
+        runner(out / "pairs", config, [*common, "--config.stages=('components',)"])
+        base = out / "pairs" / "components"
+    else:
+        base = Path(args.base)
+    if "online" in args.pairs:
+        modes["_online"] = online_pairs(args.refresh_every, args.round_prompts)
     side = 64
     evaluate = Evaluator(base, args.prompts, args.sample_steps, 3.0, SMALL_REWARD if args.small else "shapes", side)
     from conversions.transformer import load_transformer
@@ -192,13 +223,13 @@ def main(argv=None) -> None:
     results = {"base": {"scores": reference["scores"], "reward": float(reference["rewards"].mean()),
                         "floor": noise_floor(evaluate(base_transformer, seed_offset=FLOOR_SEEDS), reference)},
                "runs": {}}
-    for name in args.variants:
+    for name, (suffix, pairs) in ((n, mode) for n in args.variants for mode in modes.items()):
         for seed in args.seeds:
-            run = out / f"{name}-seed{seed}"
+            run = out / f"{name}{suffix}-seed{seed}"
             for step in train_dpo(run, config, common, pairs, base, seed, args.steps, args.eval_every,
                                   VARIANTS[name]):
                 got = evaluate(restore(run, step))
-                results["runs"].setdefault(name, {}).setdefault(str(step), []).append({
+                results["runs"].setdefault(name + suffix, {}).setdefault(str(step), []).append({
                     "seed": seed, "scores": got["scores"], "reward": float(got["rewards"].mean()),
                     **noise_floor(got, reference), **run_metrics(run, step)})
             (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")

@@ -94,7 +94,8 @@ def test_dpo_study_runs_dpo_through_the_runner_at_test_size(tmp_path):
 
     report, study = tmp_path / "report.md", tmp_path / "study"
     dpo_shapes_study.main(["--small", "--out", str(study), "--seeds", "0", "--variants", "ernie", "--steps", "3",
-                           "--eval-every", "3", "--prompts", "2", "--sample-steps", "2", "--report", str(report)])
+                           "--eval-every", "3", "--prompts", "2", "--sample-steps", "2", "--report", str(report),
+                           "--pairs", "offline", "online", "--refresh-every", "2", "--round-prompts", "2"])
     (pairs,) = [PreferenceSource(str(folder)) for folder in sorted((study / "pairs" / "pairs").iterdir())]
     assert len(pairs) == 2
     for index in range(len(pairs)):
@@ -116,6 +117,23 @@ def test_dpo_study_runs_dpo_through_the_runner_at_test_size(tmp_path):
     assert 0.0 <= row["win_rate"] <= 1.0 and row["eval_loss"] is not None
     assert 0.0 < row["latent_energy_distance"] < 1.0  # the samples moved, but little
     assert "| ernie | 3 |" in report.read_text()
+
+    # The online run made two rounds of pairs itself (2 prompts, 2 samples each: 2 pairs): round 0 with the
+    # policy of update 0, which is the base, so the offline pairs again (same prompts and seeds); round 1 with
+    # the policy after one update at lr > 0, so other samples. The run starts, as the offline one, from the
+    # reference, and its results differ from the offline run's only through round 1.
+    online = study / "ernie_online-seed0"
+    rounds = [PreferenceSource(str(online / "pairs" / f"round-{r:06d}")) for r in range(2)]
+    assert [len(pairs_of_round) for pairs_of_round in rounds] == [2, 2]
+    offline = {pairs[i]["caption"]: pairs[i]["latents"] for i in range(len(pairs))}
+    for i in range(2):
+        np.testing.assert_array_equal(rounds[0][i]["latents"], offline[rounds[0][i]["caption"]])
+        assert not np.array_equal(rounds[1][i]["latents"], offline[rounds[1][i]["caption"]])
+    rows = [json.loads(line) for line in (online / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["dpo_loss"] == np.float32(np.log(2)) and len(rows) == 3
+    (online_row,) = results["runs"]["ernie_online"]["3"]
+    assert online_row["latent_energy_distance"] != row["latent_energy_distance"]
+    assert "| ernie_online | 3 |" in report.read_text()
 
 
 def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
