@@ -257,6 +257,99 @@ def test_preference_captions_are_never_restyled(preference_folder, manifest_path
     assert not (tmp_path / "styled").exists()
 
 
+@pytest.fixture(scope="module")
+def parquet_manifest(manifest_path, tmp_path_factory):
+    """ROWS as Pick-a-Pic's Parquet layout: the JSONL manifest's paths in image_k, its bytes in binary jpg_k
+    columns (null where the row has a path), row groups of two rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
+    columns = {"caption": [row["caption"] for row in rows], "label_0": [float(row["label_0"]) for row in rows]}
+    for number in (0, 1):
+        columns[f"image_{number}"] = [None if "jpg_0" in row else str(manifest_path.parent / row[f"image_{number}"])
+                                      for row in rows]
+        columns[f"jpg_{number}"] = pa.array([base64.b64decode(row[f"jpg_{number}"]) if "jpg_0" in row else None
+                                             for row in rows], pa.binary())
+    columns["user_id"] = list(range(len(rows)))  # a column of Pick-a-Pic's that is not read
+    path = tmp_path_factory.mktemp("parquet") / "pairs.parquet"
+    pq.write_table(pa.table(columns), path, row_group_size=2)
+    return path
+
+
+def test_parquet_manifest_gives_the_jsonl_pairs_and_reads_bytes_on_demand(manifest_path, parquet_manifest):
+    from ernie_jax.data.preferences import ParquetCell
+
+    jsonl, parquet = (read_manifest(path, tie_weight=TIE_WEIGHT) for path in (manifest_path, parquet_manifest))
+    assert (parquet.rows, parquet.ties_kept) == (jsonl.rows, jsonl.ties_kept) == (6, 1)
+    assert [(pair.line, pair.chosen, pair.weight) for pair in parquet.pairs] == [
+        (1, 0, 1.0), (2, 1, 1.0), (3, 0, 0.25), (3, 1, 0.25), (4, 0, 1.0), (5, 0, 1.0), (6, 1, 1.0)]
+    for ours, theirs in zip(parquet.pairs, jsonl.pairs, strict=True):
+        assert ours.caption == theirs.caption
+        for image, expected in zip(ours.images, theirs.images, strict=True):
+            if isinstance(expected, bytes):  # rows 2, 5, 6 (bytes, across all three row groups)
+                assert isinstance(image, ParquetCell) and image.read_bytes() == expected
+            else:
+                assert image == expected
+    with pytest.raises(ValueError, match=r"pairs.parquet: row 3: jpg_1 holds no image bytes"):
+        ParquetCell(str(parquet_manifest), 2, "jpg_1").read_bytes()
+
+
+def test_parquet_pairs_precompute_to_the_jsonl_pairs_records(preference_folder, parquet_manifest, random_pipeline_folder,
+                                                             tmp_path):
+    out = tmp_path / "preferences"
+    argv = ["--model", str(random_pipeline_folder), "--manifest", str(parquet_manifest), "--out", str(out),
+            "--buckets", ",".join(f"{h}x{w}" for h, w in BUCKETS), "--max-text-len", str(MAX_TEXT_LEN),
+            "--batch-size", "2", "--shard-size", "3", "--tie-weight", str(TIE_WEIGHT)]
+    assert run_command(main, argv) == 0
+    ours, theirs = PreferenceSource(out), PreferenceSource(preference_folder)
+    assert json.loads((out / "metadata.json").read_text())["skipped"] == {
+        "unreadable": {"UnidentifiedImageError": 1}, "crop": 1}
+    assert len(ours) == len(theirs) == 5
+    for position in range(5):
+        np.testing.assert_array_equal(ours[position]["latents"], theirs[position]["latents"])
+        np.testing.assert_array_equal(ours[position]["text"], theirs[position]["text"])
+        assert ours[position]["origin"]["line"] == next(row for row in range(1, 7)
+                                                        if manifest_line(row) == theirs[position]["origin"]["line"])
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("caption", "no 'caption' column"), ("label_0", "no 'label_0' column"),
+    (("image_1", "jpg_1"), "no image_1 \\(paths\\) or jpg_1 \\(bytes\\) column"),
+])
+def test_parquet_manifest_without_a_column_is_one_error(parquet_manifest, tmp_path, drop, message):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet_manifest)
+    pq.write_table(table.drop_columns(list(drop) if isinstance(drop, tuple) else [drop]), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=f"bad.parquet: {message}"):
+        read_manifest(tmp_path / "bad.parquet")
+
+
+def test_parquet_manifest_bad_label_names_the_row_and_folders_read_both_kinds(parquet_manifest, manifest_path,
+                                                                             tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet_manifest)
+    labels = table.column("label_0").to_pylist()
+    labels[3] = 2.0
+    pq.write_table(table.set_column(table.schema.get_field_index("label_0"), "label_0", pa.array(labels)),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet: row 4: label_0 must be 1"):
+        read_manifest(tmp_path / "bad.parquet")
+    folder = tmp_path / "both"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(manifest_path.read_text().replace('"images/', f'"{manifest_path.parent}/images/'))
+    (folder / "b.parquet").write_bytes(parquet_manifest.read_bytes())
+    (folder / "notes.txt").write_text("not a manifest")
+    both = read_manifest(folder)
+    assert both.rows == 12 and [pair.file for pair in both.pairs] == [str(folder / "a.jsonl")] * 5 + [
+        str(folder / "b.parquet")] * 5
+    with pytest.raises(ValueError, match="a manifest file is .jsonl or .parquet"):
+        read_manifest(folder / "notes.txt")
+
+
 def test_select_pairs_best_worst_and_margin():
     rewards = np.array([0.1, 0.5, 0.3, 0.5])
     assert select_pairs(rewards, "best-worst") == [(1, 0)]

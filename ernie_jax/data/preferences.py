@@ -5,15 +5,19 @@ DPO step.
     python -m ernie_jax.data.preferences --model PIPELINE_DIR --manifest MANIFEST --out OUT_DIR \\
         (--stage-side 256 | --buckets HxW,...) [--tie-weight W] [the other options of ernie_jax.data.precompute]
 
-Manifest: a `.jsonl` file, or a folder whose `*.jsonl` files are read in name order, in the Pick-a-Pic
-layout: one JSON object a line with
+Manifest: a `.jsonl` or `.parquet` file, or a folder whose `*.jsonl` and `*.parquet` files are read in name
+order, in the Pick-a-Pic layout: one record (a JSON object a line, or a Parquet row) with
   caption           str
   image_0, image_1  paths of the two images, relative to the manifest file's folder (or absolute); or
-  jpg_0, jpg_1      the images' encoded bytes (any format PIL reads) as base64 strings (Pick-a-Pic's columns)
+  jpg_0, jpg_1      the images' encoded bytes (any format PIL reads): base64 strings in JSONL, binary
+                    columns in Parquet (Pick-a-Pic v2's own files, read as they are)
   label_0           1: image 0 preferred, 0: image 1 preferred, 0.5: a tie (Pick-a-Pic's label_1 = 1 - label_0
                     is not read)
-Blank lines are skipped; any other malformed line is an error naming the file and line, raised before any
-compute. Images that fail to decode are skipped and counted, as `precompute` does.
+A Parquet file may have both an image_k and a jpg_k column: a row's path where it has one, else its bytes.
+Its other columns are not read, and its image bytes only when the pair is precomputed (a row group at a
+time), so a manifest of a million pairs is not held in memory. Blank JSONL lines are skipped; any other malformed record
+is an error naming the file and line (Parquet: row, counted from 1), raised before any compute. Images that
+fail to decode are skipped and counted, as `precompute` does.
 
 Ties: dropped unless `tie_weight` is given; then a tie becomes two pairs, image 0 over image 1 and image 1
 over image 0, each of weight `tie_weight / 2` (other pairs weigh 1). A tie says neither image is better,
@@ -31,8 +35,8 @@ A preference folder has the precomputed layout (precomputed.py) with format "ern
 - records: `latents` float [2, C, h, w] (chosen, rejected; normalised packed latents), `text` [T, D]
   (T <= max_text_len), and header fields `source_index` (the pair's number), `caption`, `weight`,
   `category` (""), `aesthetic` (None), `image_size` (image 0's original [h, w]; the bucket for generated
-  pairs), `bucket`, and `origin`: {"manifest", "line", "label_0", "chosen": 0 or 1} for a manifest pair,
-  generated_pairs.py's fields for a generated one;
+  pairs), `bucket`, and `origin`: {"manifest", "line" (a Parquet file's row), "label_0", "chosen": 0 or 1}
+  for a manifest pair, generated_pairs.py's fields for a generated one;
 - index.npz: the precomputed index fields plus `pair_weight` float32;
 - metadata.json: the precomputed fields (`source` names the manifest or the generating model), plus
   `pairs` (counts of what the manifest held).
@@ -87,10 +91,44 @@ LABELS = (1.0, 0.0, 0.5)  # label_0: image 0 preferred, image 1 preferred, a tie
 
 
 @dataclasses.dataclass(frozen=True)
+class ParquetCell:
+    """An image's bytes in a Parquet manifest: `column` of row `row` (0-based) of `file`, read on demand."""
+
+    file: str
+    row: int
+    column: str
+
+    def read_bytes(self) -> bytes:
+        starts = _row_group_starts(self.file)
+        group = int(np.searchsorted(starts, self.row, side="right")) - 1
+        value = _row_group_column(self.file, group, self.column)[self.row - int(starts[group])].as_py()
+        if not isinstance(value, bytes):
+            raise ValueError(f"{self.file}: row {self.row + 1}: {self.column} holds no image bytes ({value!r:.40})")
+        return value
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group_starts(file: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(file).metadata
+    return np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+
+
+# Pairs are precomputed in row order, so the row group being read is the one cached; a few are kept because
+# a host's shard and the two image columns interleave.
+@functools.lru_cache(maxsize=4)
+def _row_group_column(file: str, group: int, column: str):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file).read_row_group(group, columns=[column]).column(0)
+
+
+@dataclasses.dataclass(frozen=True)
 class PreferencePair:
-    """One pair of a manifest: `images` (image 0, image 1) as bytes or a file path, `chosen` the index of
-    the preferred one, `weight` its weight in the loss, `label_0` the manifest's label, `file` and `line`
-    (1-based) where it stands."""
+    """One pair of a manifest: `images` (image 0, image 1) as bytes, a file path or a `ParquetCell`,
+    `chosen` the index of the preferred one, `weight` its weight in the loss, `label_0` the manifest's label,
+    `file` and `line` (1-based; a Parquet file's row) where it stands."""
 
     caption: str
     images: tuple
@@ -113,10 +151,14 @@ class Manifest:
     ties_kept: int
 
 
-def _manifest_image(row: dict, number: int, folder: Path, where: str):
-    path, encoded = row.get(f"image_{number}"), row.get(f"jpg_{number}")
+def _manifest_image(row: dict, number: int, folder: Path, where: str, cell: ParquetCell | None = None):
+    """Image `number` of a record: a path, or the bytes (base64 in JSONL; in Parquet `cell`, the binary
+    column's cell, given where that column holds a value)."""
+    path, encoded = row.get(f"image_{number}"), cell or row.get(f"jpg_{number}")
     if (path is None) == (encoded is None):
-        raise ValueError(f"{where}: give exactly one of image_{number} (a path) and jpg_{number} (base64 bytes)")
+        raise ValueError(f"{where}: give exactly one of image_{number} (a path) and jpg_{number} (the image's bytes)")
+    if isinstance(encoded, ParquetCell):
+        return encoded
     if encoded is not None:
         if not isinstance(encoded, str):
             raise ValueError(f"{where}: jpg_{number} must be a base64 string, got {type(encoded).__name__}")
@@ -132,22 +174,16 @@ def _manifest_image(row: dict, number: int, folder: Path, where: str):
     return resolved
 
 
-def _parse_row(text: str, file: Path, line: int, tie_weight: float | None) -> tuple[float, list[PreferencePair]]:
-    """(label_0, the pairs of one manifest line)."""
-    where = f"{file}:{line}"
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not a JSON object ({error.msg})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _record_pairs(row: dict, images, file: Path, line: int, where: str,
+                  tie_weight: float | None) -> tuple[float, list[PreferencePair]]:
+    """(label_0, the pairs of one manifest record); `images()` gives its two images once the record is valid."""
     caption, label = row.get("caption"), row.get("label_0")
     if not isinstance(caption, str):
         raise ValueError(f"{where}: caption must be a string, got {caption!r}")
     if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
         raise ValueError(f"{where}: label_0 must be 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 (a tie), "
                          f"got {label!r}")
-    images = (_manifest_image(row, 0, file.parent, where), _manifest_image(row, 1, file.parent, where))
+    images = images()
     label = float(label)
     if label != 0.5:
         return label, [PreferencePair(caption, images, 0 if label == 1.0 else 1, 1.0, label, str(file), line)]
@@ -157,16 +193,62 @@ def _parse_row(text: str, file: Path, line: int, tie_weight: float | None) -> tu
                    for chosen in (0, 1)]
 
 
+def _jsonl_records(file: Path, tie_weight: float | None):
+    """(label_0, pairs) of each record of a JSONL manifest file."""
+    with open(file, encoding="utf-8") as lines:
+        for line, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            where = f"{file}:{line}"
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not a JSON object ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield _record_pairs(row, lambda row=row, where=where: tuple(
+                _manifest_image(row, number, file.parent, where) for number in (0, 1)), file, line, where, tie_weight)
+
+
+def _parquet_records(file: Path, tie_weight: float | None):
+    """(label_0, pairs) of each row of a Parquet manifest file; its image bytes stay in the file."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    names = set(parquet.schema_arrow.names)
+    for needed in ("caption", "label_0"):
+        if needed not in names:
+            raise ValueError(f"{file}: no {needed!r} column (columns: {sorted(names)})")
+    for number in (0, 1):
+        if f"image_{number}" not in names and f"jpg_{number}" not in names:
+            raise ValueError(f"{file}: no image_{number} (paths) or jpg_{number} (bytes) column")
+    paths = [name for name in ("image_0", "image_1") if name in names]
+    row_number = 0
+    for batch in parquet.iter_batches(columns=["caption", "label_0", *paths]):
+        for row in batch.to_pylist():
+            line, where = row_number + 1, f"{file}: row {row_number + 1}"
+            # A row's path where it has one, else its bytes (not read here: a null cell is an unreadable image).
+            cells = {number: ParquetCell(str(file), row_number, f"jpg_{number}")
+                     if row.get(f"image_{number}") is None and f"jpg_{number}" in names else None for number in (0, 1)}
+            yield _record_pairs(row, lambda row=row, where=where, cells=cells: tuple(
+                _manifest_image(row, number, file.parent, where, cells[number]) for number in (0, 1)),
+                file, line, where, tie_weight)
+            row_number += 1
+
+
 def manifest_files(path: str | os.PathLike) -> list[Path]:
-    """The JSONL files of a manifest: the file itself, or a folder's `*.jsonl` files in name order."""
+    """The files of a manifest: the `.jsonl` or `.parquet` file itself, or a folder's `*.jsonl` and
+    `*.parquet` files in name order."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
+        files = sorted(file for file in path.iterdir() if file.suffix in MANIFEST_READERS)
         if not files:
-            raise ValueError(f"{path}: no *.jsonl manifest file in the folder")
+            raise ValueError(f"{path}: no *.jsonl or *.parquet manifest file in the folder")
         return files
     if not path.is_file():
         raise ValueError(f"{path}: no such manifest file or folder")
+    if path.suffix not in MANIFEST_READERS:
+        raise ValueError(f"{path}: a manifest file is .jsonl or .parquet")
     return [path]
 
 
@@ -177,19 +259,18 @@ def read_manifest(path: str | os.PathLike, *, tie_weight: float | None = None) -
         raise ValueError(f"tie_weight must be positive and finite (or None to drop ties), got {tie_weight}")
     pairs, rows, ties = [], 0, 0
     for file in manifest_files(path):
-        with open(file, encoding="utf-8") as lines:
-            for number, text in enumerate(lines, start=1):
-                if not text.strip():
-                    continue
-                label, made = _parse_row(text, file, number, tie_weight)
-                rows += 1
-                ties += label == 0.5
-                pairs.extend(made)
+        for label, made in MANIFEST_READERS[file.suffix](file, tie_weight):
+            rows += 1
+            ties += label == 0.5
+            pairs.extend(made)
     if not pairs:
         raise ValueError(f"{path}: no preference pair ({rows} records, {ties} of them ties"
                          f"{', dropped' if tie_weight is None else ''})")
     return Manifest(str(path), tuple(pairs), rows, ties if tie_weight is None else 0,
                     0 if tie_weight is None else ties)
+
+
+MANIFEST_READERS = {".jsonl": _jsonl_records, ".parquet": _parquet_records}
 
 
 class PreferenceWriter(ShardWriter):
@@ -246,7 +327,7 @@ def _prepare_pair(pairs: tuple[PreferencePair, ...], buckets: tuple[Bucket, ...]
     `_prepare`)."""
     pair = pairs[index]
     try:
-        images = [decode_image(image.read_bytes() if isinstance(image, Path) else image) for image in pair.images]
+        images = [decode_image(image if isinstance(image, bytes) else image.read_bytes()) for image in pair.images]
     except Exception as error:  # noqa: BLE001 - any unreadable image is skipped and counted
         return type(error).__name__
     heights, widths = [image.shape[0] for image in images], [image.shape[1] for image in images]
@@ -357,7 +438,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.preferences",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", required=True, help="a .jsonl manifest or a folder of them")
+    parser.add_argument("--manifest", required=True, help="a .jsonl or .parquet manifest (Pick-a-Pic's own files), or a folder of them")
     parser.add_argument("--tie-weight", type=float,
                         help="keep ties as both orders, each with half this weight (default: drop ties)")
     add_precompute_arguments(parser)
