@@ -295,8 +295,8 @@ def test_parquet_manifest_gives_the_jsonl_pairs_and_reads_bytes_on_demand(manife
         ParquetCell(str(parquet_manifest), 2, "jpg_1").read_bytes()
 
 
-def test_parquet_pairs_precompute_to_the_jsonl_pairs_records(preference_folder, parquet_manifest, random_pipeline_folder,
-                                                             tmp_path):
+def test_parquet_pairs_precompute_to_the_jsonl_pairs_records(preference_folder, parquet_manifest,
+                                                             random_pipeline_folder, tmp_path):
     out = tmp_path / "preferences"
     argv = ["--model", str(random_pipeline_folder), "--manifest", str(parquet_manifest), "--out", str(out),
             "--buckets", ",".join(f"{h}x{w}" for h, w in BUCKETS), "--max-text-len", str(MAX_TEXT_LEN),

@@ -438,7 +438,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ernie_jax.data.preferences",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", required=True, help="a .jsonl or .parquet manifest (Pick-a-Pic's own files), or a folder of them")
+    parser.add_argument("--manifest", required=True,
+                        help="a .jsonl or .parquet manifest (Pick-a-Pic's own files), or a folder of them")
     parser.add_argument("--tie-weight", type=float,
                         help="keep ties as both orders, each with half this weight (default: drop ties)")
     add_precompute_arguments(parser)
