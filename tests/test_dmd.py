@@ -592,9 +592,9 @@ def test_sharded_dmd_step_equals_single_device():
     (Adam moments) relative."""
     from tests.conftest import run_worker
 
-    (result,) = run_worker("sharded_dmd.py", "data=2,fsdp=2,tensor=2").values()
+    (result,) = run_worker("sharded_objectives.py", "dmd", "data=2,fsdp=2,tensor=2").values()
     for part in ("metrics", "params", "ema_params", "opt_state"):
         assert result[part] < 1e-5, (part, result[part], result.get("worst_metric"))
     # Weights split over fsdp x tensor ([1, 256, 512] gate_proj: embed -> fsdp, mlp -> tensor), the batch
     # of 24 over data x fsdp.
-    assert result["kernel_shard"] == [1, 128, 256] and result["latents_shard"][0] == 6
+    assert result["kernel_shard"] == [1, 128, 256] and result["batch_shard"][0] == 6
