@@ -295,22 +295,26 @@ def test_parquet_manifest_gives_the_jsonl_pairs_and_reads_bytes_on_demand(manife
         ParquetCell(str(parquet_manifest), 2, "jpg_1").read_bytes()
 
 
-def test_parquet_pairs_precompute_to_the_jsonl_pairs_records(preference_folder, parquet_manifest,
-                                                             random_pipeline_folder, tmp_path):
-    out = tmp_path / "preferences"
-    argv = ["--model", str(random_pipeline_folder), "--manifest", str(parquet_manifest), "--out", str(out),
-            "--buckets", ",".join(f"{h}x{w}" for h, w in BUCKETS), "--max-text-len", str(MAX_TEXT_LEN),
-            "--batch-size", "2", "--shard-size", "3", "--tie-weight", str(TIE_WEIGHT)]
-    assert run_command(main, argv) == 0
-    ours, theirs = PreferenceSource(out), PreferenceSource(preference_folder)
-    assert json.loads((out / "metadata.json").read_text())["skipped"] == {
-        "unreadable": {"UnidentifiedImageError": 1}, "crop": 1}
-    assert len(ours) == len(theirs) == 5
-    for position in range(5):
-        np.testing.assert_array_equal(ours[position]["latents"], theirs[position]["latents"])
-        np.testing.assert_array_equal(ours[position]["text"], theirs[position]["text"])
-        assert ours[position]["origin"]["line"] == next(row for row in range(1, 7)
-                                                        if manifest_line(row) == theirs[position]["origin"]["line"])
+def test_parquet_pairs_prepare_to_the_jsonl_pairs_pixels(manifest_path, parquet_manifest):
+    """What precompute encodes of each pair (`_prepare_pair`: decoded, bucketed, cropped; or why it is skipped)
+    is the same from the Parquet manifest as from the JSONL one; the rest of precompute never sees the manifest."""
+    from ernie_jax.data.precompute import CROP_SKIP
+    from ernie_jax.data.preferences import _prepare_pair
+
+    buckets = as_buckets(BUCKETS)
+    jsonl, parquet = (read_manifest(path, tie_weight=TIE_WEIGHT).pairs for path in (manifest_path, parquet_manifest))
+    outcomes = []
+    for index in range(len(jsonl)):
+        ours, theirs = (_prepare_pair(pairs, buckets, 0.25, index) for pairs in (parquet, jsonl))
+        outcomes.append(ours if isinstance(ours, str) else "pair")
+        if isinstance(theirs, str):
+            assert ours == theirs
+            continue
+        assert (ours.bucket_index, ours.image_size) == (theirs.bucket_index, theirs.image_size)
+        np.testing.assert_array_equal(ours.chosen, theirs.chosen)
+        np.testing.assert_array_equal(ours.rejected, theirs.rejected)
+    # As the JSONL folder's metadata counts them: one image that does not decode, one pair beyond the crop bound.
+    assert sorted(outcomes) == sorted(["pair"] * 5 + ["UnidentifiedImageError", CROP_SKIP])
 
 
 @pytest.mark.parametrize("drop, message", [

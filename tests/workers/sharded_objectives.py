@@ -1,4 +1,4 @@
-"""Runs one update of a post-training objective on random tiny DiTs on one device and on 8-device meshes, and
+"""Runs one update of a post-training objective on random tiny DiTs on one device and on meshes, and
 prints, as JSON, per mesh: the largest relative error of the metrics, parameters, EMA parameters and Adam
 moments against the single-device run, and how the trained DiT's kernel and the batch are split.
 
@@ -7,7 +7,7 @@ moments against the single-device run, and how the trained DiT's kernel and the 
 - dpo: one stabilized-DPO update (anchors, weighted pairs) of a policy against a frozen reference.
 
 Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/workers/sharded_objectives.py OBJECTIVE MESH...
-(OBJECTIVE dmd or dpo, MESH as in MESHES, e.g. data=2,fsdp=2,tensor=2)
+(OBJECTIVE dmd or dpo, MESH as in MESHES, e.g. data=2,fsdp=2,tensor=2; 4 devices are enough for fsdp=2,tensor=2)
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from tests.workers.training_run import CONFIG, LATENT_SHAPE, OPTIMIZER, TEXT_DIM
 
 # Every axis the trainer shards over at once: weights over fsdp x tensor, the batch over data x fsdp.
 MESHES = {"data=2,fsdp=2,tensor=2": lambda: parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
-          "fsdp=4,tensor=2": lambda: parallel.make_mesh({"fsdp": 4, "tensor": 2})}
+          "fsdp=4,tensor=2": lambda: parallel.make_mesh({"fsdp": 4, "tensor": 2}),
+          "fsdp=2,tensor=2": lambda: parallel.make_mesh({"fsdp": 2, "tensor": 2})}
 # DMD: six updates a step, each on its own slice, each slice split 4 ways over data x fsdp.
 DMD_BATCH = 6 * 4
 DMD_SETTINGS = dmd.Config(student_steps=2, student_shift=3.0, guidance_scale=3.0, gan_weight=0.5, gan_hidden=8,
